@@ -1,0 +1,29 @@
+# One virtual environment for everything; every target creates it when missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_MINUTES ?= 8
+DEMO_OUT ?= runs/demo
+
+.PHONY: install test test-all demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ''
+
+demo: $(STAMP)
+	$(BIN)/maskrcnn demo --out $(DEMO_OUT) --minutes $(DEMO_MINUTES)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,439 @@
+"""One typed config for model, data, input, solver, test and output; YAML presets; KEY=VALUE overrides.
+
+A config is a tree of dataclasses. Presets are YAML files holding only the keys they change (plus an
+optional `_base_` preset name). Every key is checked: an unknown key or a value of the wrong type is a
+`ConfigError` that names the key and the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user's config mistake, phrased as one line that says what to do."""
+
+
+@dataclass
+class BackboneConfig:
+    """The ResNet/ResNeXt trunk, its normalisation, and FPN or C4."""
+
+    depth: int = 50  # 18, 34, 50, 101, 152
+    groups: int = 1  # ResNeXt cardinality (32 or 64); 1 = plain ResNet
+    width_per_group: int = 64  # ResNeXt bottleneck width per group (4 or 8)
+    norm: str = "frozen_bn"  # frozen_bn | bn | gn
+    gn_groups: int = 32
+    trainable_stages: int = 3  # how many of res5, res4, res3, res2, stem train (0..5)
+    kind: str = "fpn"  # fpn | c4
+    fpn_channels: int = 256
+    fpn_norm: str = ""  # "" | gn  (torchvision v2 uses BatchNorm in FPN: "bn")
+    weights: str = ""  # optional ImageNet state-dict file for the trunk (torchvision layout)
+
+
+@dataclass
+class AnchorConfig:
+    """Anchor sizes per level (one tuple per feature map) and aspect ratios (h/w)."""
+
+    sizes: list[list[float]] = field(default_factory=lambda: [[32], [64], [128], [256], [512]])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    offset: float = 0.0  # anchor centre offset in units of the stride (Detectron2 uses 0.0)
+
+
+@dataclass
+class RPNConfig:
+    """Region Proposal Network: head, proposal selection, matching, sampling and loss."""
+
+    head_convs: int = 1  # torchvision v2 uses 2 conv layers with norm
+    head_norm: str = ""  # "" | bn
+    pre_nms_top_n_train: int = 2000
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_train: int = 2000
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    min_size: float = 1e-3
+    score_thresh: float = 0.0
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    bbox_reg_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    smooth_l1_beta: float = 1.0 / 9  # 0 = L1 loss
+    post_nms_per_image: bool = True  # False: top-k per batch as in Detectron2 training
+
+
+@dataclass
+class PoolerConfig:
+    """Feature pooling for one RoI head: RoIAlign (aligned or not) or RoIPool."""
+
+    type: str = "roialign"  # roialign | roipool
+    aligned: bool = False  # half-pixel correction (Detectron2's ROIAlignV2)
+    output_size: int = 7
+    sampling_ratio: int = 2  # 0 = adaptive, as in the paper's reference code
+    canonical_size: int = 224
+    canonical_level: int = 4
+
+
+@dataclass
+class BoxHeadConfig:
+    """Box branch: feature head, class-specific regression, sampling and post-processing."""
+
+    type: str = "2fc"  # 2fc | 4conv1fc | res5 (C4)
+    fc_dim: int = 1024
+    conv_dim: int = 256
+    num_convs: int = 4
+    norm: str = ""  # "" | bn | gn (for 4conv1fc)
+    pooler: PoolerConfig = field(default_factory=PoolerConfig)
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.5
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    smooth_l1_beta: float = 1.0 / 9
+    box_loss_normalizer: str = "sampled"  # sampled = divide by all sampled RoIs (both references)
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_image: int = 100
+
+
+@dataclass
+class MaskHeadConfig:
+    """Mask branch: a small FCN over RoIAligned features, per-class sigmoid masks."""
+
+    enabled: bool = True
+    num_convs: int = 4
+    conv_dim: int = 256
+    norm: str = ""  # "" | bn | gn
+    class_agnostic: bool = False
+    pooler: PoolerConfig = field(default_factory=lambda: PoolerConfig(output_size=14))
+    threshold: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    """The whole network."""
+
+    num_classes: int = 80  # foreground classes; labels 1..num_classes, 0 = background
+    class_names: list[str] = field(default_factory=list)
+    pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB, 0..1
+    pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    input_format: str = "RGB"  # RGB | BGR (channel order the network expects)
+    size_divisibility: int = 32
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+
+
+@dataclass
+class InputConfig:
+    """Resizing and augmentation. Images are resized inside the model (one path for train and test)."""
+
+    min_size_train: list[int] = field(default_factory=lambda: [800])  # several = multi-scale
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    horizontal_flip: float = 0.5  # probability
+    max_pixels: int = 100_000_000  # larger images are refused with a clear error
+
+
+@dataclass
+class DataConfig:
+    """COCO-format datasets as `ANN.json:IMAGE_DIR` strings."""
+
+    train: list[str] = field(default_factory=list)
+    val: str = ""
+    filter_empty: bool = True  # drop training images without usable annotations
+    num_workers: int = 0
+    aspect_ratio_grouping: bool = True
+
+
+@dataclass
+class SolverConfig:
+    """Optimiser, schedule, precision and checkpointing."""
+
+    optimizer: str = "sgd"  # sgd | adamw
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm_bias: bool = True  # False: no decay on norm layers and biases
+    ims_per_batch: int = 16
+    max_iter: int = 90000
+    max_minutes: float = 0.0  # > 0: stop (and save) after this wall time
+    schedule: str = "step"  # step | cosine
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    clip_grad_norm: float = 0.0  # 0 = off
+    amp: str = ""  # "" | bf16 | fp16
+    checkpoint_period: int = 5000
+    eval_period: int = 0  # 0 = only at the end (when data.val is set)
+    log_period: int = 20
+    seed: int = 0
+
+
+@dataclass
+class TestConfig:
+    """Evaluation options."""
+
+    max_images: int = 0  # 0 = all
+
+
+@dataclass
+class Config:
+    """The root config."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    output_dir: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda
+
+    # ---- conversion -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as plain nested dicts and lists."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """Return the full resolved config as YAML text."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config to `path` atomically."""
+        atomic_write_text(Path(path), self.to_yaml())
+
+    def clone(self) -> "Config":
+        """Return a deep copy."""
+        return copy.deepcopy(self)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to `path` through a temp file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- typed merging ------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value]  # a scalar where a list is expected: a one-element list
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    raise ConfigError(f"config key '{key}' has an unsupported type {annotation}")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, ann in _field_types(cls).items():
+        full = f"{prefix}{name}"
+        keys.append(full)
+        if dataclasses.is_dataclass(ann):
+            keys.extend(_all_keys(ann, full + "."))
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.4)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def merge_dict(node: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Merge nested `values` into the dataclass `node` in place, checking keys and types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    types = _field_types(type(node))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in types:
+            raise _unknown_key(key)
+        ann = types[name]
+        if dataclasses.is_dataclass(ann):
+            merge_dict(getattr(node, name), value, key + ".")
+        else:
+            setattr(node, name, _coerce(value, ann, key))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `a.b.c=VALUE` strings (VALUE parsed as YAML) to `cfg` in place and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. solver.base_lr=0.01)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        nested: dict[str, Any] = {}
+        cursor = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        try:
+            merge_dict(cfg, nested)
+        except ConfigError as e:
+            if "unknown config key" in str(e) or "must be a mapping" in str(e):
+                raise _unknown_key(key) from None
+            raise
+    validate(cfg)
+    return cfg
+
+
+def list_presets() -> list[str]:
+    """Return the names of the built-in presets."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _resolve_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file '{path}' does not exist")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.exists():
+        return preset
+    near = difflib.get_close_matches(name_or_path, list_presets(), n=1, cutoff=0.3)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; presets: {', '.join(list_presets())}"
+    raise ConfigError(f"unknown preset or config file '{name_or_path}'{hint}")
+
+
+def _load_into(cfg: Config, path: Path, seen: tuple[Path, ...] = ()) -> None:
+    if path.resolve() in seen:
+        raise ConfigError(f"config file '{path}' includes itself through _base_")
+    data = _read_yaml(path)
+    base = data.pop("_base_", None)
+    if base:
+        base_path = (path.parent / base) if (path.parent / base).exists() else _resolve_path(base)
+        _load_into(cfg, base_path, seen + (path.resolve(),))
+    try:
+        merge_dict(cfg, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Return a Config from a preset name or YAML file (or the defaults), with overrides applied."""
+    cfg = Config()
+    if name_or_path:
+        _load_into(cfg, _resolve_path(str(name_or_path)))
+    apply_overrides(cfg, overrides or [])
+    return cfg
+
+
+_CHOICES = {
+    "model.backbone.norm": ("frozen_bn", "bn", "gn"),
+    "model.backbone.kind": ("fpn", "c4"),
+    "model.backbone.depth": (18, 34, 50, 101, 152),
+    "model.box_head.type": ("2fc", "4conv1fc", "res5"),
+    "model.box_head.pooler.type": ("roialign", "roipool"),
+    "model.mask_head.pooler.type": ("roialign", "roipool"),
+    "model.input_format": ("RGB", "BGR"),
+    "solver.optimizer": ("sgd", "adamw"),
+    "solver.schedule": ("step", "cosine"),
+    "solver.amp": ("", "bf16", "fp16"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError when a value is outside its allowed choices or inconsistent."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' = {value!r} is not one of {list(choices)}")
+    m = cfg.model
+    if m.num_classes < 1:
+        raise ConfigError(f"config key 'model.num_classes' must be >= 1, got {m.num_classes}")
+    if m.class_names and len(m.class_names) != m.num_classes:
+        raise ConfigError(
+            f"config key 'model.class_names' has {len(m.class_names)} names but "
+            f"model.num_classes = {m.num_classes}"
+        )
+    if m.backbone.kind == "c4" and m.box_head.type != "res5":
+        raise ConfigError("config: model.backbone.kind=c4 needs model.box_head.type=res5")
+    if m.backbone.kind == "fpn" and m.box_head.type == "res5":
+        raise ConfigError("config: model.box_head.type=res5 needs model.backbone.kind=c4")
+    if not 0 <= m.backbone.trainable_stages <= 5:
+        raise ConfigError("config key 'model.backbone.trainable_stages' must be in 0..5")
+    if len(m.pixel_mean) != 3 or len(m.pixel_std) != 3:
+        raise ConfigError("config keys 'model.pixel_mean'/'model.pixel_std' need 3 values each")
+    if m.backbone.kind == "fpn" and len(m.anchors.sizes) != 5:
+        raise ConfigError("config key 'model.anchors.sizes' needs 5 lists (P2..P6) for FPN")
