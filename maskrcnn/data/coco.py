@@ -1,0 +1,353 @@
+"""COCO-format instance segmentation datasets: checked loading, contiguous labels, masks, flips."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from torch.utils.data import ConcatDataset, Dataset
+
+from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS, image_to_tensor, read_image
+from maskrcnn.data.transforms import hflip
+from maskrcnn.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Why an annotation was skipped, as shown in the one-line summary per dataset.
+ZERO_AREA_BOX = "zero-area box"
+SHORT_POLYGON = "polygon with < 3 points"
+EMPTY_MASK = "empty mask or outside the image"
+NO_SEGMENTATION = "no segmentation"
+BAD_SEGMENTATION = "malformed segmentation"
+SIZE_MISMATCH = "mask size differs from the image"
+NON_FINITE = "non-finite coordinates"
+
+
+def parse_data_spec(spec: str) -> tuple[Path, Path]:
+    """Return (annotation file, image directory) from an `ANN.json:IMAGE_DIR` string."""
+    text = str(spec).strip()
+    cut = text.lower().find(".json:")
+    if cut >= 0:  # split after ".json" so Windows drive letters ("C:\...") survive
+        ann, image_dir = text[: cut + 5], text[cut + 6 :]
+    elif ":" in text:
+        ann, image_dir = text.rsplit(":", 1)
+    else:
+        ann, image_dir = "", ""
+    if not ann or not image_dir:
+        raise UserError(f"data spec '{spec}' must look like ANN.json:IMAGE_DIR (e.g. data/train.json:data/train)")
+    return Path(ann), Path(image_dir)
+
+
+class CocoDataset(Dataset):
+    """A COCO-format dataset; `ds[i]` is (image float [3,H,W] in 0..1, target dict)."""
+
+    def __init__(
+        self,
+        ann_file: str | os.PathLike,
+        image_dir: str | os.PathLike,
+        filter_empty: bool = True,
+        train: bool = False,
+        flip_prob: float = 0.0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.ann_file = Path(ann_file)
+        self.image_dir = Path(image_dir)
+        self.train = train
+        self.flip_prob = float(flip_prob)
+        self.max_pixels = max_pixels
+        if not self.image_dir.is_dir():
+            raise UserError(f"image directory '{self.image_dir}' (for '{self.ann_file}') does not exist")
+
+        data = _load_json(self.ann_file)
+        image_by_id = _check_schema(data, self.ann_file)
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.category_ids: list[int] = [int(c["id"]) for c in categories]
+        self.class_names: list[str] = [str(c["name"]) for c in categories]
+        label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+
+        self.skipped: Counter[str] = Counter()
+        self.boxes_from_masks = 0
+        by_image: dict[int, list[dict[str, Any]]] = {int(img["id"]): [] for img in data["images"]}
+        for ann in data["annotations"]:
+            record = self._prepare(ann, image_by_id[ann["image_id"]], label_of)
+            if record is not None:
+                by_image[ann["image_id"]].append(record)
+        self.coco = _make_coco(data)
+
+        self._images: list[dict[str, Any]] = []
+        self._records: list[list[dict[str, Any]]] = []
+        for img in data["images"]:
+            records = by_image[int(img["id"])]
+            if filter_empty and not any(r["iscrowd"] == 0 for r in records):
+                continue
+            self._images.append(img)
+            self._records.append(records)
+        self.image_ids: list[int] = [int(img["id"]) for img in self._images]
+        self.image_sizes: list[tuple[int, int]] = [(int(i["height"]), int(i["width"])) for i in self._images]
+
+        self._report(len(data["annotations"]), len(data["images"]))
+        if not self._images:
+            what = "no images" if not data["images"] else "no image with a usable (non-crowd) annotation"
+            raise UserError(f"annotation file '{self.ann_file}' has {what}; check its images and annotations")
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        info, records = self._images[index], self._records[index]
+        path = self.image_dir / info["file_name"]
+        image = read_image(path, self.max_pixels)
+        h, w = int(info["height"]), int(info["width"])
+        if image.shape[:2] != (h, w):
+            raise UserError(
+                f"image '{path}' is {image.shape[1]}x{image.shape[0]} but '{self.ann_file}' says {w}x{h}; "
+                "fix the annotation file (or re-save the image without EXIF rotation)"
+            )
+        masks = _decode_masks([r["segmentation"] for r in records], h, w)
+        # Rare shapes pass the cheap checks yet rasterise to nothing (e.g. a sliver between pixels).
+        keep = masks.reshape(len(records), -1).any(axis=1) if records else np.zeros(0, bool)
+        records = [r for r, k in zip(records, keep) if k]
+        target = {
+            "boxes": torch.tensor([r["box"] for r in records], dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([r["label"] for r in records], dtype=torch.int64),
+            "masks": torch.from_numpy(np.ascontiguousarray(masks[keep])),
+            "iscrowd": torch.tensor([r["iscrowd"] for r in records], dtype=torch.int64),
+            "image_id": int(info["id"]),
+            "file_name": str(path),
+        }
+        tensor = image_to_tensor(image)
+        if self.train and self.flip_prob > 0 and torch.rand(()).item() < self.flip_prob:
+            tensor, target = hflip(tensor, target)
+        return tensor, target
+
+    def __repr__(self) -> str:
+        return f"CocoDataset('{self.ann_file}', {len(self)} images, {len(self.class_names)} classes)"
+
+    # ---- annotation checks ------------------------------------------------------------------
+
+    def _prepare(self, ann: dict, img: dict, label_of: dict[int, int]) -> dict[str, Any] | None:
+        """Return the usable form of one annotation, or None (and count why) if it is degenerate."""
+        h, w = int(img["height"]), int(img["width"])
+        seg, mask_box, reason = _prepare_segmentation(ann.get("segmentation"), h, w)
+        if reason is None:
+            box, reason = self._prepare_box(ann.get("bbox"), mask_box, h, w)
+        if reason is not None:
+            self.skipped[reason] += 1
+            return None
+        return {"box": box, "label": label_of[ann["category_id"]], "iscrowd": int(ann["iscrowd"]), "segmentation": seg}
+
+    def _prepare_box(
+        self, bbox: Any, mask_box: list[float], h: int, w: int
+    ) -> tuple[list[float], str | None]:
+        """Return the xyxy box clipped to the image (from the mask if bbox is absent) and a skip reason."""
+        if bbox is None:
+            self.boxes_from_masks += 1
+            x1, y1, x2, y2 = mask_box
+        else:
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+                return [], BAD_SEGMENTATION
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+                return [], NON_FINITE
+            x, y, bw, bh = (float(v) for v in bbox)
+            if bw <= 0 or bh <= 0:
+                return [], ZERO_AREA_BOX
+            x1, y1, x2, y2 = x, y, x + bw, y + bh
+        x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
+        y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
+        if x2 <= x1 or y2 <= y1:
+            return [], EMPTY_MASK
+        return [x1, y1, x2, y2], None
+
+    def _report(self, num_annotations: int, num_images: int) -> None:
+        """Log one line summarising skipped annotations and derived boxes, if any."""
+        if not self.skipped and not self.boxes_from_masks:
+            return
+        parts = [f"{n} {why}" for why, n in sorted(self.skipped.items())]
+        msg = f"{self.ann_file}: skipped {sum(self.skipped.values())} of {num_annotations} annotations"
+        msg += f" ({', '.join(parts)})" if parts else ""
+        if self.boxes_from_masks:
+            msg += f"; derived {self.boxes_from_masks} missing boxes from masks"
+        logger.warning(msg + f"; {len(self)} of {num_images} images kept")
+
+
+def _prepare_segmentation(seg: Any, h: int, w: int) -> tuple[Any, list[float], str | None]:
+    """Return (segmentation ready for pycocotools, its xyxy extent, skip reason or None)."""
+    if seg is None or (isinstance(seg, (list, dict)) and not seg):
+        return None, [], NO_SEGMENTATION
+    if isinstance(seg, list):
+        if not all(isinstance(p, list) for p in seg):
+            return None, [], BAD_SEGMENTATION
+        polygons = [p for p in seg if len(p) >= 6 and len(p) % 2 == 0]
+        if not polygons:
+            return None, [], SHORT_POLYGON
+        try:
+            points = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in polygons]
+        except (TypeError, ValueError):
+            return None, [], BAD_SEGMENTATION
+        if not all(np.isfinite(p).all() for p in points):
+            return None, [], NON_FINITE
+        allp = np.concatenate(points)
+        x1, y1 = allp.min(axis=0)
+        x2, y2 = allp.max(axis=0)
+        # Shoelace area: collinear or all-outside polygons rasterise to an empty mask.
+        area = sum(abs(np.dot(p[:, 0], np.roll(p[:, 1], 1)) - np.dot(p[:, 1], np.roll(p[:, 0], 1))) for p in points)
+        if area == 0 or x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
+            return None, [], EMPTY_MASK
+        return polygons, [float(x1), float(y1), float(x2), float(y2)], None
+    if isinstance(seg, dict):
+        counts, size = seg.get("counts"), seg.get("size")
+        if not isinstance(size, (list, tuple)) or len(size) != 2 or not isinstance(counts, (list, str, bytes)):
+            return None, [], BAD_SEGMENTATION
+        if [int(size[0]), int(size[1])] != [h, w]:
+            return None, [], SIZE_MISMATCH
+        try:
+            if isinstance(counts, list):  # uncompressed RLE: pycocotools compresses it
+                rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+            else:
+                rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+            area = int(mask_utils.area(rle))
+        except (TypeError, ValueError, UnicodeEncodeError):
+            return None, [], BAD_SEGMENTATION
+        if area == 0:
+            return None, [], EMPTY_MASK
+        x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+        return rle, [x, y, x + bw, y + bh], None
+    return None, [], BAD_SEGMENTATION
+
+
+def _decode_masks(segmentations: list[Any], h: int, w: int) -> np.ndarray:
+    """Return uint8 masks [N,H,W] for polygons or RLEs prepared by `_prepare_segmentation`."""
+    if not segmentations:
+        return np.zeros((0, h, w), dtype=np.uint8)
+    rles = [mask_utils.merge(mask_utils.frPyObjects(s, h, w)) if isinstance(s, list) else s for s in segmentations]
+    with warnings.catch_warnings():  # pycocotools' decode trips a NumPy 2 DeprecationWarning (harmless)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        masks = mask_utils.decode(rles)
+    return masks.transpose(2, 0, 1)  # pycocotools returns [H,W,N]
+
+
+# ---- loading and checking the JSON ------------------------------------------------------------
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    """Return the parsed annotation file, or raise UserError naming it."""
+    if not path.exists():
+        raise UserError(f"annotation file '{path}' does not exist")
+    if path.is_dir():
+        raise UserError(f"annotation file '{path}' is a directory; give the .json file")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"annotation file '{path}' is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"annotation file '{path}' is not UTF-8 JSON text") from None
+    except OSError as e:
+        raise UserError(f"annotation file '{path}' cannot be read: {e.strerror}") from None
+
+
+def _require(entry: Any, keys: Sequence[str], where: str, path: Path) -> None:
+    """Raise UserError unless `entry` is a JSON object with all `keys`."""
+    if not isinstance(entry, dict):
+        raise UserError(f"'{path}': {where} must be an object, got {type(entry).__name__}")
+    for key in keys:
+        if key not in entry:
+            raise UserError(f"'{path}': {where} is missing '{key}'; every entry needs {', '.join(keys)}")
+
+
+def _check_schema(data: Any, path: Path) -> dict[Any, dict]:
+    """Return images by id after checking keys, types and references (filling ann ids and iscrowd)."""
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' must hold a COCO object with 'images', 'annotations' and 'categories'")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise UserError(f"'{path}' has no '{key}' list; is it a COCO instances file?")
+    anns = data.setdefault("annotations", [])  # image-info-only files (test sets) are fine
+    if not isinstance(anns, list):
+        raise UserError(f"'{path}': 'annotations' must be a list")
+
+    images: dict[int, dict] = {}
+    for i, img in enumerate(data["images"]):
+        _require(img, ("id", "file_name", "width", "height"), f"images[{i}]", path)
+        if not (isinstance(img["width"], int) and isinstance(img["height"], int)) or min(img["width"], img["height"]) < 1:
+            raise UserError(f"'{path}': images[{i}] needs positive integer 'width' and 'height'")
+        if img["id"] in images:
+            raise UserError(f"'{path}': image id {img['id']} appears twice in 'images'")
+        images[img["id"]] = img
+    seen_cats: set[Any] = set()
+    for i, cat in enumerate(data["categories"]):
+        _require(cat, ("id", "name"), f"categories[{i}]", path)
+        if not isinstance(cat["id"], int) or cat["id"] in seen_cats:
+            raise UserError(f"'{path}': categories[{i}] has a non-integer or repeated id {cat['id']!r}")
+        seen_cats.add(cat["id"])
+    if not seen_cats:
+        raise UserError(f"'{path}' lists no categories")
+
+    next_id = 1 + max((a["id"] for a in anns if isinstance(a, dict) and isinstance(a.get("id"), int)), default=0)
+    for i, ann in enumerate(anns):
+        _require(ann, ("image_id", "category_id"), f"annotations[{i}]", path)
+        if ann["image_id"] not in images:
+            raise UserError(f"'{path}': annotations[{i}] refers to image_id {ann['image_id']!r}, which is not in 'images'")
+        if ann["category_id"] not in seen_cats:
+            raise UserError(f"'{path}': annotations[{i}] has category_id {ann['category_id']!r}, which is not in 'categories'")
+        if "id" not in ann:  # pycocotools indexes annotations by id
+            ann["id"], next_id = next_id, next_id + 1
+        ann["iscrowd"] = int(ann.get("iscrowd", 0) or 0)
+    return images
+
+
+def _make_coco(data: dict[str, Any]) -> COCO:
+    """Return a pycocotools COCO index over already-loaded data, without its progress prints."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+# ---- several datasets ---------------------------------------------------------------------------
+
+
+class ConcatCocoDataset(ConcatDataset):
+    """Several CocoDatasets with the same categories, seen as one."""
+
+    def __init__(self, datasets: Sequence[CocoDataset]) -> None:
+        super().__init__(datasets)
+        self.class_names: list[str] = list(datasets[0].class_names)
+        self.category_ids: list[int] = list(datasets[0].category_ids)
+        self.image_sizes: list[tuple[int, int]] = [s for d in datasets for s in d.image_sizes]
+
+
+def concat_datasets(datasets: Sequence[CocoDataset]) -> CocoDataset | ConcatCocoDataset:
+    """Return one dataset over all `datasets`; raise UserError if their categories differ."""
+    if not datasets:
+        raise UserError("no datasets given; set data.train to one or more ANN.json:IMAGE_DIR specs")
+    if len(datasets) == 1:
+        return datasets[0]
+    first = datasets[0]
+    for d in datasets[1:]:
+        if d.category_ids != first.category_ids or d.class_names != first.class_names:
+            raise UserError(
+                f"'{d.ann_file}' and '{first.ann_file}' have different categories; datasets trained "
+                "together must share the same category ids and names"
+            )
+    return ConcatCocoDataset(datasets)
+
+
+def build_dataset(specs: str | Sequence[str], **kwargs: Any) -> CocoDataset | ConcatCocoDataset:
+    """Return the dataset for one or several `ANN.json:IMAGE_DIR` specs (kwargs go to CocoDataset)."""
+    if isinstance(specs, str):
+        specs = [specs]
+    return concat_datasets([CocoDataset(*parse_data_spec(s), **kwargs) for s in specs])

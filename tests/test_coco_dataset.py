@@ -1,0 +1,244 @@
+"""CocoDataset on hand-written COCO JSON: every segmentation form, crowd, empties, degenerates, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from maskrcnn.data.coco import CocoDataset, build_dataset, concat_datasets, parse_data_spec
+from maskrcnn.errors import UserError
+
+# Image 10 is 20 wide x 16 high; image 11 is portrait, 12 x 24.
+RLE_MASK = np.zeros((16, 20), np.uint8)
+RLE_MASK[2:6, 10:18] = 1  # rows 2..5, cols 10..17 -> bbox x=10, y=2, w=8, h=4
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """Column-major run lengths starting with zeros, as COCO's uncompressed RLE."""
+    flat = mask.flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat[0] == 1:
+        counts = [0] + counts
+    return {"size": list(mask.shape), "counts": counts}
+
+
+CROWD_MASK = np.zeros((16, 20), np.uint8)
+CROWD_MASK[10:16, 0:20] = 1
+PORTRAIT_MASK = np.zeros((24, 12), np.uint8)
+PORTRAIT_MASK[4:20, 2:8] = 1
+
+
+def _write_dataset(root: Path, **overrides) -> tuple[Path, Path]:
+    """Write four images and a COCO file exercising all supported and degenerate annotations."""
+    image_dir = root / "images"
+    image_dir.mkdir(exist_ok=True)
+    images = [
+        {"id": 10, "file_name": "a.png", "width": 20, "height": 16},
+        {"id": 11, "file_name": "b.png", "width": 12, "height": 24},
+        {"id": 12, "file_name": "c.png", "width": 8, "height": 8},  # no annotations
+        {"id": 13, "file_name": "d.png", "width": 8, "height": 8},  # only a crowd region
+    ]
+    for img in images:
+        a = np.zeros((img["height"], img["width"], 3), np.uint8)
+        a[:, : img["width"] // 2] = 255  # left half white, so flips are visible
+        Image.fromarray(a).save(image_dir / img["file_name"])
+    compressed = mask_utils.encode(np.asfortranarray(RLE_MASK))
+    anns = [
+        # image 10: polygon (cat 3), compressed RLE (cat 7), crowd uncompressed RLE (cat 90)
+        {"id": 1, "image_id": 10, "category_id": 3, "bbox": [1, 1, 4, 6], "iscrowd": 0,
+         "segmentation": [[1, 1, 5, 1, 5, 7, 1, 7]], "area": 24},
+        {"id": 2, "image_id": 10, "category_id": 7, "bbox": [10, 2, 8, 4], "iscrowd": 0,
+         "segmentation": {"size": [16, 20], "counts": compressed["counts"].decode("ascii")}, "area": 32},
+        {"id": 3, "image_id": 10, "category_id": 90, "bbox": [0, 10, 20, 6], "iscrowd": 1,
+         "segmentation": _uncompressed_rle(CROWD_MASK), "area": 120},
+        # image 11: uncompressed RLE without a bbox (derived from the mask), plus degenerates
+        {"id": 4, "image_id": 11, "category_id": 90, "iscrowd": 0, "segmentation": _uncompressed_rle(PORTRAIT_MASK)},
+        {"id": 5, "image_id": 11, "category_id": 3, "bbox": [2, 2, 0, 5], "iscrowd": 0,
+         "segmentation": [[2, 2, 4, 2, 4, 7]]},  # zero-area box
+        {"id": 6, "image_id": 11, "category_id": 3, "bbox": [2, 2, 3, 3], "iscrowd": 0,
+         "segmentation": [[2, 2, 5, 5]]},  # polygon with two points
+        {"id": 7, "image_id": 11, "category_id": 7, "bbox": [50, 50, 5, 5], "iscrowd": 0,
+         "segmentation": [[50, 50, 55, 50, 55, 55, 50, 55]]},  # entirely outside the image
+        {"id": 8, "image_id": 11, "category_id": 7, "bbox": [1, 1, 2, 2], "iscrowd": 0,
+         "segmentation": _uncompressed_rle(np.zeros((24, 12), np.uint8))},  # empty mask
+        # image 13: only a crowd region
+        {"id": 9, "image_id": 13, "category_id": 3, "bbox": [0, 0, 4, 4], "iscrowd": 1,
+         "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4]]},
+    ]
+    categories = [{"id": 90, "name": "zebra"}, {"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
+    data = {"images": images, "annotations": anns, "categories": categories}
+    data.update(overrides)
+    ann_file = root / "ann.json"
+    ann_file.write_text(json.dumps(data))
+    return ann_file, image_dir
+
+
+@pytest.fixture
+def files(tmp_path):
+    return _write_dataset(tmp_path)
+
+
+def test_categories_mapped_to_contiguous_labels_and_back(files):
+    ds = CocoDataset(*files)
+    assert ds.category_ids == [3, 7, 90]
+    assert ds.class_names == ["cat", "dog", "zebra"]
+    _, target = ds[0]
+    assert target["labels"].tolist() == [1, 2, 3]
+    assert [ds.category_ids[label - 1] for label in target["labels"].tolist()] == [3, 7, 90]
+
+
+def test_target_types_and_all_segmentation_forms(files):
+    ds = CocoDataset(*files)
+    image, target = ds[0]
+    assert image.shape == (3, 16, 20) and image.dtype == torch.float32
+    assert target["image_id"] == 10 and target["file_name"].endswith("a.png")
+    assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
+    assert target["masks"].dtype == torch.uint8 and target["masks"].shape == (3, 16, 20)
+    assert target["iscrowd"].tolist() == [0, 0, 1]
+    # COCO xywh -> xyxy
+    assert target["boxes"].tolist() == [[1, 1, 5, 7], [10, 2, 18, 6], [0, 10, 20, 16]]
+    masks = target["masks"].numpy()
+    assert masks[0, 1:7, 1:5].all() and masks[0].sum() < 16 * 20 / 4  # polygon
+    np.testing.assert_array_equal(masks[1], RLE_MASK)  # compressed RLE (string counts)
+    np.testing.assert_array_equal(masks[2], CROWD_MASK)  # uncompressed RLE (counts list)
+
+
+def test_missing_bbox_derived_from_mask(files):
+    ds = CocoDataset(*files)
+    _, target = ds[1]
+    assert target["image_id"] == 11
+    assert target["labels"].tolist() == [3]  # only the RLE survives; the rest are degenerate
+    assert target["boxes"].tolist() == [[2, 4, 8, 20]]
+    np.testing.assert_array_equal(target["masks"][0].numpy(), PORTRAIT_MASK)
+    assert ds.boxes_from_masks == 1
+
+
+def test_degenerate_annotations_skipped_and_reported_once(files, caplog):
+    with caplog.at_level(logging.WARNING, logger="maskrcnn.data.coco"):
+        ds = CocoDataset(*files)
+    assert dict(ds.skipped) == {
+        "zero-area box": 1,
+        "polygon with < 3 points": 1,
+        "empty mask or outside the image": 2,
+    }
+    records = [r for r in caplog.records if r.name == "maskrcnn.data.coco"]
+    assert len(records) == 1
+    msg = records[0].getMessage()
+    assert "\n" not in msg and "ann.json" in msg
+    assert "skipped 4 of 9 annotations" in msg
+    assert "1 zero-area box" in msg and "1 polygon with < 3 points" in msg
+    assert "2 empty mask or outside the image" in msg
+    assert "derived 1 missing boxes from masks" in msg
+
+
+def test_empty_images_filtered_for_training_kept_otherwise(files):
+    assert CocoDataset(*files, filter_empty=True).image_ids == [10, 11]
+    ds = CocoDataset(*files, filter_empty=False)
+    assert ds.image_ids == [10, 11, 12, 13]
+    _, empty = ds[2]
+    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, 8, 8)
+    assert empty["labels"].shape == (0,) and empty["iscrowd"].shape == (0,)
+    _, crowd_only = ds[3]
+    assert crowd_only["iscrowd"].tolist() == [1]
+    assert ds.image_sizes == [(16, 20), (24, 12), (8, 8), (8, 8)]
+
+
+def test_horizontal_flip(files):
+    plain = CocoDataset(*files)
+    flipped = CocoDataset(*files, train=True, flip_prob=1.0)
+    im0, t0 = plain[0]
+    im1, t1 = flipped[0]
+    assert torch.equal(im1, im0.flip(-1))
+    assert torch.equal(t1["masks"], t0["masks"].flip(-1))
+    assert t1["boxes"].tolist() == [[15, 1, 19, 7], [2, 2, 10, 6], [0, 10, 20, 16]]
+    # flip_prob only applies when training
+    im2, _ = CocoDataset(*files, train=False, flip_prob=1.0)[0]
+    assert torch.equal(im2, im0)
+
+
+def test_coco_index_available(files):
+    ds = CocoDataset(*files)
+    assert sorted(ds.coco.getImgIds()) == [10, 11, 12, 13]
+    assert len(ds.coco.getAnnIds()) == 9
+
+
+def test_parse_data_spec():
+    assert parse_data_spec("a/train.json:a/images") == (Path("a/train.json"), Path("a/images"))
+    assert parse_data_spec("C:/d/x.json:C:/d/img") == (Path("C:/d/x.json"), Path("C:/d/img"))
+    for bad in ("train.json", "train.json:", ":images"):
+        with pytest.raises(UserError, match="ANN.json:IMAGE_DIR"):
+            parse_data_spec(bad)
+
+
+def test_build_dataset_and_concat(files, tmp_path):
+    ds = build_dataset([f"{files[0]}:{files[1]}", f"{files[0]}:{files[1]}"])
+    assert len(ds) == 4 and ds.class_names == ["cat", "dog", "zebra"] and ds.category_ids == [3, 7, 90]
+    assert ds[3][1]["image_id"] == 11
+    other_root = tmp_path / "other"
+    other_root.mkdir()
+    other = _write_dataset(other_root, categories=[{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"},
+                                                   {"id": 90, "name": "horse"}])
+    with pytest.raises(UserError, match="different categories"):
+        concat_datasets([CocoDataset(*files), CocoDataset(*other)])
+
+
+# ---- bad input: one line naming the file --------------------------------------------------------
+
+
+def _one_line_error(ann_file: Path, image_dir: Path, match: str) -> str:
+    with pytest.raises(UserError, match=match) as e:
+        CocoDataset(ann_file, image_dir)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_annotation_file(tmp_path):
+    msg = _one_line_error(tmp_path / "none.json", tmp_path, "does not exist")
+    assert "none.json" in msg
+
+
+def test_missing_image_dir(files, tmp_path):
+    _one_line_error(files[0], tmp_path / "nope", "image directory .* does not exist")
+
+
+def test_malformed_json(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('{"images": [}')
+    assert "bad.json" in _one_line_error(p, tmp_path, "not valid JSON")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"images": None}, "no 'images' list"),
+        ({"categories": [{"id": 1}]}, r"categories\[0\] is missing 'name'"),
+        ({"annotations": [{"image_id": 10, "segmentation": []}]}, r"annotations\[0\] is missing 'category_id'"),
+        ({"annotations": [{"image_id": 99, "category_id": 3}]}, "image_id 99, which is not in 'images'"),
+        ({"annotations": [{"image_id": 10, "category_id": 4}]}, "category_id 4, which is not in 'categories'"),
+    ],
+)
+def test_schema_errors_name_the_file_and_key(tmp_path, overrides, match):
+    ann_file, image_dir = _write_dataset(tmp_path, **overrides)
+    assert "ann.json" in _one_line_error(ann_file, image_dir, match)
+
+
+def test_everything_filtered_is_an_error(tmp_path):
+    ann_file, image_dir = _write_dataset(tmp_path, annotations=[])
+    _one_line_error(ann_file, image_dir, "no image with a usable")
+    assert len(CocoDataset(ann_file, image_dir, filter_empty=False)) == 4
+
+
+def test_image_size_mismatch(files):
+    Image.new("RGB", (30, 16)).save(files[1] / "a.png")
+    with pytest.raises(UserError, match="is 30x16 but .* says 20x16"):
+        CocoDataset(*files)[0]
