@@ -1,0 +1,51 @@
+"""`maskrcnn train`: train (or resume, or fine-tune) a model from a config and KEY=VALUE overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+HELP = "train a model: maskrcnn train --config C [--resume] [--weights FILE] [--out DIR] [KEY=VALUE ...]"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the train command's options."""
+    p.add_argument("--config", "-c", default=None, help="preset name or YAML file (default: built-in defaults)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in the output dir")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="initialise the whole model from a checkpoint or state dict (e.g. a COCO model); "
+                        "class-dependent layers are re-initialised when the number of classes differs")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (overrides output_dir)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. solver.max_iter=1000")
+
+
+class _TqdmHandler(logging.Handler):
+    """Log through tqdm.write so messages do not tear the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record))
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and print where the outputs are; return the exit status."""
+    from maskrcnn.config import load_config
+    from maskrcnn.engine.trainer import train
+
+    _setup_logging()
+    cfg = load_config(args.config, list(args.overrides))
+    if args.out:
+        cfg.output_dir = args.out
+    out = train(cfg, resume=args.resume, weights=args.weights)
+    print(f"outputs in {out}")
+    return 0

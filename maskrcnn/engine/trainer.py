@@ -1,0 +1,568 @@
+"""The training loop: data, model, SGD/AdamW, schedule, AMP, checkpoints, resume, logging, evaluation.
+
+Layout of a run directory (`cfg.output_dir`):
+    config.yaml              the resolved config the run used
+    metrics.jsonl            one JSON object per log period (and per evaluation)
+    tb/                      TensorBoard events (when tensorboard is installed)
+    checkpoints/model_XXXXXXX.pth, model_final.pth
+    eval/iter_XXXXXXX/, eval/final/   evaluator outputs (when data.val is set)
+    loss_curve.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from maskrcnn.checkpoint import (
+    TMP_SUFFIX,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+from maskrcnn.config import Config, atomic_write_text
+from maskrcnn.engine.solver import WarmupSchedule, build_lr_scheduler, build_optimizer
+from maskrcnn.errors import UserError
+
+log = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 3  # periodic checkpoints kept besides model_final.pth
+TIMED_ITERS = 10  # iterations timed before fitting the schedule into solver.max_minutes
+BUDGET_MARGIN = 0.95  # share of the remaining time the fitted schedule may plan to use
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. a non-finite loss); the message says where and what to try."""
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return the torch device for `cfg.device` ("auto" picks CUDA when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("config device=cuda but no CUDA GPU is available; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Return the autocast dtype for `solver.amp` on `device` (None = full precision)."""
+    if not amp:
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        log.warning("solver.amp=fp16 needs CUDA; using bfloat16 autocast on %s instead", device.type)
+        return torch.bfloat16
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("solver.amp=bf16 is not supported by this GPU; use solver.amp=fp16")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Return every global RNG state as tensors and plain values (loadable with weights_only)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states saved by `rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    """Move the tensors of each target dict to `device` (other values pass through)."""
+    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict[str, Any]]:
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks between iterations.
+
+    The handler restores the previous ones, so a second signal stops the process the usual way.
+    """
+    flag: dict[str, Any] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signal handlers can only be installed from the main thread
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, _frame: Any) -> None:
+        flag["signal"] = signal.Signals(signum).name
+        for s, h in previous.items():
+            signal.signal(s, h)
+        log.warning("%s received: finishing this iteration and saving a checkpoint", flag["signal"])
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ---- data and model setup -----------------------------------------------------------------------
+
+
+def build_train_dataset(cfg: Config) -> Any:
+    """Return the (concatenated) training dataset for `cfg.data.train`."""
+    if not cfg.data.train:
+        raise UserError("no training data: set data.train=ANN.json:IMAGE_DIR (in the config or as an override)")
+    from maskrcnn.data.coco import build_dataset
+
+    return build_dataset(
+        cfg.data.train,
+        filter_empty=cfg.data.filter_empty,
+        train=True,
+        flip_prob=cfg.input.horizontal_flip,
+        max_pixels=cfg.input.max_pixels,
+    )
+
+
+def sync_classes(cfg: Config, class_names: list[str]) -> None:
+    """Fill `cfg.model.class_names`/`num_classes` from the dataset, or raise if they disagree."""
+    names = list(class_names)
+    if not cfg.model.class_names:
+        if cfg.model.num_classes != len(names):
+            log.info("model.num_classes %d -> %d from the training data", cfg.model.num_classes, len(names))
+        cfg.model.class_names = names
+        cfg.model.num_classes = len(names)
+    elif list(cfg.model.class_names) != names:
+        raise UserError(
+            f"config model.class_names {cfg.model.class_names} differ from the training data's categories "
+            f"{names}; clear model.class_names to take them from the data"
+        )
+
+
+def _load_trunk_weights(model: nn.Module, path: str) -> None:
+    """Initialise the backbone trunk from a torchvision ImageNet ResNet/ResNeXt state-dict file."""
+    backbone = getattr(model, "backbone", None)
+    loader = getattr(backbone, "load_trunk_weights", None)
+    if loader is not None:
+        loader(path)
+        log.info("backbone initialised from %s", path)
+        return
+    body = getattr(backbone, "body", None)
+    if body is None:
+        raise UserError("this model has no backbone trunk to load model.backbone.weights into")
+    state = load_checkpoint(path, require_checksum=False)
+    state = {k: v for k, v in state.get("model", state).items() if not k.startswith("fc.")}  # classifier
+    result = body.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise UserError(
+            f"backbone weights '{path}' do not fit model.backbone (missing {', '.join(missing[:5])}); "
+            "is it a torchvision ResNet/ResNeXt state dict of the same depth?"
+        )
+    log.info("backbone initialised from %s", path)
+
+
+def _flatten_numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Return the numeric leaves of a nested metrics dict as {"a/b": value}."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(_flatten_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def _finite_or_none(value: Any) -> Any:
+    """Return `value` with NaN/inf floats replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---- logging sinks ------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+    """metrics.jsonl plus TensorBoard scalars; on resume, drops records past the resumed iteration."""
+
+    def __init__(self, out_dir: Path, start_iter: int) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():
+            # Records written after the checkpoint we resume from describe iterations that will be
+            # run again; keeping them would draw the loss curve twice over that stretch.
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("iter", 0) <= start_iter:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+            atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_iter or None)
+        except Exception as e:  # noqa: BLE001 - tensorboard missing or broken: the run goes on
+            log.info("TensorBoard logging off (%s)", e)
+
+    def write(self, record: dict[str, Any], scalars: dict[str, float]) -> None:
+        """Append one JSON line and its scalars at step `record['iter']`."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_finite_or_none(record)) + "\n")
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["iter"])
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run; `run()` trains from scratch or from the latest checkpoint to the end."""
+
+    def __init__(self, cfg: Config, resume: bool = False, weights: str | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.device = resolve_device(cfg.device)
+        self.dtype = amp_dtype(cfg.solver.amp, self.device)
+
+        resume_from = self._prepare_output_dir(resume)
+        seed_all(cfg.solver.seed)
+        self.dataset = build_train_dataset(cfg)
+        sync_classes(cfg, self.dataset.class_names)
+
+        from maskrcnn.modeling import build_model
+
+        self.model = build_model(cfg).to(self.device)
+        if resume_from is None:
+            if cfg.model.backbone.weights:
+                _load_trunk_weights(self.model, cfg.model.backbone.weights)
+            if weights:
+                report = load_weights(self.model, weights, strict=True, reinit_mismatched_classes=True)
+                note = f"; re-initialised {', '.join(report.reinitialized)}" if report.reinitialized else ""
+                log.info("model initialised from %s%s", weights, note)
+        elif weights:
+            log.info("--weights ignored: resuming from %s", resume_from)
+
+        self.optimizer = build_optimizer(self.model, cfg.solver)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.solver)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.iteration = 0
+        self.train_seconds = 0.0  # summed over resumed runs, for solver.max_minutes
+        self.budget_fitted = False
+        self.last_checkpoint: Path | None = None
+        if resume_from is not None:
+            self._restore(resume_from)
+        cfg.save(self.out / "config.yaml")
+
+    # -- setup --
+
+    def _prepare_output_dir(self, resume: bool) -> Path | None:
+        """Create the run directory, clear temp files of killed saves; return the checkpoint to resume."""
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in self.ckpt_dir.glob(f".*{TMP_SUFFIX}"):
+            log.info("removing %s left by an interrupted save", tmp.name)
+            tmp.unlink(missing_ok=True)
+        existing = list_checkpoints(self.ckpt_dir)
+        if not resume:
+            if existing:
+                raise UserError(
+                    f"'{self.out}' already holds checkpoints; pass --resume to continue that run, "
+                    "or choose another output directory (--out)"
+                )
+            return None
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            log.warning("--resume: no valid checkpoint in %s; starting from scratch", self.ckpt_dir)
+        return path
+
+    def _restore(self, path: Path) -> None:
+        """Load model, optimizer, scheduler, scaler, RNG and progress counters from `path`."""
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.budget_fitted = bool(state.get("budget_fitted", False))
+        set_rng_state(state["rng"])
+        self.last_checkpoint = path
+        schedule: WarmupSchedule = self.scheduler.lr_lambdas[0]
+        if schedule.base_max_iter != self.cfg.solver.max_iter:
+            # solver.max_iter changed on resume (e.g. to extend a run): follow the new config.
+            schedule.__init__(self.cfg.solver)
+            self.budget_fitted = False
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # -- checkpoints --
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "iteration": self.iteration,
+            "train_seconds": self.train_seconds,
+            "budget_fitted": self.budget_fitted,
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self, final: bool = False) -> Path:
+        """Write model_final.pth or model_<iter>.pth, and prune old periodic checkpoints."""
+        name = "model_final.pth" if final else f"model_{self.iteration:07d}.pth"
+        path = save_checkpoint(self.ckpt_dir / name, self._state())
+        self.last_checkpoint = path
+        periodic = sorted(p for p in self.ckpt_dir.glob("model_*.pth") if p.stem[6:].isdigit())
+        for old in periodic[:-KEEP_CHECKPOINTS]:
+            old.unlink(missing_ok=True)
+        return path
+
+    # -- evaluation --
+
+    def evaluate(self, tag: str, metrics: MetricsWriter) -> dict[str, Any] | None:
+        """Evaluate on `cfg.data.val` into eval/<tag>/ and log the metrics (None without a val set)."""
+        if not self.cfg.data.val:
+            return None
+        try:
+            from maskrcnn.engine.evaluator import evaluate
+        except ImportError as e:
+            log.warning("evaluation skipped: %s", e)
+            return None
+        if not hasattr(self, "val_dataset"):
+            from maskrcnn.data.coco import CocoDataset, parse_data_spec
+
+            ann, image_dir = parse_data_spec(self.cfg.data.val)
+            self.val_dataset = CocoDataset(ann, image_dir, filter_empty=False, train=False,
+                                           max_pixels=self.cfg.input.max_pixels)
+        # Full precision: evaluation numbers should not depend on the training-time AMP setting.
+        result = evaluate(self.model, self.val_dataset, self.out / "eval" / tag,
+                          max_images=self.cfg.test.max_images, progress=sys.stderr.isatty())
+        self.model.train()
+        numbers = _flatten_numbers(result)
+        metrics.write({"iter": self.iteration, "eval": result}, {f"val/{k}": v for k, v in numbers.items()})
+        summary = ", ".join(f"{k} {v:.1f}" for k, v in numbers.items() if k.count("/") <= 1 and "AP" in k)
+        log.info("eval at iteration %d: %s", self.iteration, summary[:300] or "done")
+        return result
+
+    # -- time budget --
+
+    def _fit_schedule_to_budget(self, sec_per_iter: float, elapsed: float) -> None:
+        """Shorten max_iter (and the schedule with it) to what fits in solver.max_minutes."""
+        schedule: WarmupSchedule = self.scheduler.lr_lambdas[0]
+        remaining = self.cfg.solver.max_minutes * 60 - elapsed
+        fits = self.iteration + int(max(0.0, remaining) * BUDGET_MARGIN / max(sec_per_iter, 1e-6))
+        self.budget_fitted = True
+        if fits < schedule.max_iter:
+            log.info(
+                "solver.max_minutes=%g at %.2f s/iter: max_iter %d -> %d (schedule rescaled)",
+                self.cfg.solver.max_minutes, sec_per_iter, schedule.max_iter, max(fits, self.iteration + 1),
+            )
+            schedule.rescale(max(fits, self.iteration + 1))
+
+    # -- the loop --
+
+    def _step(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> dict[str, float]:
+        """Run one forward/backward/update; return the loss values; raise on a non-finite loss."""
+        images = [im.to(self.device, non_blocking=True) for im in images]
+        targets = _to_device(targets, self.device)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            losses = self.model(images, targets)
+        total = sum(losses.values())
+        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+        values["loss"] = sum(values.values())
+        if not all(math.isfinite(v) for v in values.values()):
+            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise TrainingError(
+                f"non-finite loss at iteration {self.iteration + 1}: {parts}; training stopped and {where}. "
+                "Try a lower solver.base_lr, a longer solver.warmup_iters or solver.clip_grad_norm"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg.solver.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.solver.clip_grad_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return values
+
+    def run(self) -> Path:
+        """Train to the end (or budget/signal), checkpointing and evaluating on the way; return the run dir."""
+        from tqdm import tqdm
+
+        from maskrcnn.data.loader import build_train_loader
+
+        cfg, s = self.cfg, self.cfg.solver
+        schedule: WarmupSchedule = self.scheduler.lr_lambdas[0]
+        metrics = MetricsWriter(self.out, self.iteration)
+        loader = build_train_loader(
+            self.dataset,
+            batch_size=s.ims_per_batch,
+            num_workers=cfg.data.num_workers,
+            aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
+            seed=s.seed,
+            start_iter=self.iteration,
+        )
+        log.info("training %s on %s for %d iterations (from %d), output %s",
+                 type(self.model).__name__, self.device, schedule.max_iter, self.iteration, self.out)
+        self.model.train()
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=schedule.max_iter, initial=self.iteration, desc="train", unit="it",
+                   dynamic_ncols=True, disable=not interactive)
+        smooth: deque[dict[str, float]] = deque(maxlen=20)  # progress-bar medians
+        window: list[dict[str, float]] = []  # everything since the last log line
+        start_iter, session_start = self.iteration, time.perf_counter()
+        seconds_before, timer_start = self.train_seconds, session_start
+        stopped_by = None
+        try:
+            with _stop_on_signals() as stop:
+                while self.iteration < schedule.max_iter:
+                    t0 = time.perf_counter()
+                    images, targets = next(loader)
+                    data_time = time.perf_counter() - t0
+                    values = self._step(images, targets)
+                    self.iteration += 1
+                    now = time.perf_counter()
+                    self.train_seconds = seconds_before + (now - session_start)
+                    values.update(time=now - t0, data_time=data_time, lr=self.optimizer.param_groups[0]["lr"])
+                    smooth.append(values)
+                    window.append(values)
+
+                    # Time the steady state only: the first iterations pay for allocator warm-up.
+                    done_here = self.iteration - start_iter
+                    if done_here == 2:
+                        timer_start = now
+                    if s.max_minutes > 0 and not self.budget_fitted and done_here == 2 + TIMED_ITERS:
+                        self._fit_schedule_to_budget((now - timer_start) / TIMED_ITERS, self.train_seconds)
+                        bar.total = schedule.max_iter
+                    sec_per_iter = (now - session_start) / done_here
+                    eta = sec_per_iter * (schedule.max_iter - self.iteration)
+                    bar.set_postfix_str(_postfix(smooth), refresh=False)
+                    bar.update(1)
+
+                    if self.iteration % s.log_period == 0 or self.iteration in (1, schedule.max_iter):
+                        self._log(metrics, window, sec_per_iter, eta, say=not interactive)
+                        window = []
+                    finished = self.iteration >= schedule.max_iter
+                    if not finished and s.max_minutes > 0 and self.train_seconds >= s.max_minutes * 60:
+                        log.info("solver.max_minutes=%g reached at iteration %d", s.max_minutes, self.iteration)
+                        schedule.rescale(self.iteration)  # the run, as saved, is complete
+                        break
+                    if stop["signal"]:
+                        stopped_by = stop["signal"]
+                        break
+                    if not finished and self.iteration % s.checkpoint_period == 0:
+                        self.save()
+                    if not finished and s.eval_period > 0 and self.iteration % s.eval_period == 0:
+                        self.evaluate(f"iter_{self.iteration:07d}", metrics)
+            bar.close()
+            if stopped_by:
+                path = self.save()
+                log.warning("stopped by %s at iteration %d; saved %s; continue with --resume",
+                            stopped_by, self.iteration, path)
+                raise KeyboardInterrupt(f"training stopped by {stopped_by}")
+            path = self.save(final=True)
+            log.info("saved %s (iteration %d, %s of training)", path, self.iteration,
+                     _format_seconds(self.train_seconds))
+            self.evaluate("final", metrics)
+        finally:
+            bar.close()
+            metrics.close()
+            self._plot()
+        return self.out
+
+    def _log(self, metrics: MetricsWriter, window: list, sec_per_iter: float, eta: float, say: bool) -> None:
+        """Write the window's mean losses to metrics.jsonl/TensorBoard (and stdout when no bar is shown)."""
+        keys = [k for k in window[-1] if k != "lr"]
+        means = {k: float(np.mean([w[k] for w in window if k in w])) for k in keys}
+        record = {"iter": self.iteration, "lr": window[-1]["lr"], **means, "eta_seconds": round(eta, 1)}
+        scalars = {f"train/{k}": v for k, v in means.items()}
+        scalars["train/lr"] = window[-1]["lr"]
+        metrics.write(record, scalars)
+        if say:
+            total = self.scheduler.lr_lambdas[0].max_iter
+            losses = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in means.items() if k.startswith("loss_"))
+            print(f"iter {self.iteration}/{total}  loss {means['loss']:.3f} ({losses})  "
+                  f"lr {record['lr']:.3g}  {sec_per_iter:.2f} s/it  eta {_format_seconds(eta)}", flush=True)
+
+    def _plot(self) -> None:
+        """Draw loss_curve.png from metrics.jsonl (skipped, with a note, when plotting is unavailable)."""
+        try:
+            from maskrcnn.visualize import plot_loss_curve
+
+            plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
+        except Exception as e:  # noqa: BLE001 - a missing plot must not fail a finished run
+            log.warning("loss curve not drawn: %s", e)
+
+
+def _postfix(window: deque) -> str:
+    """Return the progress-bar text: median-smoothed total loss, each loss, and the LR."""
+    med = {k: float(np.median([w[k] for w in window])) for k in window[-1] if k.startswith("loss")}
+    parts = [f"loss {med.pop('loss'):.3f}"] + [f"{k.removeprefix('loss_')} {v:.3f}" for k, v in med.items()]
+    return " ".join(parts) + f" lr {window[-1]['lr']:.2g}"
+
+
+def train(cfg: Config, resume: bool = False, weights: str | None = None) -> Path:
+    """Train the model described by `cfg`; return the output directory.
+
+    `resume` continues from the newest valid checkpoint in `cfg.output_dir/checkpoints`;
+    `weights` initialises the whole model from a checkpoint or state dict for fine-tuning
+    (class-dependent layers are re-initialised when the number of classes differs).
+    """
+    return Trainer(cfg, resume=resume, weights=weights).run()

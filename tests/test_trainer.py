@@ -1,0 +1,107 @@
+"""The training loop with a stand-in model (fast): non-finite losses, signals, time budget, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+import maskrcnn.modeling
+from maskrcnn.checkpoint import load_checkpoint
+from maskrcnn.config import load_config
+from maskrcnn.data.shapes import make_shapes
+from maskrcnn.engine.trainer import TrainingError, train
+from maskrcnn.errors import UserError
+
+
+class _FakeModel(nn.Module):
+    """Returns the contract's loss dict from one parameter; `hook(call)` may inject trouble."""
+
+    hook = None
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+        self.calls = 0
+
+    def forward(self, images, targets=None):
+        self.calls += 1
+        scale = _FakeModel.hook(self.calls) if _FakeModel.hook else 1.0
+        base = (self.w**2).sum() * scale
+        return {"loss_classifier": base, "loss_box_reg": base * 0.5, "loss_mask": base * 0.1,
+                "loss_objectness": base * 0.2, "loss_rpn_box_reg": base * 0.3}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return make_shapes(root, num_train=6, num_val=2, seed=0, image_size=48, max_shapes=2, shape_size=(12, 24))
+
+
+@pytest.fixture
+def cfg(shapes, tmp_path, monkeypatch):
+    monkeypatch.setattr(maskrcnn.modeling, "build_model", lambda cfg: _FakeModel(), raising=False)
+    monkeypatch.setattr(_FakeModel, "hook", None)
+    ann, images = shapes["train"]
+    return load_config(None, [
+        f"data.train=['{ann}:{images}']", f"output_dir={tmp_path / 'run'}", "device=cpu",
+        "solver.ims_per_batch=2", "solver.max_iter=6", "solver.checkpoint_period=2",
+        "solver.warmup_iters=2", "solver.base_lr=0.01", "solver.log_period=2", "input.horizontal_flip=0.5",
+    ])
+
+
+def test_outputs_and_classes_from_data(cfg):
+    out = train(cfg)
+    assert cfg.model.class_names == ["square", "circle", "triangle"] and cfg.model.num_classes == 3
+    assert (out / "config.yaml").read_text().count("triangle") == 1
+    state = load_checkpoint(out / "checkpoints" / "model_final.pth")
+    assert state["iteration"] == 6 and state["config"]["model"]["num_classes"] == 3
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [1, 2, 4, 6]
+    assert {"loss", "loss_mask", "lr"} <= set(records[-1])
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg)  # a finished run is never overwritten silently
+
+
+def test_non_finite_loss_names_iteration_and_keeps_checkpoint(cfg, monkeypatch):
+    monkeypatch.setattr(_FakeModel, "hook", lambda call: float("nan") if call == 5 else 1.0)
+    with pytest.raises(TrainingError) as e:
+        train(cfg)
+    msg = str(e.value)
+    assert "non-finite loss at iteration 5" in msg and "loss_classifier=nan" in msg
+    assert "model_0000004.pth" in msg
+    ckpt = load_checkpoint(cfg.output_dir + "/checkpoints/model_0000004.pth")
+    assert ckpt["iteration"] == 4 and torch.isfinite(ckpt["model"]["w"]).all()
+
+
+def test_sigint_saves_and_resume_finishes(cfg, monkeypatch):
+    def interrupt(call):
+        if call == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-iteration: the iteration still completes
+        return 1.0
+
+    monkeypatch.setattr(_FakeModel, "hook", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert load_checkpoint(cfg.output_dir + "/checkpoints/model_0000003.pth")["iteration"] == 3
+    monkeypatch.setattr(_FakeModel, "hook", None)
+    out = train(cfg, resume=True)
+    assert load_checkpoint(out / "checkpoints" / "model_final.pth")["iteration"] == 6
+    iters = [json.loads(l)["iter"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert iters == sorted(iters) and len(iters) == len(set(iters))
+
+
+def test_time_budget_shortens_schedule(cfg):
+    cfg.solver.max_iter = 100_000
+    cfg.solver.steps = [60_000, 80_000]
+    cfg.solver.max_minutes = 0.01  # 0.6 s
+    cfg.solver.checkpoint_period = 1_000_000
+    out = train(cfg)
+    state = load_checkpoint(out / "checkpoints" / "model_final.pth")
+    schedule = state["scheduler"]["lr_lambdas"][0]
+    assert 12 <= state["iteration"] < 100_000
+    assert schedule["max_iter"] == state["iteration"] and state["budget_fitted"]
