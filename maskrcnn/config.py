@@ -49,6 +49,8 @@ class AnchorConfig:
     sizes: list[list[float]] = field(default_factory=lambda: [[32], [64], [128], [256], [512]])
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     offset: float = 0.0  # anchor centre offset in units of the stride (Detectron2 uses 0.0)
+    round_base: bool = False  # round the base anchors to whole pixels (torchvision does)
+    stride_from_image: bool = False  # stride = padded image size // grid size (torchvision) or nominal
 
 
 @dataclass
@@ -337,7 +339,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def list_presets() -> list[str]:
     """Return the names of the built-in presets."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -1,0 +1,212 @@
+"""Backbones: a ResNet/ResNeXt trunk (torchvision.models) with a chosen norm, plus FPN or C4 outputs."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from maskrcnn.config import BackboneConfig
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters: y = x * scale + shift."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # A checkpoint written with nn.BatchNorm2d carries a counter we have no use for.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None].to(x.dtype) + shift[None, :, None, None].to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def norm_factory(kind: str, gn_groups: int = 32) -> Callable[[int], nn.Module] | None:
+    """Return a constructor `channels -> norm layer` for 'frozen_bn', 'bn', 'gn', or None for ''."""
+    if kind == "":
+        return None
+    if kind == "frozen_bn":
+        return FrozenBatchNorm2d
+    if kind == "bn":
+        return nn.BatchNorm2d
+    if kind == "gn":
+        return lambda channels: nn.GroupNorm(min(gn_groups, channels), channels)
+    raise ValueError(f"unknown norm '{kind}' (use frozen_bn, bn or gn)")
+
+
+class ConvNorm(nn.Sequential):
+    """Conv2d, then an optional norm, then an optional ReLU; the conv has a bias only without norm."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        norm: Callable[[int], nn.Module] | None = None,
+        relu: bool = True,
+    ):
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        layers["conv"] = nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm is None
+        )
+        if norm is not None:
+            layers["norm"] = norm(out_channels)
+        if relu:
+            layers["relu"] = nn.ReLU(inplace=True)
+        super().__init__(layers)
+
+
+TRUNKS: dict[tuple[int, int, int], str] = {
+    # (depth, groups, width_per_group) -> torchvision.models constructor
+    (18, 1, 64): "resnet18",
+    (34, 1, 64): "resnet34",
+    (50, 1, 64): "resnet50",
+    (101, 1, 64): "resnet101",
+    (152, 1, 64): "resnet152",
+    (50, 32, 4): "resnext50_32x4d",
+    (101, 32, 8): "resnext101_32x8d",
+    (101, 64, 4): "resnext101_64x4d",
+}
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")  # res2..res5
+
+
+def build_trunk(cfg: BackboneConfig) -> torchvision.models.ResNet:
+    """Return a torchvision ResNet/ResNeXt (no weights) with the configured norm and frozen stages."""
+    key = (cfg.depth, cfg.groups, cfg.width_per_group)
+    if key not in TRUNKS:
+        supported = ", ".join(f"depth={d} groups={g} width_per_group={w}" for d, g, w in TRUNKS)
+        raise ValueError(f"no ResNet/ResNeXt trunk for {key}; supported: {supported}")
+    norm = norm_factory(cfg.norm, cfg.gn_groups)
+    trunk = getattr(torchvision.models, TRUNKS[key])(weights=None, norm_layer=norm)
+    del trunk.fc, trunk.avgpool  # detection uses the feature maps only
+    freeze_stages(trunk, cfg.trainable_stages)
+    return trunk
+
+
+def freeze_stages(trunk: nn.Module, trainable_stages: int) -> None:
+    """Stop gradients into all but the last `trainable_stages` of (stem, res2, res3, res4, res5)."""
+    order = ["layer4", "layer3", "layer2", "layer1", "stem"]
+    trainable = set(order[:trainable_stages])
+    for name, param in trunk.named_parameters():
+        stage = name.split(".")[0]
+        stage = "stem" if stage in ("conv1", "bn1") else stage
+        param.requires_grad_(stage in trainable)
+
+
+def trunk_channels(trunk: torchvision.models.ResNet) -> list[int]:
+    """Return the output channels of res2..res5 (64, 128, 256, 512 times the block expansion)."""
+    expansion = type(trunk.layer1[0]).expansion
+    return [64 * 2**i * expansion for i in range(4)]
+
+
+def run_stem(trunk: torchvision.models.ResNet, x: Tensor) -> Tensor:
+    """Return the stem output (conv1, norm, ReLU, max-pool): stride 4."""
+    return trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))
+
+
+class FPN(nn.Module):
+    """Feature Pyramid Network: lateral 1x1 convs, a top-down nearest-upsampling path, 3x3 outputs.
+
+    Returns P2..P5 from res2..res5 and P6 as a stride-2 subsampling of P5 (for the RPN only).
+    """
+
+    def __init__(self, in_channels: list[int], out_channels: int, norm: str = ""):
+        super().__init__()
+        make_norm = norm_factory(norm)
+        self.lateral = nn.ModuleList(ConvNorm(c, out_channels, 1, make_norm, relu=False) for c in in_channels)
+        self.output = nn.ModuleList(
+            ConvNorm(out_channels, out_channels, 3, make_norm, relu=False) for _ in in_channels
+        )
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_uniform_(module.weight, a=1)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        top_down = self.lateral[-1](features[-1])
+        outputs = [self.output[-1](top_down)]
+        for level in range(len(features) - 2, -1, -1):
+            lateral = self.lateral[level](features[level])
+            top_down = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
+            outputs.insert(0, self.output[level](top_down))
+        outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))  # P6
+        return outputs
+
+
+class Backbone(nn.Module):
+    """Trunk + FPN (features P2..P6, strides 4..64) or C4 (one feature map, stride 16).
+
+    For C4 the trunk's res5 stage is not run here: the RoI head owns it (`self.res5`).
+    """
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.kind = cfg.kind
+        self.trunk = build_trunk(cfg)
+        channels = trunk_channels(self.trunk)
+        if cfg.kind == "fpn":
+            self.fpn = FPN(channels, cfg.fpn_channels, cfg.fpn_norm)
+            self.strides = [4, 8, 16, 32, 64]
+            self.out_channels = cfg.fpn_channels
+        else:
+            self.strides = [16]
+            self.out_channels = channels[2]
+            self.res5_channels = channels[3]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = run_stem(self.trunk, x)
+        stages = STAGES if self.kind == "fpn" else STAGES[:3]
+        features = []
+        for name in stages:
+            x = getattr(self.trunk, name)(x)
+            features.append(x)
+        if self.kind == "fpn":
+            return self.fpn(features)
+        return [features[-1]]
+
+    @property
+    def res5(self) -> nn.Module:
+        """The trunk's last stage, used as the C4 RoI head."""
+        return self.trunk.layer4
+
+    def load_trunk_weights(self, path: str) -> list[str]:
+        """Load an ImageNet torchvision ResNet/ResNeXt state dict into the trunk; return skipped keys."""
+        from maskrcnn.errors import UserError
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(f"backbone weights file '{path}' does not exist") from None
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing
+            raise UserError(f"backbone weights file '{path}' cannot be read ({e.__class__.__name__})") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        own = self.trunk.state_dict()
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
+        if len(usable) < len(own) // 2:
+            raise UserError(
+                f"backbone weights file '{path}' does not fit a {self.trunk.__class__.__name__} trunk "
+                f"(first missing keys: {', '.join(missing[:3])})"
+            )
+        self.trunk.load_state_dict(usable, strict=False)
+        return missing

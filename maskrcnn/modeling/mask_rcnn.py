@@ -1,0 +1,191 @@
+"""The meta-architecture: normalise → resize → pad → backbone → RPN → RoI heads → outputs in input pixels."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskrcnn.config import Config
+from maskrcnn.modeling.anchors import AnchorGenerator
+from maskrcnn.modeling.backbone import Backbone
+from maskrcnn.modeling.roi_heads import RoIHeads
+from maskrcnn.modeling.rpn import RPN
+from maskrcnn.structures import paste_masks, scale_boxes
+
+ImageLike = str | Path | Tensor | np.ndarray | Any  # Any: a PIL image
+
+
+def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
+    """Return (new_h, new_w, scale): shorter side to min_size unless the longer would exceed max_size."""
+    scale = torch.min(
+        torch.tensor(float(min_size)) / torch.tensor(float(min(height, width))),
+        torch.tensor(float(max_size)) / torch.tensor(float(max(height, width))),
+    ).item()  # float32 arithmetic, as torchvision does, so sizes agree to the pixel
+    return math.floor(height * scale), math.floor(width * scale), scale
+
+
+def as_image_tensor(image: ImageLike) -> Tensor:
+    """Return a [3,H,W] float RGB tensor in 0..1 from a path, PIL image, HxWx3 array or tensor."""
+    from maskrcnn.data.image_io import image_to_tensor, read_image
+
+    if isinstance(image, Tensor):
+        if image.dtype == torch.uint8:
+            return image.float() / 255
+        return image.float()
+    if isinstance(image, (str, Path)):
+        return image_to_tensor(read_image(image))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        return image_to_tensor(np.ascontiguousarray(image[..., :3]))
+    if hasattr(image, "convert"):  # a PIL image
+        return image_to_tensor(np.asarray(image.convert("RGB")))
+    raise TypeError(f"cannot use an image of type {type(image).__name__}; give a path, PIL image, array or tensor")
+
+
+class MaskRCNN(nn.Module):
+    """Mask R-CNN. `forward(images, targets)` gives losses in training and detections in eval mode."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg.clone()
+        m = cfg.model
+        self.class_names = list(m.class_names)
+        self.register_buffer("pixel_mean", torch.tensor(m.pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(m.pixel_std).view(3, 1, 1), persistent=False)
+        self.backbone = Backbone(m.backbone)
+        self.anchors = AnchorGenerator(m.anchors, self.backbone.strides)
+        self.rpn = RPN(m.rpn, self.backbone.out_channels, self.anchors.num_anchors_per_location)
+        c4 = m.backbone.kind == "c4"
+        self.roi_heads = RoIHeads(
+            m.box_head, m.mask_head, m.num_classes, self.backbone.out_channels, self.backbone.strides,
+            res5=self.backbone.res5 if c4 else None,
+            res5_channels=getattr(self.backbone, "res5_channels", 0),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Return the device of the model's parameters."""
+        return next(self.parameters()).device
+
+    # ---- pre- and post-processing -------------------------------------------------------------
+
+    def preprocess(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None
+    ) -> tuple[Tensor, list[tuple[int, int]], list[dict[str, Tensor]] | None]:
+        """Return a zero-padded normalised batch, each image's resized size, and resized targets."""
+        cfg = self.cfg.input
+        if self.training:
+            # One shorter-side size per batch element, drawn from the multi-scale list.
+            choice = int(torch.empty(1).uniform_(0.0, float(len(cfg.min_size_train))).item())
+            min_size, max_size = cfg.min_size_train[choice], cfg.max_size_train
+        else:
+            min_size, max_size = cfg.min_size_test, cfg.max_size_test
+        resized, sizes, new_targets = [], [], []
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"image {i} must be a [3, H, W] tensor, got shape {tuple(image.shape)}")
+            if self.cfg.model.input_format == "BGR":
+                image = image.flip(0)
+            image = (image - self.pixel_mean) / self.pixel_std
+            h, w = image.shape[-2:]
+            new_h, new_w, _ = resized_shape(h, w, min_size, max_size)
+            image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+            resized.append(image)
+            sizes.append((new_h, new_w))
+            if targets is not None:
+                new_targets.append(self._resize_target(targets[i], (h, w), (new_h, new_w)))
+        stride = self.cfg.model.size_divisibility
+        pad_h = int(math.ceil(max(s[0] for s in sizes) / stride) * stride)
+        pad_w = int(math.ceil(max(s[1] for s in sizes) / stride) * stride)
+        batch = resized[0].new_zeros((len(resized), 3, pad_h, pad_w))
+        for image, slot in zip(resized, batch):
+            slot[:, : image.shape[1], : image.shape[2]].copy_(image)
+        return batch, sizes, (new_targets if targets is not None else None)
+
+    @staticmethod
+    def _resize_target(target: dict[str, Tensor], old: tuple[int, int], new: tuple[int, int]) -> dict[str, Tensor]:
+        out = dict(target)
+        scale_y = torch.tensor(new[0], dtype=torch.float32) / torch.tensor(old[0], dtype=torch.float32)
+        scale_x = torch.tensor(new[1], dtype=torch.float32) / torch.tensor(old[1], dtype=torch.float32)
+        out["boxes"] = scale_boxes(target["boxes"].float(), scale_y, scale_x)
+        if "masks" in target and target["masks"].numel():
+            masks = F.interpolate(target["masks"][:, None].float(), size=new, mode="nearest")[:, 0]
+            out["masks"] = masks.to(torch.uint8)
+        elif "masks" in target:
+            out["masks"] = target["masks"].new_zeros((0, *new))
+        return out
+
+    def postprocess(
+        self, detections: list[dict[str, Tensor]], sizes: list[tuple[int, int]], original: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """Return detections mapped back to each input image: boxes rescaled, masks pasted (bool)."""
+        results = []
+        for det, (h, w), (oh, ow) in zip(detections, sizes, original):
+            scale_y = torch.tensor(oh, dtype=torch.float32) / torch.tensor(h, dtype=torch.float32)
+            scale_x = torch.tensor(ow, dtype=torch.float32) / torch.tensor(w, dtype=torch.float32)
+            out = {
+                "boxes": scale_boxes(det["boxes"], scale_y, scale_x),
+                "scores": det["scores"],
+                "labels": det["labels"],
+            }
+            if "mask_probs" in det:
+                out["masks"] = paste_masks(det["mask_probs"], out["boxes"], oh, ow, self.cfg.model.mask_head.threshold)
+            results.append(out)
+        return results
+
+    # ---- the network --------------------------------------------------------------------------
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        """Training (with targets): dict of losses. Eval: per-image dicts of boxes, scores, labels, masks."""
+        if self.training and targets is None:
+            raise ValueError("training mode needs targets (call model.eval() for inference)")
+        original = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        batch, sizes, targets = self.preprocess(images, targets)
+        features = self.backbone(batch)
+        anchors = self.anchors(features, (batch.shape[-2], batch.shape[-1]))
+        proposals, rpn_losses = self.rpn(features, anchors, sizes, targets)
+        # RoI pooling reads P2..P5 only; P6 exists for large anchors in the RPN.
+        roi_features = features[:4] if len(features) > 1 else features
+        if self.training:
+            return {**rpn_losses, **self.roi_heads(roi_features, proposals, sizes, targets)}
+        detections = self.roi_heads(roi_features, proposals, sizes)
+        return self.postprocess(detections, sizes, original)
+
+    @torch.no_grad()
+    def predict(
+        self, images: ImageLike | Sequence[ImageLike], score_threshold: float | None = None, batch_size: int = 1
+    ) -> list[dict[str, Any]]:
+        """Return per image: `boxes` (xyxy px), `scores`, `labels` (1..K), `masks` (bool HxW), `names`.
+
+        Accepts file paths, PIL images, HxWx3 uint8 arrays or [3,H,W] float tensors in 0..1.
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        was_training = self.training
+        self.eval()
+        results = []
+        try:
+            for start in range(0, len(items), batch_size):
+                chunk = [as_image_tensor(x).to(self.device) for x in items[start : start + batch_size]]
+                for out in self(chunk):
+                    if score_threshold is not None:
+                        keep = out["scores"] >= score_threshold
+                        out = {k: v[keep] for k, v in out.items()}
+                    out["names"] = [self.label_name(int(i)) for i in out["labels"]]
+                    results.append(out)
+        finally:
+            self.train(was_training)
+        return results
+
+    def label_name(self, label: int) -> str:
+        """Return the class name of a contiguous label (1..K), or 'class N' when names are unknown."""
+        if 1 <= label <= len(self.class_names):
+            return self.class_names[label - 1]
+        return f"class {label}"

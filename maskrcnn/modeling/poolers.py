@@ -1,0 +1,61 @@
+"""RoI feature pooling: FPN level assignment, then RoIAlign or RoIPool (torchvision.ops kernels)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align, roi_pool
+
+from maskrcnn.config import PoolerConfig
+from maskrcnn.structures import box_area
+
+
+def assign_levels(boxes: Tensor, min_level: int, max_level: int, canonical_size: int, canonical_level: int) -> Tensor:
+    """Return each box's pyramid level index (0 = min_level): k = ⌊k0 + log2(√(wh)/224)⌋, clamped."""
+    size = torch.sqrt(box_area(boxes))
+    level = torch.floor(canonical_level + torch.log2(size / canonical_size) + 1e-6)
+    return (level.clamp(min=min_level, max=max_level) - min_level).to(torch.int64)
+
+
+def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
+    """Return [R, 5] rows (image index, x1, y1, x2, y2) from per-image box lists."""
+    indices = [torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)]
+    return torch.cat([torch.cat(indices), torch.cat(boxes)], dim=1)
+
+
+class RoIPooler(nn.Module):
+    """Pools a fixed-size feature grid for each box from the level of the pyramid that fits it."""
+
+    def __init__(self, cfg: PoolerConfig, strides: list[int]):
+        super().__init__()
+        self.type = cfg.type
+        self.aligned = cfg.aligned
+        self.output_size = (cfg.output_size, cfg.output_size)
+        self.sampling_ratio = cfg.sampling_ratio
+        self.scales = [1.0 / s for s in strides]
+        self.min_level = int(math.log2(strides[0]))
+        self.max_level = int(math.log2(strides[-1]))
+        self.canonical_size = cfg.canonical_size
+        self.canonical_level = cfg.canonical_level
+
+    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        if self.type == "roipool":
+            return roi_pool(feature, rois, self.output_size, scale)
+        return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
+
+    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        """Return [R, C, S, S] pooled features for all boxes of all images, in input order."""
+        rois = boxes_to_rois(boxes).to(features[0].dtype)
+        if len(features) == 1:
+            return self._pool(features[0], rois, self.scales[0])
+        levels = assign_levels(
+            rois[:, 1:], self.min_level, self.max_level, self.canonical_size, self.canonical_level
+        )
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            index = torch.nonzero(levels == level).squeeze(1)
+            if index.numel():
+                out[index] = self._pool(feature, rois[index], scale).to(out.dtype)
+        return out

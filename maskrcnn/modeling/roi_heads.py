@@ -1,0 +1,300 @@
+"""Stage two: per-RoI classification, class-specific box refinement and binary masks, in parallel.
+
+Labels run 0..K with 0 = background; the class-dependent layers have K+1 outputs (the background
+row of the box and mask predictors is never trained), as in torchvision's checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, roi_align
+
+from maskrcnn.config import BoxHeadConfig, MaskHeadConfig
+from maskrcnn.modeling.backbone import ConvNorm, norm_factory
+from maskrcnn.modeling.matcher import Matcher, sample_balanced
+from maskrcnn.modeling.poolers import RoIPooler
+from maskrcnn.modeling.rpn import label_with_crowd, smooth_l1
+from maskrcnn.structures import BoxCoder, clip_boxes, nonempty_boxes
+
+
+@dataclass
+class SampledRoIs:
+    """One image's training RoIs: boxes, labels (0 = background), the matched GT's index and box."""
+
+    boxes: Tensor
+    labels: Tensor
+    gt_index: Tensor
+    gt_boxes: Tensor
+
+
+def target_crowd(target: dict[str, Tensor]) -> Tensor:
+    """Return the iscrowd flags of a target (all zero when absent)."""
+    crowd = target.get("iscrowd")
+    return crowd if crowd is not None else torch.zeros(len(target["boxes"]), dtype=torch.int64)
+
+
+def non_crowd(target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Return the target's boxes, labels and masks without its crowd regions."""
+    keep = ~target_crowd(target).bool()
+    return {k: target[k][keep] for k in ("boxes", "labels", "masks") if k in target}
+
+
+class FCBoxHead(nn.Module):
+    """Optional 3x3 convs, then fully connected layers with ReLU ("2fc" and "4conv1fc")."""
+
+    def __init__(self, in_channels: int, pool_size: int, num_convs: int, conv_dim: int, num_fcs: int,
+                 fc_dim: int, norm: str = ""):
+        super().__init__()
+        make_norm = norm_factory(norm)
+        self.convs = nn.Sequential(
+            *(ConvNorm(in_channels if i == 0 else conv_dim, conv_dim, 3, make_norm) for i in range(num_convs))
+        )
+        flat = (conv_dim if num_convs else in_channels) * pool_size * pool_size
+        self.fcs = nn.ModuleList(nn.Linear(flat if i == 0 else fc_dim, fc_dim) for i in range(num_fcs))
+        self.out_channels = fc_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.convs(x).flatten(start_dim=1)
+        for fc in self.fcs:
+            x = F.relu(fc(x))
+        return x
+
+
+class Res5BoxHead(nn.Module):
+    """C4: the backbone's res5 stage over 14x14 RoI features (stride 2 → 7x7), then average pooling.
+
+    The res5 module belongs to the backbone (its weights are saved there once); this head only
+    holds a reference, kept out of the module tree on purpose.
+    """
+
+    def __init__(self, res5: nn.Module, out_channels: int):
+        super().__init__()
+        object.__setattr__(self, "res5", res5)
+        self.out_channels = out_channels
+
+    def features(self, x: Tensor) -> Tensor:
+        """Return the res5 feature map of each RoI (shared with the C4 mask head)."""
+        return self.res5(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x).mean(dim=(2, 3))
+
+
+class BoxPredictor(nn.Module):
+    """Class scores (K+1) and class-specific box deltas ((K+1)*4)."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.class_logits = nn.Linear(in_features, num_classes + 1)
+        self.box_deltas = nn.Linear(in_features, (num_classes + 1) * 4)
+        nn.init.normal_(self.class_logits.weight, std=0.01)
+        nn.init.normal_(self.box_deltas.weight, std=0.001)
+        nn.init.zeros_(self.class_logits.bias)
+        nn.init.zeros_(self.box_deltas.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.class_logits(x), self.box_deltas(x)
+
+
+class MaskHead(nn.Module):
+    """The mask FCN: 3x3 convs, a 2x deconvolution, and a 1x1 conv to one m×m logit map per class."""
+
+    def __init__(self, in_channels: int, num_convs: int, conv_dim: int, num_outputs: int, norm: str = ""):
+        super().__init__()
+        make_norm = norm_factory(norm)
+        self.convs = nn.Sequential(
+            *(ConvNorm(in_channels if i == 0 else conv_dim, conv_dim, 3, make_norm) for i in range(num_convs))
+        )
+        self.deconv = nn.ConvTranspose2d(conv_dim if num_convs else in_channels, conv_dim, 2, stride=2)
+        self.predictor = nn.Conv2d(conv_dim, num_outputs, 1)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.predictor(F.relu(self.deconv(self.convs(x))))
+
+
+def mask_targets(gt_masks: Tensor, matched_gt: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Return [P, size, size] binary targets: each RoI's GT mask resampled into the RoI (RoIAlign)."""
+    if boxes.numel() == 0:
+        return boxes.new_zeros((0, size, size))
+    rois = torch.cat([matched_gt[:, None].to(boxes.dtype), boxes], dim=1)
+    sampled = roi_align(gt_masks[:, None].to(boxes.dtype), rois, (size, size), 1.0, 0, aligned=True)
+    return (sampled[:, 0] >= 0.5).to(boxes.dtype)
+
+
+def select_class(per_class: Tensor, labels: Tensor) -> Tensor:
+    """Return per_class[i, labels[i]] (or channel 0 when there is a single, class-agnostic channel)."""
+    if per_class.shape[1] == 1:
+        return per_class[:, 0]
+    return per_class[torch.arange(len(labels), device=labels.device), labels]
+
+
+class RoIHeads(nn.Module):
+    """Box and mask branches on top of pooled RoI features."""
+
+    def __init__(self, box_cfg: BoxHeadConfig, mask_cfg: MaskHeadConfig, num_classes: int,
+                 channels: int, strides: list[int], res5: nn.Module | None = None, res5_channels: int = 0):
+        super().__init__()
+        self.cfg = box_cfg
+        self.mask_cfg = mask_cfg
+        self.num_classes = num_classes
+        pool_strides = strides[:4] if len(strides) > 1 else strides  # P2..P5 (P6 is RPN-only)
+        self.box_pooler = RoIPooler(box_cfg.pooler, pool_strides)
+        if box_cfg.type == "res5":
+            assert res5 is not None
+            self.box_head: nn.Module = Res5BoxHead(res5, res5_channels)
+        else:
+            num_convs = box_cfg.num_convs if box_cfg.type == "4conv1fc" else 0
+            num_fcs = 1 if box_cfg.type == "4conv1fc" else 2
+            self.box_head = FCBoxHead(channels, box_cfg.pooler.output_size, num_convs, box_cfg.conv_dim,
+                                      num_fcs, box_cfg.fc_dim, box_cfg.norm)
+        self.box_predictor = BoxPredictor(self.box_head.out_channels, num_classes)
+        self.coder = BoxCoder(tuple(box_cfg.bbox_reg_weights))
+        self.matcher = Matcher(box_cfg.fg_iou_thresh, box_cfg.bg_iou_thresh, allow_low_quality_matches=False)
+        self.shares_res5 = box_cfg.type == "res5"
+        # The deconv doubles the pooled grid; for C4, res5 has first halved it (14 -> 7 -> 14).
+        pooled = box_cfg.pooler.output_size // 2 if self.shares_res5 else mask_cfg.pooler.output_size
+        self.mask_size = 2 * pooled
+        if mask_cfg.enabled:
+            outputs = 1 if mask_cfg.class_agnostic else num_classes + 1
+            if self.shares_res5:
+                # C4: the mask head runs on the res5 features the box head already computed.
+                self.mask_head = MaskHead(res5_channels, 0, mask_cfg.conv_dim, outputs)
+            else:
+                self.mask_pooler = RoIPooler(mask_cfg.pooler, pool_strides)
+                self.mask_head = MaskHead(channels, mask_cfg.num_convs, mask_cfg.conv_dim, outputs, mask_cfg.norm)
+
+    # ---- training -----------------------------------------------------------------------------
+
+    def sample_proposals(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> list[SampledRoIs]:
+        """Return per image the RoIs sampled at 1:3 positive:negative, with labels and matched GT.
+
+        Ground-truth boxes join the proposals, so every object has at least one good RoI early on.
+        """
+        sampled = []
+        for boxes, target in zip(proposals, targets):
+            gt = non_crowd(target)
+            boxes = torch.cat([boxes, gt["boxes"].to(boxes.dtype)])
+            matches, fg = label_with_crowd(self.matcher, boxes, target["boxes"], target_crowd(target))
+            gt_index = matches.clamp(min=0)
+            has_gt = len(gt["labels"]) > 0
+            labels = gt["labels"][gt_index] if has_gt else torch.zeros_like(matches)
+            gt_boxes = gt["boxes"][gt_index].to(boxes.dtype) if has_gt else torch.zeros_like(boxes)
+            labels = torch.where(fg > 0, labels, torch.where(fg == 0, 0, -1))
+            positive, negative = sample_balanced(labels, self.cfg.batch_size_per_image, self.cfg.positive_fraction)
+            keep = torch.cat([positive, negative])
+            sampled.append(SampledRoIs(boxes[keep], labels[keep], gt_index[keep], gt_boxes[keep]))
+        return sampled
+
+    def box_features(self, features: list[Tensor], boxes: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Return the box head's output per RoI and, for C4, the res5 map shared with the mask head."""
+        pooled = self.box_pooler(features, boxes)
+        if self.shares_res5:
+            res5 = self.box_head.features(pooled)
+            return res5.mean(dim=(2, 3)), res5
+        return self.box_head(pooled), None
+
+    def forward(self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
+                targets: list[dict[str, Tensor]] | None = None):
+        """Training: return the losses. Inference: return per-image detections (mask probabilities too)."""
+        if self.training:
+            assert targets is not None
+            return self.losses(features, proposals, targets)
+        return self.detect(features, proposals, image_sizes)
+
+    def losses(self, features: list[Tensor], proposals: list[Tensor], targets: list[dict[str, Tensor]]):
+        """Return classification, box regression and mask losses on sampled RoIs."""
+        sampled = self.sample_proposals(proposals, targets)
+        head, res5 = self.box_features(features, [s.boxes for s in sampled])
+        class_logits, box_deltas = self.box_predictor(head)
+        labels = torch.cat([s.labels for s in sampled])
+        losses = {"loss_classifier": F.cross_entropy(class_logits, labels)}
+
+        positive = torch.nonzero(labels > 0).squeeze(1)
+        matched_gt = torch.cat([s.gt_boxes for s in sampled])
+        regression_targets = self.coder.encode(matched_gt[positive], torch.cat([s.boxes for s in sampled])[positive])
+        deltas = box_deltas.view(len(labels), -1, 4)[positive, labels[positive]]
+        # Normalised by all sampled RoIs, not positives: the paper's code and both references do so.
+        losses["loss_box_reg"] = smooth_l1(deltas, regression_targets, self.cfg.smooth_l1_beta) / max(1, labels.numel())
+        if self.mask_cfg.enabled:
+            losses["loss_mask"] = self.mask_loss(features, sampled, targets, res5)
+        return losses
+
+    def mask_loss(self, features: list[Tensor], sampled: list[SampledRoIs], targets: list[dict[str, Tensor]],
+                  res5: Tensor | None) -> Tensor:
+        """Return the mean per-pixel BCE of the GT class's mask channel, over positive RoIs only."""
+        pos_boxes, pos_labels, pos_targets, pos_rows = [], [], [], []
+        offset = 0
+        for s, target in zip(sampled, targets):
+            positive = torch.nonzero(s.labels > 0).squeeze(1)
+            pos_boxes.append(s.boxes[positive])
+            pos_labels.append(s.labels[positive])
+            pos_rows.append(positive + offset)
+            gt_masks = non_crowd(target)["masks"]
+            pos_targets.append(mask_targets(gt_masks, s.gt_index[positive], s.boxes[positive], self.mask_size))
+            offset += len(s.labels)
+        labels = torch.cat(pos_labels)
+        if labels.numel() == 0:
+            # No positive RoI in this batch: a zero that still touches the mask head's parameters.
+            return sum(p.sum() for p in self.mask_head.parameters()) * 0.0
+        if self.shares_res5:
+            mask_logits = self.mask_head(res5[torch.cat(pos_rows)])
+        else:
+            mask_logits = self.mask_head(self.mask_pooler(features, pos_boxes))
+        logits = select_class(mask_logits, labels)
+        return F.binary_cross_entropy_with_logits(logits, torch.cat(pos_targets).to(logits.dtype))
+
+    # ---- inference ----------------------------------------------------------------------------
+
+    def detect(self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]):
+        """Return per image: boxes, scores, labels of the top detections and their mask probabilities."""
+        head, _ = self.box_features(features, proposals)
+        class_logits, box_deltas = self.box_predictor(head)
+        scores = F.softmax(class_logits.float(), dim=-1)
+        boxes = self.coder.decode(box_deltas.float(), torch.cat(proposals).float())
+        detections = []
+        start = 0
+        for props, (height, width) in zip(proposals, image_sizes):
+            stop = start + len(props)
+            detections.append(self.select_detections(boxes[start:stop], scores[start:stop], height, width))
+            start = stop
+        if self.mask_cfg.enabled:
+            self.predict_masks(features, detections)
+        return detections
+
+    def select_detections(self, boxes: Tensor, scores: Tensor, height: int, width: int) -> dict[str, Tensor]:
+        """Return the top detections of one image: threshold, drop tiny boxes, per-class NMS, top-k."""
+        num_classes = scores.shape[1]
+        boxes = clip_boxes(boxes, height, width)[:, 1:].reshape(-1, 4)  # drop the background column
+        labels = torch.arange(1, num_classes, device=scores.device).repeat(len(scores))
+        scores = scores[:, 1:].reshape(-1)
+        keep = torch.nonzero(scores > self.cfg.score_thresh).squeeze(1)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = nonempty_boxes(boxes, 1e-2)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = batched_nms(boxes, scores, labels, self.cfg.nms_thresh)[: self.cfg.detections_per_image]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+    def predict_masks(self, features: list[Tensor], detections: list[dict[str, Tensor]]) -> None:
+        """Add `mask_probs` [D, m, m] (the predicted class's channel) to each image's detections."""
+        boxes = [d["boxes"] for d in detections]
+        if sum(len(b) for b in boxes) == 0:
+            for d in detections:
+                d["mask_probs"] = d["boxes"].new_zeros((0, self.mask_size, self.mask_size))
+            return
+        if self.shares_res5:
+            mask_logits = self.mask_head(self.box_head.features(self.box_pooler(features, boxes)))
+        else:
+            mask_logits = self.mask_head(self.mask_pooler(features, boxes))
+        labels = torch.cat([d["labels"] for d in detections])
+        probs = select_class(mask_logits.float(), labels).sigmoid()
+        for d, p in zip(detections, probs.split([len(b) for b in boxes])):
+            d["mask_probs"] = p
