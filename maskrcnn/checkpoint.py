@@ -230,10 +230,14 @@ def load_weights(
         if importer is not None:
             state = importer(model, state)
 
+    # BatchNorm's step counter is not a weight: files from BatchNorm models load into FrozenBatchNorm
+    # ones (which have no counter) and the other way round.
+    counter = "num_batches_tracked"
     report = LoadReport(
-        missing=[k for k in own if k not in state],
-        unexpected=[k for k in state if k not in own],
+        missing=[k for k in own if k not in state and not k.endswith(counter)],
+        unexpected=[k for k in state if k not in own and not k.endswith(counter)],
     )
+    state = {k: v for k, v in state.items() if k in own or not k.endswith(counter)}
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
     fatal = []
     for k in mismatched:
@@ -258,6 +262,4 @@ def load_weights(
         raise CheckpointError(f"weights file '{path}' does not fit this model: " + "; ".join(problems))
 
     model.load_state_dict(state, strict=False)
-    if report.reinitialized:
-        log.info("re-initialised class-dependent layers: %s", ", ".join(report.reinitialized))
     return report

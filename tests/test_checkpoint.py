@@ -121,3 +121,13 @@ def test_load_weights_rejects_non_weights_file(tmp_path):
     (tmp_path / "junk.pth").write_bytes(os.urandom(1000))
     with pytest.raises(CheckpointError, match="cannot read"):
         load_weights(_Net(3), tmp_path / "junk.pth")
+
+
+def test_load_weights_ignores_batchnorm_step_counters(tmp_path):
+    src = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    torch.save(src.state_dict(), tmp_path / "bn.pth")  # has `1.num_batches_tracked`
+    dst = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=True))
+    del dst[1].num_batches_tracked  # frozen-BN style model without the counter
+    dst[1].register_buffer("num_batches_tracked", None)
+    report = load_weights(dst, tmp_path / "bn.pth")
+    assert not report.missing and not report.unexpected
