@@ -179,24 +179,10 @@ def sync_classes(cfg: Config, class_names: list[str]) -> None:
 
 def _load_trunk_weights(model: nn.Module, path: str) -> None:
     """Initialise the backbone trunk from a torchvision ImageNet ResNet/ResNeXt state-dict file."""
-    backbone = getattr(model, "backbone", None)
-    loader = getattr(backbone, "load_trunk_weights", None)
-    if loader is not None:
-        loader(path)
-        log.info("backbone initialised from %s", path)
-        return
-    body = getattr(backbone, "body", None)
-    if body is None:
-        raise UserError("this model has no backbone trunk to load model.backbone.weights into")
-    state = load_checkpoint(path, require_checksum=False)
-    state = {k: v for k, v in state.get("model", state).items() if not k.startswith("fc.")}  # classifier
-    result = body.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing:
-        raise UserError(
-            f"backbone weights '{path}' do not fit model.backbone (missing {', '.join(missing[:5])}); "
-            "is it a torchvision ResNet/ResNeXt state dict of the same depth?"
-        )
+    loader = getattr(getattr(model, "backbone", None), "load_trunk_weights", None)
+    if loader is None:
+        raise UserError("model.backbone.weights is set but this model cannot load trunk weights")
+    loader(path)
     log.info("backbone initialised from %s", path)
 
 
