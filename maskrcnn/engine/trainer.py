@@ -315,8 +315,16 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         """Load model, optimizer, scheduler, scaler, RNG and progress counters from `path`."""
         state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+            first = lines[1] if len(lines) > 1 else lines[0]  # skip torch's "Error(s) in loading..." header
+            raise UserError(
+                f"checkpoint '{path}' does not fit the configured model ({first[:200]}); resume with the "
+                f"config the run started with (saved as {self.out / 'config.yaml'})"
+            ) from None
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
