@@ -23,10 +23,8 @@ ImageLike = str | Path | Tensor | np.ndarray | Any  # Any: a PIL image
 
 def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
     """Return (new_h, new_w, scale): shorter side to min_size unless the longer would exceed max_size."""
-    scale = torch.min(
-        torch.tensor(float(min_size)) / torch.tensor(float(min(height, width))),
-        torch.tensor(float(max_size)) / torch.tensor(float(max(height, width))),
-    ).item()  # float32 arithmetic, as torchvision does, so sizes agree to the pixel
+    # Python floats (double precision), as torchvision computes it, so sizes agree to the pixel.
+    scale = min(min_size / min(height, width), max_size / max(height, width))
     return math.floor(height * scale), math.floor(width * scale), scale
 
 

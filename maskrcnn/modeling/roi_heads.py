@@ -116,6 +116,8 @@ class MaskHead(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        # Small initial logits: masks start near p = 0.5 instead of saturated (a gentler start from scratch).
+        nn.init.normal_(self.predictor.weight, std=0.001)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.predictor(F.relu(self.deconv(self.convs(x))))
