@@ -287,6 +287,7 @@ class Trainer:
         self.train_seconds = 0.0  # summed over resumed runs, for solver.max_minutes
         self.budget_fitted = False
         self.last_checkpoint: Path | None = None
+        self.val_dataset: Any = None  # built at the first evaluation
         if resume_from is not None:
             self._restore(resume_from)
         cfg.save(self.out / "config.yaml")
@@ -333,10 +334,9 @@ class Trainer:
         self.budget_fitted = bool(state.get("budget_fitted", False))
         set_rng_state(state["rng"])
         self.last_checkpoint = path
-        schedule: WarmupSchedule = self.scheduler.lr_lambdas[0]
-        if schedule.base_max_iter != self.cfg.solver.max_iter:
+        if self.scheduler.lr_lambdas[0].base_max_iter != self.cfg.solver.max_iter:
             # solver.max_iter changed on resume (e.g. to extend a run): follow the new config.
-            schedule.__init__(self.cfg.solver)
+            self.scheduler.lr_lambdas[0] = WarmupSchedule(self.cfg.solver)
             self.budget_fitted = False
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
@@ -376,7 +376,7 @@ class Trainer:
         except ImportError as e:
             log.warning("evaluation skipped: %s", e)
             return None
-        if not hasattr(self, "val_dataset"):
+        if self.val_dataset is None:
             from maskrcnn.data.coco import CocoDataset, parse_data_spec
 
             ann, image_dir = parse_data_spec(self.cfg.data.val)
