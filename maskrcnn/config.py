@@ -7,6 +7,7 @@ optional `_base_` preset name). Every key is checked: an unknown key or a value 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -15,7 +16,7 @@ import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -128,6 +129,7 @@ class ModelConfig:
 
     num_classes: int = 80  # foreground classes; labels 1..num_classes, 0 = background
     class_names: list[str] = field(default_factory=list)
+    category_ids: list[int] = field(default_factory=list)  # dataset category id per label; [] = the label
     pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB, 0..1
     pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     input_format: str = "RGB"  # RGB | BGR (channel order the network expects)
@@ -225,17 +227,28 @@ class Config:
         return copy.deepcopy(self)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to `path` through a temp file and a rename, so readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success rename it onto `path`, on failure delete it.
+
+    Readers never see half a file, and an existing file survives a failed write.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to `path` through a temp file and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 # ---- typed merging ------------------------------------------------------------------------------
@@ -435,6 +448,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: model.box_head.type=res5 needs model.backbone.kind=c4")
     if not 0 <= m.backbone.trainable_stages <= 5:
         raise ConfigError("config key 'model.backbone.trainable_stages' must be in 0..5")
+    if m.category_ids and len(m.category_ids) != m.num_classes:
+        raise ConfigError(
+            f"config key 'model.category_ids' has {len(m.category_ids)} ids but model.num_classes = {m.num_classes}"
+        )
     if len(m.pixel_mean) != 3 or len(m.pixel_std) != 3:
         raise ConfigError("config keys 'model.pixel_mean'/'model.pixel_std' need 3 values each")
     if m.backbone.kind == "fpn" and len(m.anchors.sizes) != 5:

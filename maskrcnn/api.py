@@ -1,0 +1,57 @@
+"""The Python entry points: build or load a model in one call."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from maskrcnn.config import Config, load_config, merge_dict
+from maskrcnn.errors import UserError
+from maskrcnn.modeling import MaskRCNN, build_model
+
+
+def config_from_checkpoint(weights: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Return the training config stored in one of our checkpoints (with overrides applied)."""
+    from maskrcnn.checkpoint import load_checkpoint
+    from maskrcnn.config import apply_overrides
+
+    state = load_checkpoint(weights, require_checksum=False)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise UserError(f"weights file '{weights}' carries no config; pass --config (a preset or YAML file)")
+    cfg = Config()
+    merge_dict(cfg, state["config"])
+    return apply_overrides(cfg, overrides or [])
+
+
+def load_model(
+    config: str | os.PathLike | Config | None = "torchvision-r50-fpn",
+    weights: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    device: str = "cpu",
+) -> MaskRCNN:
+    """Return a model in eval mode from a preset name, YAML file or Config, with weights loaded if given.
+
+    With `config=None`, the config saved inside the `weights` checkpoint (one of ours) is used.
+    `weights` may be one of our checkpoints or a torchvision Mask R-CNN state-dict file.
+    """
+    from maskrcnn.checkpoint import load_weights
+
+    if config is None:
+        if not weights:
+            raise UserError("load_model needs a config (preset or YAML) or a checkpoint that carries one")
+        cfg = config_from_checkpoint(weights, overrides)
+    elif isinstance(config, Config):
+        cfg = config.clone()
+    else:
+        cfg = load_config(str(config), overrides or [])
+    model = build_model(cfg)
+    if weights:
+        load_weights(model, weights)
+    return model.to(torch.device(device)).eval()
+
+
+def category_ids(model: MaskRCNN) -> list[int]:
+    """Return the dataset category id of each label 1..K (the label itself when none were recorded)."""
+    ids = list(model.cfg.model.category_ids)
+    return ids if ids else list(range(1, model.cfg.model.num_classes + 1))

@@ -1,0 +1,107 @@
+"""`maskrcnn predict`: run a model over image files, folders or globs; write overlays and COCO results."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from pathlib import Path
+
+from maskrcnn.errors import ImageReadError, UserError
+
+HELP = "Detect and segment objects in images; write overlay PNGs and predictions.json (COCO results)."
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the predict command's arguments."""
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (and KEY=VALUE overrides)")
+    p.add_argument("--config", "--preset", dest="config", default=None,
+                   help="preset name or YAML file (default: the config stored in --weights)")
+    p.add_argument("--weights", default=None, help="our checkpoint or a torchvision Mask R-CNN state dict")
+    p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Return (inputs, KEY=VALUE overrides): an item is an override if it has '=' and is not a path."""
+    inputs, overrides = [], []
+    for item in items:
+        is_override = "=" in item and not os.path.exists(item) and not glob.has_magic(item.split("=")[0])
+        (overrides if is_override else inputs).append(item)
+    return inputs, overrides
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Return the image files named by paths, folders (their image files, sorted) and glob patterns.
+
+    Names that match nothing are returned as they are, so they are reported as missing later.
+    """
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        elif glob.has_magic(item):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not matches:
+                raise UserError(f"no file matches '{item}'")
+            files.extend(m for m in matches if m.is_file())
+        else:
+            files.append(path)
+    return files
+
+
+def overlay_name(path: Path, used: set[str]) -> str:
+    """Return a unique overlay file name for an input image."""
+    name, n = f"{path.stem}.png", 2
+    while name in used:
+        name, n = f"{path.stem}_{n}.png", n + 1
+    used.add(name)
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict every image; a bad image is reported and skipped; exit 1 if any failed."""
+    from tqdm import tqdm
+
+    from maskrcnn.api import category_ids, load_model
+    from maskrcnn.config import atomic_path
+    from maskrcnn.data.image_io import image_to_tensor, read_image
+    from maskrcnn.engine.evaluator import predictions_to_coco, write_predictions
+    from maskrcnn.visualize import draw_instances
+
+    items, overrides = split_overrides(args.inputs)
+    files = expand_inputs(items)
+    if not files:
+        raise UserError("no images to predict: give image files, folders or glob patterns")
+    model = load_model(args.config, args.weights, overrides, device=args.device)
+    ids = category_ids(model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, failed, used = [], [], set()
+    max_pixels = model.cfg.input.max_pixels
+    for image_id, path in enumerate(tqdm(files, desc="predict", unit="img", disable=len(files) < 2), start=1):
+        try:
+            image = read_image(path, max_pixels=max_pixels)
+        except ImageReadError as e:
+            tqdm.write(f"skipped: {e}", file=sys.stderr)
+            failed.append(path)
+            continue
+        output = model.predict(image_to_tensor(image), score_threshold=args.score_threshold)[0]
+        output = {k: v.cpu() if hasattr(v, "cpu") else v for k, v in output.items()}
+        for r in predictions_to_coco(output, image_id, ids):
+            r["file_name"] = str(path)
+            results.append(r)
+        overlay = draw_instances(image, output, model.class_names, args.score_threshold)
+        with atomic_path(out / overlay_name(path, used)) as tmp:
+            overlay.save(tmp, format="PNG")
+    write_predictions(results, out / "predictions.json")
+    done = len(files) - len(failed)
+    print(f"predicted {done} image(s), {len(results)} detection(s); overlays and predictions.json in {out}")
+    if failed:
+        print(f"{len(failed)} image(s) failed: {', '.join(str(f) for f in failed)}", file=sys.stderr)
+        return 1
+    return 0
