@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor, nn
 
 from maskrcnn.config import BackboneConfig
@@ -73,29 +73,30 @@ class ConvNorm(nn.Sequential):
         super().__init__(layers)
 
 
-TRUNKS: dict[tuple[int, int, int], str] = {
-    # (depth, groups, width_per_group) -> torchvision.models constructor
-    (18, 1, 64): "resnet18",
-    (34, 1, 64): "resnet34",
-    (50, 1, 64): "resnet50",
-    (101, 1, 64): "resnet101",
-    (152, 1, 64): "resnet152",
-    (50, 32, 4): "resnext50_32x4d",
-    (101, 32, 8): "resnext101_32x8d",
-    (101, 64, 4): "resnext101_64x4d",
+# depth -> (residual block, blocks per stage res2..res5), as in the ResNet paper's Table 1.
+DEPTHS: dict[int, tuple[type[nn.Module], list[int]]] = {
+    18: (BasicBlock, [2, 2, 2, 2]),
+    34: (BasicBlock, [3, 4, 6, 3]),
+    50: (Bottleneck, [3, 4, 6, 3]),
+    101: (Bottleneck, [3, 4, 23, 3]),
+    152: (Bottleneck, [3, 8, 36, 3]),
 }
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # res2..res5
 
 
-def build_trunk(cfg: BackboneConfig) -> torchvision.models.ResNet:
-    """Return a torchvision ResNet/ResNeXt (no weights) with the configured norm and frozen stages."""
-    key = (cfg.depth, cfg.groups, cfg.width_per_group)
-    if key not in TRUNKS:
-        supported = ", ".join(f"depth={d} groups={g} width_per_group={w}" for d, g, w in TRUNKS)
-        raise ValueError(f"no ResNet/ResNeXt trunk for {key}; supported: {supported}")
+def build_trunk(cfg: BackboneConfig) -> ResNet:
+    """Return a torchvision ResNet/ResNeXt (no weights) with the configured norm and frozen stages.
+
+    ResNeXt is the same trunk with grouped 3x3 convs: `groups` x `width_per_group` (e.g. 32x4d).
+    """
+    if cfg.depth not in DEPTHS:
+        raise ValueError(f"ResNet depth {cfg.depth} is not one of {sorted(DEPTHS)}")
+    block, layers = DEPTHS[cfg.depth]
+    if block is BasicBlock and (cfg.groups, cfg.width_per_group) != (1, 64):
+        raise ValueError(f"ResNet-{cfg.depth} has basic blocks: ResNeXt groups/width need depth >= 50")
     norm = norm_factory(cfg.norm, cfg.gn_groups)
-    trunk = getattr(torchvision.models, TRUNKS[key])(weights=None, norm_layer=norm)
+    trunk = ResNet(block, layers, groups=cfg.groups, width_per_group=cfg.width_per_group, norm_layer=norm)
     del trunk.fc, trunk.avgpool  # detection uses the feature maps only
     freeze_stages(trunk, cfg.trainable_stages)
     return trunk
@@ -111,13 +112,13 @@ def freeze_stages(trunk: nn.Module, trainable_stages: int) -> None:
         param.requires_grad_(stage in trainable)
 
 
-def trunk_channels(trunk: torchvision.models.ResNet) -> list[int]:
+def trunk_channels(trunk: ResNet) -> list[int]:
     """Return the output channels of res2..res5 (64, 128, 256, 512 times the block expansion)."""
     expansion = type(trunk.layer1[0]).expansion
     return [64 * 2**i * expansion for i in range(4)]
 
 
-def run_stem(trunk: torchvision.models.ResNet, x: Tensor) -> Tensor:
+def run_stem(trunk: ResNet, x: Tensor) -> Tensor:
     """Return the stem output (conv1, norm, ReLU, max-pool): stride 4."""
     return trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))
 
