@@ -44,7 +44,7 @@ from maskrcnn.errors import UserError
 log = logging.getLogger(__name__)
 
 KEEP_CHECKPOINTS = 3  # periodic checkpoints kept besides model_final.pth
-TIMED_ITERS = 10  # iterations timed before fitting the schedule into solver.max_minutes
+TIMED_ITERS = 10  # iterations timed before first fitting the schedule into solver.max_minutes
 BUDGET_MARGIN = 0.95  # share of the remaining time the fitted schedule may plan to use
 
 
@@ -285,7 +285,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.iteration = 0
         self.train_seconds = 0.0  # summed over resumed runs, for solver.max_minutes
-        self.budget_fitted = False
         self.last_checkpoint: Path | None = None
         self.val_dataset: Any = None  # built at the first evaluation
         if resume_from is not None:
@@ -331,13 +330,11 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.budget_fitted = bool(state.get("budget_fitted", False))
         set_rng_state(state["rng"])
         self.last_checkpoint = path
         if self.scheduler.lr_lambdas[0].base_max_iter != self.cfg.solver.max_iter:
             # solver.max_iter changed on resume (e.g. to extend a run): follow the new config.
             self.scheduler.lr_lambdas[0] = WarmupSchedule(self.cfg.solver)
-            self.budget_fitted = False
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
     # -- checkpoints --
@@ -350,7 +347,6 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "iteration": self.iteration,
             "train_seconds": self.train_seconds,
-            "budget_fitted": self.budget_fitted,
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
         }
@@ -394,18 +390,23 @@ class Trainer:
 
     # -- time budget --
 
-    def _fit_schedule_to_budget(self, sec_per_iter: float, elapsed: float) -> None:
-        """Shorten max_iter (and the schedule with it) to what fits in solver.max_minutes."""
+    def _fit_schedule_to_budget(self, sec_per_iter: float) -> None:
+        """Set max_iter (and the schedule with it) to what fits in solver.max_minutes at this speed.
+
+        Called again every log period with the recent speed, because iterations slow down as the RPN
+        learns to propose more foreground RoIs; never beyond the configured solver.max_iter.
+        """
         schedule: WarmupSchedule = self.scheduler.lr_lambdas[0]
-        remaining = self.cfg.solver.max_minutes * 60 - elapsed
-        fits = self.iteration + int(max(0.0, remaining) * BUDGET_MARGIN / max(sec_per_iter, 1e-6))
-        self.budget_fitted = True
-        if fits < schedule.max_iter:
-            log.info(
-                "solver.max_minutes=%g at %.2f s/iter: max_iter %d -> %d (schedule rescaled)",
-                self.cfg.solver.max_minutes, sec_per_iter, schedule.max_iter, max(fits, self.iteration + 1),
-            )
-            schedule.rescale(max(fits, self.iteration + 1))
+        remaining = max(0.0, self.cfg.solver.max_minutes * 60 - self.train_seconds)
+        fits = self.iteration + int(remaining * BUDGET_MARGIN / max(sec_per_iter, 1e-6))
+        new = max(self.iteration + 1, min(fits, schedule.base_max_iter))
+        if new == schedule.max_iter:
+            return
+        # The first fit and large corrections are worth a line; small drifts are not.
+        level = logging.INFO if abs(new - schedule.max_iter) > 0.1 * new else logging.DEBUG
+        log.log(level, "solver.max_minutes=%g at %.2f s/iter: max_iter %d -> %d (schedule rescaled)",
+                self.cfg.solver.max_minutes, sec_per_iter, schedule.max_iter, new)
+        schedule.rescale(new)
 
     # -- the loop --
 
@@ -462,7 +463,8 @@ class Trainer:
         smooth: deque[dict[str, float]] = deque(maxlen=20)  # progress-bar medians
         window: list[dict[str, float]] = []  # everything since the last log line
         start_iter, session_start = self.iteration, time.perf_counter()
-        seconds_before, timer_start = self.train_seconds, session_start
+        seconds_before = self.train_seconds
+        mark: tuple[int, float] | None = None  # (iteration, time) the speed for the budget is measured from
         stopped_by = None
         try:
             with _stop_on_signals() as stop:
@@ -479,11 +481,16 @@ class Trainer:
                     window.append(values)
 
                     # Time the steady state only: the first iterations pay for allocator warm-up.
+                    # Wall time between marks includes checkpoints and evaluations, as it should.
                     done_here = self.iteration - start_iter
                     if done_here == 2:
-                        timer_start = now
-                    if s.max_minutes > 0 and not self.budget_fitted and done_here == 2 + TIMED_ITERS:
-                        self._fit_schedule_to_budget((now - timer_start) / TIMED_ITERS, self.train_seconds)
+                        mark = (self.iteration, now)
+                    elif s.max_minutes > 0 and mark is not None and (
+                        done_here == 2 + TIMED_ITERS
+                        or (done_here > 2 + TIMED_ITERS and self.iteration % s.log_period == 0)
+                    ):
+                        self._fit_schedule_to_budget((now - mark[1]) / (self.iteration - mark[0]))
+                        mark = (self.iteration, now)
                         bar.total = schedule.max_iter
                     sec_per_iter = (now - session_start) / done_here
                     eta = sec_per_iter * (schedule.max_iter - self.iteration)
@@ -506,6 +513,8 @@ class Trainer:
                     if not finished and s.eval_period > 0 and self.iteration % s.eval_period == 0:
                         self.evaluate(f"iter_{self.iteration:07d}", metrics)
             bar.close()
+            if window:  # stopped between log periods: the last iterations still belong in the curve
+                self._log(metrics, window, sec_per_iter, 0.0, say=not interactive)
             if stopped_by:
                 path = self.save()
                 log.warning("stopped by %s at iteration %d; saved %s; continue with --resume",
