@@ -73,7 +73,6 @@ class RPNConfig:
     positive_fraction: float = 0.5
     bbox_reg_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
     smooth_l1_beta: float = 1.0 / 9  # 0 = L1 loss
-    post_nms_per_image: bool = True  # False: top-k per batch as in Detectron2 training
 
 
 @dataclass
@@ -104,7 +103,6 @@ class BoxHeadConfig:
     positive_fraction: float = 0.25
     bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
     smooth_l1_beta: float = 1.0 / 9
-    box_loss_normalizer: str = "sampled"  # sampled = divide by all sampled RoIs (both references)
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_image: int = 100

@@ -158,3 +158,9 @@ def test_no_gt_at_all():
     boxes = torch.tensor([[0.0, 0, 10, 10], [5.0, 5, 20, 20]])
     matches, labels = label_with_crowd(RPN_MATCHER, boxes, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
     assert matches.tolist() == [BACKGROUND, BACKGROUND] and labels.tolist() == [0, 0]
+
+
+def test_gt_overlapping_nothing_restores_no_low_quality_match():
+    # One GT with IoU 0 against all three predictions: nothing may become its match.
+    matcher = Matcher(0.7, 0.3, allow_low_quality_matches=True)
+    assert matcher(torch.zeros(1, 3)).tolist() == [BACKGROUND] * 3

@@ -30,8 +30,9 @@ class Matcher:
         if self.allow_low_quality_matches:
             # Each GT keeps the prediction(s) that overlap it best, even below the high threshold,
             # so that no object goes without a positive anchor.
+            # A GT that overlaps nothing at all restores nothing (else every zero-IoU column would match).
             best_per_gt = iou.max(dim=1).values
-            _, best_preds = torch.nonzero(iou == best_per_gt[:, None], as_tuple=True)
+            _, best_preds = torch.nonzero((iou == best_per_gt[:, None]) & (iou > 0), as_tuple=True)
             matches[best_preds] = original[best_preds]
         return matches
 
