@@ -161,8 +161,8 @@ def build_train_dataset(cfg: Config) -> Any:
     )
 
 
-def sync_classes(cfg: Config, class_names: list[str]) -> None:
-    """Fill `cfg.model.class_names`/`num_classes` from the dataset, or raise if they disagree."""
+def sync_classes(cfg: Config, class_names: list[str], category_ids: list[int]) -> None:
+    """Fill the model's classes (names, count, dataset category ids) from the data, or raise if they disagree."""
     names = list(class_names)
     if not cfg.model.class_names:
         if cfg.model.num_classes != len(names):
@@ -172,8 +172,10 @@ def sync_classes(cfg: Config, class_names: list[str]) -> None:
     elif list(cfg.model.class_names) != names:
         raise UserError(
             f"config model.class_names {cfg.model.class_names} differ from the training data's categories "
-            f"{names}; clear model.class_names to take them from the data"
+            f"{names}; set model.class_names=[] to take them from the data"
         )
+    # Predictions must name the dataset's own category ids, whatever the preset said.
+    cfg.model.category_ids = [int(i) for i in category_ids]
 
 
 def _load_trunk_weights(model: nn.Module, path: str) -> None:
@@ -264,7 +266,7 @@ class Trainer:
         resume_from = self._prepare_output_dir(resume)
         seed_all(cfg.solver.seed)
         self.dataset = build_train_dataset(cfg)
-        sync_classes(cfg, self.dataset.class_names)
+        sync_classes(cfg, self.dataset.class_names, self.dataset.category_ids)
 
         from maskrcnn.modeling import build_model
 
