@@ -1,0 +1,193 @@
+"""A synthetic COCO-format dataset of squares, circles and triangles: quick to make, hard enough to learn.
+
+Each image has a textured background (a colour gradient, a low-frequency pattern and noise) and 1 to
+`max_shapes` shapes with random colours, sizes and rotations. Later shapes occlude earlier ones; a
+shape is only placed if every shape under it stays at least `MIN_VISIBLE_FRACTION` visible, so every
+painted pixel of a shape belongs to exactly one annotation. Masks are stored as compressed RLE; bbox
+and area come from the visible mask. Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from maskrcnn.config import atomic_write_text
+from maskrcnn.errors import UserError
+
+CATEGORIES = [
+    {"id": 1, "name": "square", "supercategory": "shape"},
+    {"id": 2, "name": "circle", "supercategory": "shape"},
+    {"id": 3, "name": "triangle", "supercategory": "shape"},
+]
+SQUARE, CIRCLE, TRIANGLE = 1, 2, 3
+MIN_VISIBLE_FRACTION = 0.3  # an occluded shape keeps at least this share of its own area
+MIN_VISIBLE_PIXELS = 40  # and at least this many pixels
+PLACEMENT_TRIES = 10
+
+
+def make_shapes(
+    out_dir: str | os.PathLike,
+    num_train: int = 500,
+    num_val: int = 100,
+    seed: int = 0,
+    image_size: int | tuple[int, int] = (160, 256),
+    max_shapes: int = 4,
+    shape_size: tuple[int, int] = (12, 80),
+) -> dict[str, tuple[Path, Path]]:
+    """Write train/val images and COCO JSON under `out_dir`; return {split: (json file, image dir)}.
+
+    `image_size` is a fixed side for square images, or a (min, max) range drawn per side.
+    """
+    sides = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(sides) != 2 or sides[0] < 32 or sides[1] < sides[0]:
+        raise UserError(f"image size {image_size!r} is invalid; use a side of at least 32 pixels (--size 32 or more) or a (min, max) range")
+    if num_train < 0 or num_val < 0 or max_shapes < 1:
+        raise UserError("make-shapes needs --train/--val >= 0 and --max-shapes >= 1")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output '{out}' exists and is not a directory")
+    result = {}
+    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
+        image_dir = out / split
+        try:
+            image_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create '{image_dir}': {e.strerror}") from None
+        images, annotations = [], []
+        for index in range(count):
+            # One generator per image: a split's images do not depend on how many the other split has.
+            rng = np.random.default_rng([seed, split_index, index])
+            h, w = (int(v) for v in rng.integers(sides[0], sides[1] + 1, size=2))
+            pixels, shapes = render_image(rng, h, w, max_shapes, shape_size)
+            image_id = index + 1
+            file_name = f"{image_id:06d}.png"
+            Image.fromarray(pixels).save(image_dir / file_name, compress_level=1)
+            images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
+            for category_id, mask in shapes:
+                annotations.append(_annotation(len(annotations) + 1, image_id, category_id, mask))
+        ann_file = out / f"{split}.json"
+        data = {"info": {"description": f"synthetic shapes, seed {seed}"}, "images": images,
+                "annotations": annotations, "categories": CATEGORIES}
+        atomic_write_text(ann_file, json.dumps(data, separators=(",", ":")))
+        result[split] = (ann_file, image_dir)
+    return result
+
+
+def _annotation(ann_id: int, image_id: int, category_id: int, mask: np.ndarray) -> dict[str, Any]:
+    """Return a COCO annotation with a compressed-RLE mask, and bbox and area from that mask."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "area": float(mask_utils.area(rle)),
+        "iscrowd": 0,
+    }
+
+
+def render_image(
+    rng: np.random.Generator, h: int, w: int, max_shapes: int = 4, shape_size: tuple[int, int] = (12, 80)
+) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """Return an HxWx3 uint8 image and its shapes as (category id, visible bool mask) pairs."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5  # pixel centres
+    image = _background(rng, xx, yy)
+    shapes: list[tuple[int, np.ndarray]] = []
+    full_areas: list[int] = []
+    colours: list[np.ndarray] = []
+    # Shapes must fit well inside the image, whatever its size.
+    largest = min(float(shape_size[1]), min(h, w) / 1.6)
+    smallest = min(float(shape_size[0]), largest)
+    for _ in range(int(rng.integers(1, max_shapes + 1))):
+        placed = _place_shape(rng, xx, yy, smallest, largest, shapes, full_areas)
+        if placed is None:
+            continue
+        category_id, mask = placed
+        under = [colours[j] for j, (_, m) in enumerate(shapes) if (m & mask).any()]
+        colour = _contrasting_colour(rng, [image[mask].mean(axis=0)] + under)
+        shade = rng.normal(0.0, rng.uniform(2.0, 10.0), size=(int(mask.sum()), 3))
+        image[mask] = colour + shade
+        for j, (cat, m) in enumerate(shapes):
+            shapes[j] = (cat, m & ~mask)  # the new shape hides what lies under it
+        shapes.append((category_id, mask))
+        full_areas.append(int(mask.sum()))
+        colours.append(colour)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), shapes
+
+
+def _place_shape(
+    rng: np.random.Generator,
+    xx: np.ndarray,
+    yy: np.ndarray,
+    smallest: float,
+    largest: float,
+    shapes: list[tuple[int, np.ndarray]],
+    full_areas: list[int],
+) -> tuple[int, np.ndarray] | None:
+    """Return (category id, mask) for a shape that leaves every earlier shape visible enough, or None."""
+    h, w = xx.shape
+    for _ in range(PLACEMENT_TRIES):
+        category_id = int(rng.integers(1, 4))
+        size = float(rng.uniform(smallest, largest))
+        margin = 0.75 * size  # keeps rotated squares (half-diagonal 0.71 * size) inside
+        cx = float(rng.uniform(margin, max(margin, w - margin)))
+        cy = float(rng.uniform(margin, max(margin, h - margin)))
+        angle = float(rng.uniform(0.0, 2.0 * np.pi))
+        mask = _shape_mask(category_id, xx - cx, yy - cy, size, angle)
+        if mask.sum() < MIN_VISIBLE_PIXELS:
+            continue
+        if all(
+            (m & ~mask).sum() >= max(MIN_VISIBLE_FRACTION * full, MIN_VISIBLE_PIXELS)
+            for (_, m), full in zip(shapes, full_areas)
+        ):
+            return category_id, mask
+    return None
+
+
+def _shape_mask(category_id: int, dx: np.ndarray, dy: np.ndarray, size: float, angle: float) -> np.ndarray:
+    """Return the bool mask of a shape of `size` rotated by `angle`, given pixel offsets from its centre."""
+    r = size / 2.0
+    if category_id == CIRCLE:
+        return dx * dx + dy * dy <= r * r
+    cos, sin = np.cos(angle), np.sin(angle)
+    u, v = dx * cos + dy * sin, -dx * sin + dy * cos  # coordinates in the shape's own frame
+    if category_id == SQUARE:
+        return (np.abs(u) <= r) & (np.abs(v) <= r)
+    # Equilateral triangle with circumradius r: within distance r/2 (its inradius) of the centre
+    # along each edge's outward normal, which points between two vertices.
+    inside = np.ones(dx.shape, dtype=bool)
+    for k in range(3):
+        t = np.pi / 2 + 2 * np.pi * k / 3 + np.pi / 3
+        inside &= u * np.cos(t) + v * np.sin(t) <= r / 2
+    return inside
+
+
+def _background(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """Return a float HxWx3 background: a two-colour gradient, a soft wave pattern and pixel noise."""
+    h, w = xx.shape
+    start, end = rng.uniform(0, 255, size=(2, 3))
+    theta = rng.uniform(0, 2 * np.pi)
+    t = xx * np.cos(theta) + yy * np.sin(theta)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    image = start + (end - start) * t[..., None]
+    freq = rng.uniform(0.02, 0.15, size=2)
+    phase = rng.uniform(0, 2 * np.pi, size=2)
+    wave = np.sin(freq[0] * xx + phase[0]) * np.sin(freq[1] * yy + phase[1])
+    image += wave[..., None] * rng.uniform(-40, 40, size=3)
+    image += rng.normal(0.0, rng.uniform(2.0, 12.0), size=(h, w, 3))
+    return image
+
+
+def _contrasting_colour(rng: np.random.Generator, avoid: list[np.ndarray], candidates: int = 8) -> np.ndarray:
+    """Return the random RGB colour, of a few candidates, farthest from every colour in `avoid`."""
+    options = rng.uniform(0, 255, size=(candidates, 3))
+    distance = np.linalg.norm(options[:, None, :] - np.asarray(avoid)[None, :, :], axis=2).min(axis=1)
+    return options[int(distance.argmax())]
