@@ -153,7 +153,6 @@ class CocoDataset(Dataset):
     ) -> tuple[list[float], str | None]:
         """Return the xyxy box clipped to the image (from the mask if bbox is absent) and a skip reason."""
         if bbox is None:
-            self.boxes_from_masks += 1
             x1, y1, x2, y2 = mask_box
         else:
             if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
@@ -168,6 +167,7 @@ class CocoDataset(Dataset):
         y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
         if x2 <= x1 or y2 <= y1:
             return [], EMPTY_MASK
+        self.boxes_from_masks += bbox is None
         return [x1, y1, x2, y2], None
 
     def _report(self, num_annotations: int, num_images: int) -> None:
