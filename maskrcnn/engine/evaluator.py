@@ -1,0 +1,325 @@
+"""COCO evaluation: model outputs to COCO results, box and mask AP with pycocotools, tables and plots.
+
+The numbers are pycocotools' own (`COCOeval.summarize()` stats), reported in percent as the model
+zoos quote them. A stat that pycocotools reports as -1 (nothing to measure, e.g. no small objects in
+the ground truth) becomes NaN here and `null` in metrics.json, so it can never be averaged or
+compared by mistake as if it were a real score.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from maskrcnn.config import atomic_write_text
+from maskrcnn.errors import UserError
+
+# Order and names of COCOeval.stats for boxes and masks.
+STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+IOU_TYPES = ("bbox", "segm")
+
+
+# ---- model output -> COCO results -----------------------------------------------------------------
+
+
+def _masks_to_numpy(masks: torch.Tensor) -> np.ndarray:
+    """Return [D,H,W] uint8 0/1, accepting [D,1,H,W] and soft (float) masks as torchvision emits."""
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    if masks.is_floating_point():
+        masks = masks >= 0.5
+    return masks.to(torch.uint8).cpu().numpy()
+
+
+def predictions_to_coco(output: dict, image_id: int, category_ids: list[int]) -> list[dict]:
+    """Convert one image's model output (xyxy boxes, labels 1..K, masks) into COCO result dicts."""
+    boxes = output["boxes"].detach().float().cpu()
+    if boxes.numel() == 0:
+        return []
+    scores = output["scores"].detach().float().cpu().tolist()
+    labels = output["labels"].detach().cpu().tolist()
+    bad = [lab for lab in labels if not 1 <= lab <= len(category_ids)]
+    if bad:
+        raise ValueError(f"label {bad[0]} is outside 1..{len(category_ids)} (the dataset's categories)")
+    xywh = boxes.clone()
+    xywh[:, 2:] -= xywh[:, :2]
+    xywh = xywh.tolist()
+
+    rles: list[dict] | None = None
+    masks = output.get("masks")
+    if masks is not None:
+        m = _masks_to_numpy(masks.detach())
+        # One encode call for all D masks: pycocotools wants an HxWxD Fortran-ordered array.
+        rles = mask_util.encode(np.asfortranarray(m.transpose(1, 2, 0)))
+        for rle in rles:
+            rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON-serialisable
+
+    results = []
+    for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+        r = {"image_id": int(image_id), "category_id": int(category_ids[label - 1]), "bbox": box,
+             "score": float(score)}
+        if rles is not None:
+            r["segmentation"] = rles[i]
+        results.append(r)
+    return results
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def load_coco_gt(ann_file: str | os.PathLike) -> COCO:
+    """Load a COCO ground-truth file quietly, turning missing or malformed files into UserError."""
+    path = Path(ann_file)
+    if not path.is_file():
+        raise UserError(f"annotation file '{path}' does not exist; pass --data ANN.json:IMAGE_DIR")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"annotation file '{path}' is not valid JSON ({e})") from None
+    except (KeyError, TypeError, AssertionError) as e:
+        raise UserError(f"annotation file '{path}' is not COCO format (problem with {e!r})") from None
+
+
+def load_results(path: str | os.PathLike) -> list[dict]:
+    """Read a COCO results file (a JSON list of detections)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"predictions file '{path}' does not exist")
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"predictions file '{path}' is not valid JSON ({e})") from None
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise UserError(f"predictions file '{path}' must be a JSON list of COCO detections")
+    return results
+
+
+def _results_for(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
+    """Build pycocotools' results object for one IoU type without mutating `results`."""
+    if iou_type == "segm":
+        # Drop the box so loadRes takes each detection's area from its mask, as torchvision's and
+        # Detectron2's evaluators do; otherwise APs/m/l for masks would bin by box area.
+        anns = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    else:
+        anns = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    if not anns:
+        # loadRes indexes anns[0]; an empty result set is legitimate (a model that finds nothing).
+        res = COCO()
+        res.dataset = {"images": list(coco_gt.dataset["images"]),
+                       "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
+                       "annotations": []}
+        with contextlib.redirect_stdout(io.StringIO()):
+            res.createIndex()
+        return res
+    for a in anns:
+        if "image_id" not in a or "category_id" not in a or "score" not in a:
+            raise UserError("a detection lacks image_id, category_id or score; expected COCO results format")
+    unknown = {a["image_id"] for a in anns} - set(coco_gt.getImgIds())
+    if unknown:
+        raise UserError(f"detections refer to image ids not in the ground truth (e.g. {sorted(unknown)[0]}); "
+                        "check that predictions and --data match")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return coco_gt.loadRes(anns)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+
+def _percent(x: float) -> float:
+    return float("nan") if x < 0 else float(x) * 100.0
+
+
+def _per_category_ap(ev: COCOeval, coco_gt: COCO) -> dict[str, float]:
+    """AP@[.5:.95] per category (area all, 100 detections), in percent; NaN without ground truth."""
+    precision = ev.eval["precision"]  # [T, R, K, A, M]
+    out = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        name = coco_gt.cats[cat_id].get("name", str(cat_id))
+        out[name] = float(np.mean(p)) * 100.0 if p.size else float("nan")
+    return out
+
+
+def _run_cocoeval(coco_gt: COCO, coco_dt: COCO, iou_type: str, image_ids: list[int] | None) -> COCOeval:
+    ev = COCOeval(coco_gt, coco_dt, iou_type)
+    if image_ids is not None:
+        # Sorted, as COCOeval's default is: the order feeds the stable sort of tied scores.
+        ev.params.imgIds = sorted(set(int(i) for i in image_ids))
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+def evaluate_results(
+    coco_gt: COCO | str | os.PathLike,
+    results: list[dict] | str | os.PathLike,
+    out_dir: Path | str | None = None,
+    iou_types: Iterable[str] = IOU_TYPES,
+    image_ids: list[int] | None = None,
+) -> dict[str, Any]:
+    """Score COCO results against ground truth; write metrics.json and pr_curve.png when out_dir is set.
+
+    `image_ids` restricts evaluation to the images that were actually run (e.g. with --max-images).
+    """
+    if not isinstance(coco_gt, COCO):
+        coco_gt = load_coco_gt(coco_gt)
+    if not isinstance(results, list):
+        results = load_results(results)
+    has_masks = any("segmentation" in r for r in results)
+    metrics: dict[str, Any] = {}
+    per_category: dict[str, dict[str, float]] = {}
+    evals: dict[str, COCOeval] = {}
+    for iou_type in iou_types:
+        if iou_type not in IOU_TYPES:
+            raise ValueError(f"unsupported iou type {iou_type!r}; expected one of {IOU_TYPES}")
+        if iou_type == "segm" and results and not has_masks:
+            continue  # a box-only detector: nothing to score for masks
+        ev = _run_cocoeval(coco_gt, _results_for(coco_gt, results, iou_type), iou_type, image_ids)
+        metrics[iou_type] = {name: _percent(v) for name, v in zip(STAT_NAMES, ev.stats)}
+        per_category[iou_type] = _per_category_ap(ev, coco_gt)
+        evals[iou_type] = ev
+    metrics["per_category"] = per_category
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        write_metrics(metrics, out_dir / "metrics.json")
+        if evals:
+            plot_pr_curves(evals, out_dir / "pr_curve.png")
+    return metrics
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, float) and math.isnan(x):
+        return None  # JSON has no NaN; null means "not measurable" (see module docstring)
+    return x
+
+
+def write_metrics(metrics: dict, path: Path) -> None:
+    """Write metrics as strict JSON (NaN as null), atomically."""
+    atomic_write_text(path, json.dumps(_nan_to_none(metrics), indent=2) + "\n")
+
+
+def write_predictions(results: list[dict], path: Path) -> None:
+    """Write COCO results JSON atomically."""
+    atomic_write_text(path, json.dumps(results))
+
+
+def plot_pr_curves(evals: dict[str, COCOeval], out_png: Path) -> None:
+    """Plot precision vs recall at IoU .50, .75 and the mean over IoUs; one subplot per IoU type."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(evals), figsize=(5 * len(evals), 4.2), squeeze=False)
+    for ax, (iou_type, ev) in zip(axes[0], evals.items()):
+        p = ev.eval["precision"][:, :, :, 0, -1]  # [T, R, K], area all, maxDets 100
+        rec = ev.params.recThrs
+        valid = p > -1
+        # Mean over categories that have ground truth; -1 marks categories without any.
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no category has GT
+            by_iou = np.where(valid, p, 0).sum(axis=2) / valid.sum(axis=2)  # [T, R]
+            mean_iou = np.nanmean(by_iou, axis=0)
+        thrs = ev.params.iouThrs
+        curves = [("IoU=0.50", by_iou[np.isclose(thrs, 0.5)].squeeze(0)),
+                  ("IoU=0.75", by_iou[np.isclose(thrs, 0.75)].squeeze(0)),
+                  ("IoU=0.50:0.95", mean_iou)]
+        for label, prec in curves:
+            ax.plot(rec, prec, label=label)
+        ax.set_title({"bbox": "boxes", "segm": "masks"}[iou_type])
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+# ---- presentation --------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """Return a readable table of the summary stats (rows) per IoU type (columns), then per-category AP."""
+    types = [t for t in IOU_TYPES if t in metrics]
+    if not types:
+        return "(no metrics)"
+    header = f"{'':<8}" + "".join(f"{t:>9}" for t in types)
+    lines = [header]
+    for name in STAT_NAMES:
+        lines.append(f"{name:<8}" + "".join(f"{_fmt(metrics[t].get(name)):>9}" for t in types))
+    per_cat = metrics.get("per_category", {})
+    names = list(dict.fromkeys(n for t in types for n in per_cat.get(t, {})))
+    if names:
+        width = max(8, max(len(n) for n in names) + 2)
+        lines += ["", f"{'category':<{width}}" + "".join(f"{t + ' AP':>9}" for t in types)]
+        for n in names:
+            lines.append(f"{n:<{width}}" + "".join(f"{_fmt(per_cat.get(t, {}).get(n)):>9}" for t in types))
+    return "\n".join(lines)
+
+
+# ---- running a model -----------------------------------------------------------------------------
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def evaluate(
+    model: torch.nn.Module,
+    dataset: Any,
+    out_dir: Path | str | None,
+    max_images: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run `model` over `dataset`, write predictions.json, and return (and write) COCO metrics."""
+    from tqdm import tqdm
+
+    n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    results: list[dict] = []
+    image_ids: list[int] = []
+    try:
+        with torch.no_grad():
+            # Plain indexing keeps this independent of the loader; batch 1 is what eval runs anyway.
+            for i in tqdm(range(n), desc="eval", unit="img", disable=not progress, dynamic_ncols=True):
+                image, target = dataset[i]
+                (output,) = model([image.to(device)])
+                image_id = int(target["image_id"])
+                image_ids.append(image_id)
+                results.extend(predictions_to_coco(output, image_id, list(dataset.category_ids)))
+    finally:
+        model.train(was_training)  # periodic evaluation during training must not leave eval mode on
+    if out_dir is not None:
+        write_predictions(results, Path(out_dir) / "predictions.json")
+    return evaluate_results(dataset.coco, results, out_dir, image_ids=image_ids)
