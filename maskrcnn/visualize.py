@@ -1,0 +1,146 @@
+"""Pictures for people: detections drawn over an image, and training loss curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from maskrcnn.errors import UserError
+
+# A fixed palette (Tableau 10-like): instance i gets colour i mod 10, so pictures are reproducible.
+PALETTE = np.array([
+    [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+    [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
+], dtype=np.float32)
+MASK_ALPHA = 0.5
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """Accept tensors (any device) or arrays."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _contour(mask: np.ndarray) -> np.ndarray:
+    """Pixels of `mask` with at least one 4-neighbour outside it (a one-pixel outline)."""
+    padded = np.pad(mask, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
+def draw_instances(
+    image: np.ndarray,
+    output: dict,
+    class_names: list[str] | None = None,
+    score_threshold: float = 0.5,
+) -> Image.Image:
+    """Draw translucent masks, box outlines and "name 0.93" labels for detections above the threshold."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
+    h, w = image.shape[:2]
+    scores = _to_numpy(output.get("scores", np.zeros(0))).astype(np.float32).reshape(-1)
+    keep = np.nonzero(scores >= score_threshold)[0]
+    boxes = _to_numpy(output.get("boxes", np.zeros((0, 4)))).reshape(-1, 4)[keep]
+    labels = _to_numpy(output.get("labels", np.zeros(0, dtype=np.int64))).reshape(-1)[keep]
+    masks = output.get("masks")
+    if masks is not None:
+        masks = _to_numpy(masks)
+        if masks.ndim == 4:  # torchvision's [D,1,H,W] soft masks
+            masks = masks[:, 0]
+        masks = (masks >= 0.5 if masks.dtype.kind == "f" else masks.astype(bool))[keep]
+    colours = PALETTE[np.arange(len(keep)) % len(PALETTE)]
+
+    canvas = image.astype(np.float32)
+    if masks is not None and len(keep):
+        # Paint every instance's colour into one layer, then blend once: the blend is per image,
+        # not per instance, and later (lower-scoring) instances never darken earlier ones twice.
+        layer = np.zeros_like(canvas)
+        covered = np.zeros((h, w), dtype=bool)
+        for m, c in zip(masks[::-1], colours[::-1]):  # reversed: the best detection ends on top
+            layer[m] = c
+            covered |= m
+        canvas[covered] = canvas[covered] * (1 - MASK_ALPHA) + layer[covered] * MASK_ALPHA
+        for m, c in zip(masks[::-1], colours[::-1]):
+            canvas[_contour(m)] = c
+    pil = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
+
+    draw = ImageDraw.Draw(pil)
+    font = ImageFont.load_default()
+    for box, label, score, c in zip(boxes, labels, scores[keep], colours):
+        colour = tuple(int(v) for v in c)
+        x0, y0, x1, y1 = (float(v) for v in box)
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
+        idx = int(label) - 1
+        name = class_names[idx] if class_names and 0 <= idx < len(class_names) else str(int(label))
+        text = f"{name} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left, bottom - top
+        # Above the box when there is room, otherwise just inside its top edge.
+        ty = y0 - th - 4 if y0 - th - 4 >= 0 else y0 + 1
+        tx = min(max(x0, 0), max(w - tw - 4, 0))
+        draw.rectangle([tx, ty, tx + tw + 4, ty + th + 4], fill=colour)
+        draw.text((tx + 2 - left, ty + 2 - top), text, fill=(255, 255, 255), font=font)
+    return pil
+
+
+def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read training log rows (JSON lines); rows that are not JSON objects are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"metrics file '{path}' does not exist; train first or pass the run's metrics.jsonl")
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a half-written last line from a run that is still going
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def plot_loss_curve(metrics_jsonl_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """Plot `total_loss` and every `loss_*` against `iter` from a JSON-lines log into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics_jsonl(metrics_jsonl_path) if "iter" in r]
+    keys = sorted({k for r in rows for k in r if k == "total_loss" or k.startswith("loss_")},
+                  key=lambda k: (k != "total_loss", k))
+    if not keys:
+        raise UserError(f"metrics file '{metrics_jsonl_path}' has no rows with 'iter' and loss values")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    positive = True
+    for k in keys:
+        pts = [(r["iter"], float(r[k])) for r in rows
+               if isinstance(r.get(k), (int, float)) and math.isfinite(float(r[k]))]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        positive &= min(ys) > 0
+        ax.plot(xs, ys, label=k, linewidth=2.0 if k == "total_loss" else 1.2)
+    if positive:
+        ax.set_yscale("log")  # losses span decades; a log axis keeps the small ones readable
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
