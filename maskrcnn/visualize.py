@@ -111,15 +111,17 @@ def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def plot_loss_curve(metrics_jsonl_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
-    """Plot `total_loss` and every `loss_*` against `iter` from a JSON-lines log into a PNG."""
+    """Plot the total loss and every `loss_*` against `iter` from a JSON-lines log into a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
     import matplotlib.pyplot as plt
 
     rows = [r for r in read_metrics_jsonl(metrics_jsonl_path) if "iter" in r]
-    keys = sorted({k for r in rows for k in r if k == "total_loss" or k.startswith("loss_")},
-                  key=lambda k: (k != "total_loss", k))
+    # The total is logged as "loss" by our trainer and "total_loss" by Detectron2-style logs.
+    totals = ("loss", "total_loss")
+    keys = sorted({k for r in rows for k in r if k in totals or k.startswith("loss_")},
+                  key=lambda k: (k not in totals, k))
     if not keys:
         raise UserError(f"metrics file '{metrics_jsonl_path}' has no rows with 'iter' and loss values")
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -131,7 +133,7 @@ def plot_loss_curve(metrics_jsonl_path: str | os.PathLike, out_png: str | os.Pat
             continue
         xs, ys = zip(*pts)
         positive &= min(ys) > 0
-        ax.plot(xs, ys, label=k, linewidth=2.0 if k == "total_loss" else 1.2)
+        ax.plot(xs, ys, label=k, linewidth=2.0 if k in totals else 1.2)
     if positive:
         ax.set_yscale("log")  # losses span decades; a log axis keeps the small ones readable
     ax.set_xlabel("iteration")

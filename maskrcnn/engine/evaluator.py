@@ -24,7 +24,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn.config import atomic_write_text
+from maskrcnn.config import atomic_path, atomic_write_text
 from maskrcnn.errors import UserError
 
 # Order and names of COCOeval.stats for boxes and masks.
@@ -253,8 +253,8 @@ def plot_pr_curves(evals: dict[str, COCOeval], out_png: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left")
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -301,9 +301,14 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run `model` over `dataset`, write predictions.json, and return (and write) COCO metrics."""
+    from torch.utils.data import Subset
     from tqdm import tqdm
 
+    from maskrcnn.data.loader import build_test_loader
+
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+    loader = build_test_loader(dataset if n == len(dataset) else Subset(dataset, range(n)))
+    category_ids = list(dataset.category_ids)
     device = _model_device(model)
     was_training = model.training
     model.eval()
@@ -311,13 +316,13 @@ def evaluate(
     image_ids: list[int] = []
     try:
         with torch.no_grad():
-            # Plain indexing keeps this independent of the loader; batch 1 is what eval runs anyway.
-            for i in tqdm(range(n), desc="eval", unit="img", disable=not progress, dynamic_ncols=True):
-                image, target = dataset[i]
-                (output,) = model([image.to(device)])
-                image_id = int(target["image_id"])
-                image_ids.append(image_id)
-                results.extend(predictions_to_coco(output, image_id, list(dataset.category_ids)))
+            for images, targets in tqdm(loader, total=n, desc="eval", unit="img", disable=not progress,
+                                        dynamic_ncols=True):
+                outputs = model([im.to(device) for im in images])
+                for output, target in zip(outputs, targets):
+                    image_id = int(target["image_id"])
+                    image_ids.append(image_id)
+                    results.extend(predictions_to_coco(output, image_id, category_ids))
     finally:
         model.train(was_training)  # periodic evaluation during training must not leave eval mode on
     if out_dir is not None:
