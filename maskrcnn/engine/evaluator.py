@@ -299,8 +299,12 @@ def evaluate(
     out_dir: Path | str | None,
     max_images: int = 0,
     progress: bool = True,
+    category_ids: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Run `model` over `dataset`, write predictions.json, and return (and write) COCO metrics."""
+    """Run `model` over `dataset`, write predictions.json, and return (and write) COCO metrics.
+
+    `category_ids[label - 1]` names each label's dataset category (default: `dataset.category_ids`).
+    """
     from torch.utils.data import Subset
     from tqdm import tqdm
 
@@ -308,7 +312,7 @@ def evaluate(
 
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     loader = build_test_loader(dataset if n == len(dataset) else Subset(dataset, range(n)))
-    category_ids = list(dataset.category_ids)
+    category_ids = list(dataset.category_ids if category_ids is None else category_ids)
     device = _model_device(model)
     was_training = model.training
     model.eval()

@@ -1,0 +1,137 @@
+"""`maskrcnn eval`: COCO box and mask AP of a model (or of an existing results file) on a COCO-format set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from maskrcnn.errors import UserError
+
+HELP = ("evaluate box and mask AP on a COCO-format set: maskrcnn eval --config C --weights W "
+        "[--data ANN.json:IMAGE_DIR] [--predictions FILE] [KEY=VALUE ...]")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the eval command's options."""
+    p.add_argument("--config", "-c", default=None,
+                   help="preset name or YAML file (default: the config stored in --weights)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="our checkpoint or a torchvision Mask R-CNN state dict")
+    p.add_argument("--data", default=None, metavar="ANN.json:IMAGE_DIR",
+                   help="evaluation set (default: data.val of the config)")
+    p.add_argument("--predictions", default=None, metavar="FILE",
+                   help="evaluate this COCO results JSON instead of running a model")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <output_dir>/eval)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="evaluate only the first N images (default: test.max_images; 0 = all)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the config's device)")
+    p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.mask_head.threshold=0.4")
+
+
+def _load_cfg(args: argparse.Namespace):
+    """Return the config from --config, else from the --weights checkpoint, else the defaults."""
+    from maskrcnn.config import load_config
+
+    if args.config:
+        return load_config(args.config, list(args.opts))
+    if args.weights and not args.predictions:
+        from maskrcnn.api import config_from_checkpoint
+
+        if not Path(args.weights).is_file():
+            raise UserError(f"weights file '{args.weights}' does not exist")
+        return config_from_checkpoint(args.weights, list(args.opts))
+    return load_config(None, list(args.opts))
+
+
+def _ground_truth_file(spec: str) -> Path:
+    """Return the annotation file of `ANN.json:IMAGE_DIR`; a bare ANN.json is enough for --predictions."""
+    from maskrcnn.data.coco import parse_data_spec
+
+    if spec.lower().endswith(".json"):
+        return Path(spec)
+    return parse_data_spec(spec)[0]
+
+
+def label_to_category(cfg: Any, dataset: Any) -> list[int]:
+    """Return the dataset category id of each model label 1..K, or raise if model and data disagree."""
+    model_ids = list(cfg.model.category_ids)
+    data_ids = list(dataset.category_ids)
+    k = cfg.model.num_classes
+    if model_ids:
+        # The model recorded which dataset category each label means (our trainer does this).
+        if sorted(model_ids) != sorted(data_ids):
+            raise UserError(
+                f"the model was trained for category ids {_short(model_ids)} but '{dataset.ann_file}' has "
+                f"{_short(data_ids)}; evaluate on data with the same categories")
+        return model_ids
+    if k == len(data_ids):
+        return data_ids  # contiguous labels 1..K in the dataset's category order (CONTRACTS.md)
+    # torchvision's COCO models use the COCO category id itself as the label (1..90 with gaps).
+    names = list(cfg.model.class_names)
+    same_names = names and all(
+        1 <= cid <= k and names[cid - 1] == name for cid, name in zip(data_ids, dataset.class_names))
+    if same_names:
+        return list(range(1, k + 1))
+    raise UserError(
+        f"the model has {k} classes but '{dataset.ann_file}' has {len(data_ids)} categories; "
+        "evaluate on data with the model's classes (or fine-tune with `maskrcnn train --weights`)")
+
+
+def _short(ids: list[int], limit: int = 8) -> str:
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return f"[{shown}{', ...' if len(ids) > limit else ''}] ({len(ids)})"
+
+
+def _run_model(args: argparse.Namespace, cfg: Any, spec: str, out: Path) -> dict:
+    """Build the dataset and model, then run the evaluator."""
+    from maskrcnn.api import load_model
+    from maskrcnn.data.coco import CocoDataset, parse_data_spec
+    from maskrcnn.engine.evaluator import evaluate
+    from maskrcnn.engine.trainer import resolve_device
+
+    if not args.weights:
+        raise UserError("eval needs --weights FILE (a checkpoint or state dict), or --predictions FILE")
+    if not Path(args.weights).is_file():
+        raise UserError(f"weights file '{args.weights}' does not exist")
+    ann, image_dir = parse_data_spec(spec)
+    if not ann.is_file():
+        raise UserError(f"annotation file '{ann}' does not exist; pass --data ANN.json:IMAGE_DIR")
+    # Every image counts: images without annotations still score their false positives.
+    dataset = CocoDataset(ann, image_dir, filter_empty=False, train=False, max_pixels=cfg.input.max_pixels)
+    ids = label_to_category(cfg, dataset)  # before the (slow) model load, so mistakes show at once
+    device = resolve_device(args.device or cfg.device)
+    model = load_model(cfg, args.weights, device=str(device))
+    max_images = cfg.test.max_images if args.max_images is None else args.max_images
+    return evaluate(model, dataset, out, max_images=max_images, progress=True, category_ids=ids)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, print the tables and where the files went; return the exit status."""
+    from maskrcnn.engine.evaluator import evaluate_results, format_metrics
+
+    if args.predictions and args.weights:
+        raise UserError("give either --weights (run the model) or --predictions (score a results file), not both")
+    cfg = _load_cfg(args)
+    spec = args.data or cfg.data.val
+    if not spec:
+        raise UserError("no evaluation data: pass --data ANN.json:IMAGE_DIR or set data.val in the config")
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / "eval"
+
+    if args.predictions:
+        if args.max_images:
+            raise UserError("--max-images applies to running a model; filter the --predictions file instead")
+        metrics = evaluate_results(_ground_truth_file(spec), args.predictions, out)
+        written = ["metrics.json", "pr_curve.png"]
+    else:
+        metrics = _run_model(args, cfg, spec, out)
+        written = ["predictions.json", "metrics.json", "pr_curve.png"]
+
+    print(format_metrics(metrics))
+    print()
+    for name in written:
+        if (out / name).exists():
+            print(f"{name + ':':<18}{out / name}")
+    summary = "  ".join(f"{t} AP {metrics[t]['AP']:.1f}" for t in ("bbox", "segm") if t in metrics)
+    print(summary + "  (COCO AP@[.5:.95], percent)")
+    return 0
