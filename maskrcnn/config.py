@@ -322,6 +322,8 @@ def merge_dict(node: Any, values: dict[str, Any], prefix: str = "") -> None:
         ann = types[name]
         if dataclasses.is_dataclass(ann):
             merge_dict(getattr(node, name), value, key + ".")
+        elif isinstance(value, dict) and value:
+            raise _unknown_key(f"{key}.{next(iter(value))}")  # a section below a plain value
         else:
             setattr(node, name, _coerce(value, ann, key))
 
