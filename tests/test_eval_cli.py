@@ -96,3 +96,24 @@ def test_label_to_category() -> None:
     assert label_to_category(cfg, _Data([1, 3], ["a", "c"])) == [1, 2, 3]
     with pytest.raises(UserError, match="3 classes"):
         label_to_category(cfg, _Data([1, 2], ["a", "b"]))
+
+
+def test_eval_runs_a_saved_model_on_a_dataset(checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`maskrcnn eval --weights W --config RUN/config.yaml --data ANN:DIR`, as the README shows it."""
+    from maskrcnn.api import config_from_checkpoint
+    from maskrcnn.data.shapes import make_shapes
+
+    ann, images = make_shapes(tmp_path / "data", num_train=0, num_val=3, seed=0, image_size=64)["val"]
+    config = tmp_path / "config.yaml"
+    config_from_checkpoint(checkpoint).save(config)
+    out = tmp_path / "eval"
+    code = main(["eval", "--weights", str(checkpoint), "--config", str(config), "--data", f"{ann}:{images}",
+                 "--out", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
+    assert 0 <= metrics["segm"]["AP"] <= 100  # an untrained model: the number is real, not good
+    results = json.loads((out / "predictions.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {1, 2, 3}
+    assert any(p.suffix == ".png" for p in out.iterdir())
+    assert "segm" in capsys.readouterr().out
