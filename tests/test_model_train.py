@@ -178,3 +178,14 @@ def test_resized_shape():
     assert resized_shape(100, 400, 128, 200) == (50, 200, 0.5)
     # portrait: 70 -> 128 (scale 1.829), 90 * 1.829 = 164.6 -> 164
     assert resized_shape(90, 70, 128, 200)[:2] == (164, 128)
+
+
+def test_multi_scale_training_draws_a_size_per_image_and_eval_uses_the_test_size():
+    cfg = load_config(None, ["model.num_classes=3", "model.backbone.depth=18", "input.min_size_train=[64,96]",
+                             "input.max_size_train=500", "input.min_size_test=80", "input.max_size_test=500"])
+    model = build_model(cfg).train()
+    torch.manual_seed(0)
+    drawn = {model._target_size() for _ in range(50)}
+    assert drawn == {(64, 500), (96, 500)}
+    model.eval()
+    assert model._target_size() == (80, 500)

@@ -78,13 +78,6 @@ class MaskRCNN(nn.Module):
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None
     ) -> tuple[Tensor, list[tuple[int, int]], list[dict[str, Tensor]] | None]:
         """Return a zero-padded normalised batch, each image's resized size, and resized targets."""
-        cfg = self.cfg.input
-        if self.training:
-            # One shorter-side size per batch element, drawn from the multi-scale list.
-            choice = int(torch.empty(1).uniform_(0.0, float(len(cfg.min_size_train))).item())
-            min_size, max_size = cfg.min_size_train[choice], cfg.max_size_train
-        else:
-            min_size, max_size = cfg.min_size_test, cfg.max_size_test
         resized, sizes, new_targets = [], [], []
         for i, image in enumerate(images):
             if image.dim() != 3 or image.shape[0] != 3:
@@ -93,7 +86,7 @@ class MaskRCNN(nn.Module):
                 image = image.flip(0)
             image = (image - self.pixel_mean) / self.pixel_std
             h, w = image.shape[-2:]
-            new_h, new_w, _ = resized_shape(h, w, min_size, max_size)
+            new_h, new_w, _ = resized_shape(h, w, *self._target_size())
             image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
             resized.append(image)
             sizes.append((new_h, new_w))
@@ -106,6 +99,14 @@ class MaskRCNN(nn.Module):
         for image, slot in zip(resized, batch):
             slot[:, : image.shape[1], : image.shape[2]].copy_(image)
         return batch, sizes, (new_targets if targets is not None else None)
+
+    def _target_size(self) -> tuple[int, int]:
+        """Return (shorter side, longer-side cap): in training one drawn per image (multi-scale)."""
+        cfg = self.cfg.input
+        if not self.training:
+            return cfg.min_size_test, cfg.max_size_test
+        choice = int(torch.empty(1).uniform_(0.0, float(len(cfg.min_size_train))).item())
+        return cfg.min_size_train[choice], cfg.max_size_train
 
     @staticmethod
     def _resize_target(target: dict[str, Tensor], old: tuple[int, int], new: tuple[int, int]) -> dict[str, Tensor]:
