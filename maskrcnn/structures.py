@@ -106,40 +106,37 @@ class BoxCoder:
         return torch.stack((ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h), dim=2)
 
 
-def _bilinear_weights(
-    start: Tensor, length: Tensor, image_size: int, source_size: int
-) -> Tensor:
-    """Return [D, image_size, source_size] weights resampling a source axis onto [start, start+length).
+def _bilinear_weights(pixels: Tensor, start: Tensor, length: Tensor, source_size: int) -> Tensor:
+    """Return [D, P, source_size] weights resampling a source axis onto output `pixels` [D, P].
 
     Reproduces `F.interpolate(mode="bilinear", align_corners=False)` of a `source_size` axis to
     `length` pixels, placed at integer offset `start`; pixels outside that span get zero weight.
     """
-    pixel = torch.arange(image_size, device=start.device, dtype=torch.float32)
-    j = pixel[None, :] - start[:, None].float()  # position inside the pasted span
-    inside = (j >= 0) & (j < length[:, None].float())
+    j = (pixels - start[:, None]).float()  # position inside the pasted span
+    inside = ((j >= 0) & (j < length[:, None].float())).float()
     scale = source_size / length.float()
     src = ((j + 0.5) * scale[:, None] - 0.5).clamp(min=0)
     low = src.floor().clamp(max=source_size - 1)
     frac = src - low
     low = low.long()
     high = (low + 1).clamp(max=source_size - 1)
-    weights = torch.zeros(start.shape[0], image_size, source_size, device=start.device)
-    inside_f = inside.float()
-    weights.scatter_add_(2, low[..., None], ((1 - frac) * inside_f)[..., None])
-    weights.scatter_add_(2, high[..., None], (frac * inside_f)[..., None])
+    weights = torch.zeros(*pixels.shape, source_size, device=pixels.device)
+    weights.scatter_add_(2, low[..., None], ((1 - frac) * inside)[..., None])
+    weights.scatter_add_(2, high[..., None], (frac * inside)[..., None])
     return weights
 
 
 def paste_masks(
     masks: Tensor, boxes: Tensor, height: int, width: int, threshold: float = 0.5,
-    max_chunk_bytes: int = 1 << 27,
+    masks_per_batch: int = 16,
 ) -> Tensor:
     """Return bool [D, height, width]: each [M, M] mask probability map pasted into its box.
 
     The mask is padded by one pixel and its box grown to match (so the border is sampled, not
     clamped), the box is truncated to integer pixels, and the mask is bilinearly resized into it:
-    the same result as torchvision's per-mask loop, computed as two batched matrix products
-    (resizing is separable: image = Ry · mask · Rxᵀ), in chunks to bound memory.
+    the same result as torchvision's per-mask loop. Resizing is separable (window = Ry · mask · Rxᵀ),
+    so masks are pasted in batches of two matrix products, each computed only over a window the
+    size of the largest box in its batch (memory: masks_per_batch x window x 4 bytes at most).
     """
     num = masks.shape[0]
     out = torch.zeros(num, height, width, dtype=torch.bool, device=masks.device)
@@ -155,11 +152,24 @@ def paste_masks(
     grown = torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=1).long()
     box_w = (grown[:, 2] - grown[:, 0] + 1).clamp(min=1)
     box_h = (grown[:, 3] - grown[:, 1] + 1).clamp(min=1)
-    chunk = max(1, max_chunk_bytes // max(1, 4 * height * width))
-    for s in range(0, num, chunk):
-        sl = slice(s, s + chunk)
-        ry = _bilinear_weights(grown[sl, 1], box_h[sl], height, m + 2)
-        rx = _bilinear_weights(grown[sl, 0], box_w[sl], width, m + 2)
-        probs = torch.bmm(torch.bmm(ry, padded[sl]), rx.transpose(1, 2))
-        out[sl] = probs > threshold
+    # Each mask's window: the part of its box inside the image.
+    y0, x0 = grown[:, 1].clamp(0, height), grown[:, 0].clamp(0, width)
+    win_h = ((grown[:, 1] + box_h).clamp(max=height) - y0).clamp(min=0)
+    win_w = ((grown[:, 0] + box_w).clamp(max=width) - x0).clamp(min=0)
+    # Masks of similar window size share a batch, so a batch's window fits all of its members tightly.
+    for i in torch.argsort(win_h * win_w).split(masks_per_batch):
+        hb, wb = int(win_h[i].max()), int(win_w[i].max())
+        if hb == 0 or wb == 0:
+            continue  # boxes entirely outside the image paste nothing
+        rows = y0[i, None] + torch.arange(hb, device=masks.device)
+        cols = x0[i, None] + torch.arange(wb, device=masks.device)
+        ry = _bilinear_weights(rows, grown[i, 1], box_h[i], m + 2)
+        rx = _bilinear_weights(cols, grown[i, 0], box_w[i], m + 2)
+        window = torch.bmm(torch.bmm(ry, padded[i]), rx.transpose(1, 2)) > threshold
+        # Scatter each window into its mask's place, dropping the rows/columns past the image.
+        rows_ok = rows < height
+        cols_ok = cols < width
+        keep = rows_ok[:, :, None] & cols_ok[:, None, :] & window
+        d, r, c = torch.nonzero(keep, as_tuple=True)
+        out[i[d], rows[d, r], cols[d, c]] = True
     return out

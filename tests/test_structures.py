@@ -211,5 +211,5 @@ def test_paste_chunking_does_not_change_result():
     probs = torch.rand(7, 28, 28, generator=g)
     boxes = torch.tensor([[2.0, 3, 30, 20], [0, 0, 40, 40], [10, 5, 15, 39]] * 2 + [[1.0, 1, 9, 9]])
     whole = paste_masks(probs, boxes, 40, 40)
-    tiny_chunks = paste_masks(probs, boxes, 40, 40, max_chunk_bytes=4 * 40 * 40 * 2)  # 2 masks a chunk
+    tiny_chunks = paste_masks(probs, boxes, 40, 40, masks_per_batch=2)
     assert torch.equal(whole, tiny_chunks)
