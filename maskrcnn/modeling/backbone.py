@@ -163,6 +163,8 @@ class Backbone(nn.Module):
         super().__init__()
         self.kind = cfg.kind
         self.trunk = build_trunk(cfg)
+        self.trunk_name = f"ResNet-{cfg.depth}" if cfg.groups == 1 else (
+            f"ResNeXt-{cfg.depth}-{cfg.groups}x{cfg.width_per_group}d")
         channels = trunk_channels(self.trunk)
         if cfg.kind == "fpn":
             self.fpn = FPN(channels, cfg.fpn_channels, cfg.fpn_norm)
@@ -190,7 +192,7 @@ class Backbone(nn.Module):
         return self.trunk.layer4
 
     def load_trunk_weights(self, path: str) -> list[str]:
-        """Load an ImageNet torchvision ResNet/ResNeXt state dict into the trunk; return skipped keys."""
+        """Load an ImageNet torchvision ResNet/ResNeXt state dict into the trunk; return unused file keys."""
         from maskrcnn.errors import UserError
 
         try:
@@ -201,13 +203,16 @@ class Backbone(nn.Module):
             raise UserError(f"backbone weights file '{path}' cannot be read ({e.__class__.__name__})") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        own = self.trunk.state_dict()
-        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
-        if len(usable) < len(own) // 2:
+        own = {k: v for k, v in self.trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
+        missing = [k for k in own if k not in state]
+        wrong = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+        if missing or wrong:
+            problem = f"missing {', '.join(missing[:3])}" if missing else f"shape mismatch {', '.join(wrong[:2])}"
             raise UserError(
-                f"backbone weights file '{path}' does not fit a {self.trunk.__class__.__name__} trunk "
-                f"(first missing keys: {', '.join(missing[:3])})"
+                f"backbone weights file '{path}' does not fit this {self.trunk_name} trunk "
+                f"({problem}); give the torchvision ImageNet file of the same depth and width"
             )
-        self.trunk.load_state_dict(usable, strict=False)
-        return missing
+        self.trunk.load_state_dict({k: state[k] for k in own}, strict=False)
+        return sorted(k for k in state if k not in own and not k.endswith("num_batches_tracked"))
+

@@ -1,0 +1,42 @@
+"""ImageNet trunk initialisation from torchvision ResNet state-dict files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from maskrcnn.config import BackboneConfig
+from maskrcnn.errors import UserError
+from maskrcnn.modeling.backbone import Backbone
+
+
+def test_resnet18_imagenet_file_loads_into_the_trunk(tmp_path):
+    torch.manual_seed(0)
+    imagenet = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(imagenet.state_dict(), path)
+    backbone = Backbone(BackboneConfig(depth=18, norm="frozen_bn"))
+    skipped = backbone.load_trunk_weights(str(path))
+    assert skipped == ["fc.bias", "fc.weight"]  # the classifier is not part of a detection trunk
+    assert torch.equal(backbone.trunk.layer3[1].conv2.weight, imagenet.layer3[1].conv2.weight)
+    assert torch.equal(backbone.trunk.bn1.running_var, imagenet.bn1.running_var)
+
+
+def test_resnext_trunk_has_torchvision_layout(tmp_path):
+    imagenet = torchvision.models.resnext50_32x4d()
+    path = tmp_path / "x50.pth"
+    torch.save(imagenet.state_dict(), path)
+    backbone = Backbone(BackboneConfig(depth=50, groups=32, width_per_group=4))
+    assert backbone.load_trunk_weights(str(path)) == ["fc.bias", "fc.weight"]
+    assert torch.equal(backbone.trunk.layer4[2].conv2.weight, imagenet.layer4[2].conv2.weight)
+
+
+def test_wrong_or_missing_trunk_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    backbone = Backbone(BackboneConfig(depth=18))
+    with pytest.raises(UserError, match="does not fit"):
+        backbone.load_trunk_weights(str(path))
+    with pytest.raises(UserError, match="does not exist"):
+        backbone.load_trunk_weights(str(tmp_path / "nope.pth"))
