@@ -13,7 +13,7 @@ import sys
 from maskrcnn.config import ConfigError
 from maskrcnn.errors import UserError
 
-COMMANDS = ["train", "eval", "predict", "demo", "make_shapes"]
+COMMANDS = ["train", "eval", "predict", "demo", "make_shapes", "benchmark"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,80 @@
+"""`maskrcnn benchmark`: inference time by stage, training images/s and peak memory on random inputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from maskrcnn.errors import UserError
+
+HELP = ("Time inference (split by stage) and training steps on random images; report peak memory "
+        "(CPU: peak RSS; CUDA: max_memory_allocated, untested on a GPU here).")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the benchmark command's arguments."""
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--config", "--preset", dest="config", default=None,
+                   help="preset name or YAML file (default: the config stored in --weights)")
+    p.add_argument("--weights", default=None,
+                   help="our checkpoint or a torchvision state dict (default: random weights)")
+    p.add_argument("--size", default="800x1333", help="HxW of the random input image (default: 800x1333)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="fp32, or bf16/fp16 autocast (fp16 needs CUDA: bf16 is used on the CPU, with a note)")
+    p.add_argument("--mode", choices=["inference", "train", "both"], default="inference",
+                   help="what to time (default: inference)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs (default: 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default: 2)")
+    p.add_argument("--batch", type=int, default=2, help="training batch size (inference uses 1 image)")
+    p.add_argument("--max-memory", type=float, default=None, metavar="MB",
+                   help="training: find the largest batch 1, 2, 4, ... whose step's peak memory growth "
+                        "stays within MB, each measured in a fresh process")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the CUDA path is untested here)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON to OUT")
+    p.add_argument("--quiet", action="store_true", help="print no table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the model, measure, print a table and optionally write JSON."""
+    from maskrcnn.api import load_model
+    from maskrcnn.config import atomic_write_text
+    from maskrcnn.engine.benchmark import (BenchmarkOptions, find_max_batch, format_report, parse_size,
+                                           run_benchmark)
+    from maskrcnn.engine.trainer import resolve_device
+
+    if args.config is None and args.weights is None:
+        raise UserError("benchmark needs --config (a preset or YAML file) or --weights with a stored config")
+    for item in args.overrides:
+        if "=" not in item:
+            raise UserError(f"unexpected argument '{item}': overrides are KEY=VALUE")
+    size = parse_size(args.size)
+    device = resolve_device(args.device)
+    if args.max_memory is not None and args.max_memory <= 0:
+        raise UserError("--max-memory must be a positive number of MB")
+    opts = BenchmarkOptions(
+        size=size, precision=args.precision, mode=args.mode, runs=args.runs, warmup=args.warmup,
+        batch=args.batch, extra={"config": args.config, "weights": args.weights, "overrides": args.overrides},
+    )
+    if args.max_memory is not None:
+        # Only the search: each batch size runs in its own process.
+        argv = [*args.overrides, "--size", args.size, "--precision", args.precision, "--runs", str(args.runs),
+                "--warmup", str(args.warmup), "--device", args.device]
+        if args.config:
+            argv += ["--config", args.config]
+        if args.weights:
+            argv += ["--weights", args.weights]
+        from maskrcnn.engine.benchmark import environment
+
+        report = {"size": list(size), "precision": args.precision, "autocast": args.precision,
+                  "mode": "train", "environment": environment(device), **opts.extra,
+                  "max_memory": find_max_batch(argv, args.max_memory)}
+    else:
+        model = load_model(args.config, args.weights, args.overrides, device=str(device))
+        report = run_benchmark(model, opts, device)
+    if not args.quiet:
+        print(format_report(report))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        if not args.quiet:
+            print(f"report written to {args.json}")
+    return 0

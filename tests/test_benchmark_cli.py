@@ -1,0 +1,76 @@
+"""`maskrcnn benchmark`: the report's fields (not the times), the staged forward, the batch search."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from maskrcnn.api import load_model
+from maskrcnn.cli import main
+from maskrcnn.engine.benchmark import STAGES, autocast_dtype, find_max_batch, parse_size, timed_forward
+from maskrcnn.errors import UserError
+
+SMALL = ["model.box_head.fc_dim=64", "model.mask_head.conv_dim=32", "model.rpn.post_nms_top_n_test=50"]
+
+
+def test_benchmark_both_modes_writes_a_complete_report(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    status = main(["benchmark", "--config", "shapes", "--size", "96x128", "--runs", "2", "--warmup", "1",
+                   "--mode", "both", "--batch", "2", "--json", str(out), *SMALL])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "whole forward" in printed and "images per second" in printed
+    report = json.loads(out.read_text())
+    assert report["size"] == [96, 128] and report["precision"] == "fp32" and report["mode"] == "both"
+    inf = report["inference"]
+    assert set(inf["stages"]) == set(STAGES)
+    for stats in [inf["seconds_per_image"], *inf["stages"].values()]:
+        assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+    assert inf["runs"] == 2 and inf["warmup"] == 1
+    assert inf["memory"]["peak_mb"] > 0
+    train = report["training"]
+    assert train["batch"] == 2
+    assert train["images_per_s"]["median"] > 0 and train["seconds_per_step"]["min"] > 0
+    assert train["memory"]["peak_mb"] > 0 and train["memory"]["growth_mb"] >= 0
+
+
+def test_timed_forward_gives_the_models_own_outputs():
+    model = load_model("shapes", overrides=SMALL)
+    torch.manual_seed(0)
+    images = [torch.rand(3, 96, 128), torch.rand(3, 80, 120)]
+    with torch.inference_mode():
+        expected = model(images)
+        outputs, times = timed_forward(model, images)
+    assert set(times) == set(STAGES) and all(t >= 0 for t in times.values())
+    for a, b in zip(outputs, expected):
+        assert set(a) == set(b)
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_fp16_on_cpu_falls_back_to_bf16_with_a_note():
+    dtype, note = autocast_dtype("fp16", torch.device("cpu"))
+    assert dtype == torch.bfloat16 and "bf16" in note
+    assert autocast_dtype("fp32", torch.device("cpu")) == (None, None)
+
+
+def test_bad_size_is_a_user_error(capsys):
+    with pytest.raises(UserError):
+        parse_size("800by1333")
+    assert main(["benchmark", "--config", "shapes", "--size", "0x10"]) == 2
+    assert "--size" in capsys.readouterr().err
+
+
+def test_max_batch_search_doubles_until_over_budget():
+    seen = []
+
+    def runner(argv):
+        batch = int(argv[argv.index("--batch") + 1])
+        seen.append(batch)
+        return {"training": {"memory": {"growth_mb": 100.0 * batch}, "images_per_s": {"median": 1.0}}}
+
+    result = find_max_batch(["--config", "shapes"], budget_mb=450, runner=runner)
+    assert seen == [1, 2, 4, 8] and result["max_batch"] == 4
+    assert find_max_batch([], budget_mb=50, runner=runner)["max_batch"] is None
