@@ -63,9 +63,11 @@ def run(args: argparse.Namespace) -> int:
             argv += ["--config", args.config]
         if args.weights:
             argv += ["--weights", args.weights]
-        from maskrcnn.engine.benchmark import environment
+        from maskrcnn.engine.benchmark import autocast_dtype, environment
 
-        report = {"size": list(size), "precision": args.precision, "autocast": args.precision,
+        dtype, _ = autocast_dtype(args.precision, device)
+        report = {"size": list(size), "precision": args.precision,
+                  "autocast": str(dtype or "none").replace("torch.", ""),
                   "mode": "train", "environment": environment(device), **opts.extra,
                   "max_memory": find_max_batch(argv, args.max_memory)}
     else:
