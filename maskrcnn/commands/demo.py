@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 HELP = "Generate synthetic shapes, train the `shapes` preset on them, evaluate it and draw overlays."
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config("shapes", [
         f"data.train=['{train_json}:{train_dir}']",
         f"data.val={val_json}:{val_dir}",
-        f"output_dir={out / 'train'}",
+        # A new run folder each time: a second `make demo` never touches the first one's outputs.
+        f"output_dir={out / time.strftime('train-%Y%m%d-%H%M%S')}",
         f"solver.max_minutes={args.minutes}",
         *args.overrides,
     ])
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     metrics_file = run_dir / "eval" / "final" / "metrics.json"
     metrics = json.loads(metrics_file.read_text())
     model = load_model(None, run_dir / "checkpoints" / "model_final.pth")
-    overlays = draw_overlays(model, val_json, val_dir, out / "overlays", args.overlays)
+    overlays = draw_overlays(model, val_json, val_dir, run_dir / "overlays", args.overlays)
 
     print()
     print(format_metrics(metrics))
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"run:         {run_dir}  (config.yaml, metrics.jsonl, checkpoints/)")
     print(f"loss curve:  {run_dir / 'loss_curve.png'}")
     print(f"evaluation:  {metrics_file.parent}  (metrics.json, predictions.json, PR curves)")
-    print(f"overlays:    {out / 'overlays'}  ({len(overlays)} images)")
+    print(f"overlays:    {run_dir / 'overlays'}  ({len(overlays)} images)")
     print(f"output folder: {out}")
     print(f"box AP {metrics['bbox']['AP']:.1f}  mask AP {metrics['segm']['AP']:.1f}  (COCO AP@[.5:.95], validation shapes)")
     return 0
