@@ -17,7 +17,7 @@ from maskrcnn.config import BoxHeadConfig, MaskHeadConfig
 from maskrcnn.modeling.backbone import ConvNorm, norm_factory
 from maskrcnn.modeling.matcher import Matcher, sample_balanced
 from maskrcnn.modeling.poolers import RoIPooler
-from maskrcnn.modeling.rpn import label_with_crowd, smooth_l1
+from maskrcnn.modeling.rpn import label_with_crowd, non_crowd, smooth_l1, target_crowd
 from maskrcnn.structures import BoxCoder, clip_boxes, nonempty_boxes
 
 
@@ -29,18 +29,6 @@ class SampledRoIs:
     labels: Tensor
     gt_index: Tensor
     gt_boxes: Tensor
-
-
-def target_crowd(target: dict[str, Tensor]) -> Tensor:
-    """Return the iscrowd flags of a target (all zero when absent)."""
-    crowd = target.get("iscrowd")
-    return crowd if crowd is not None else torch.zeros(len(target["boxes"]), dtype=torch.int64)
-
-
-def non_crowd(target: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Return the target's boxes, labels and masks without its crowd regions."""
-    keep = ~target_crowd(target).bool()
-    return {k: target[k][keep] for k in ("boxes", "labels", "masks") if k in target}
 
 
 class FCBoxHead(nn.Module):

@@ -49,6 +49,18 @@ def smooth_l1(input: Tensor, target: Tensor, beta: float) -> Tensor:
     return F.smooth_l1_loss(input, target, beta=beta, reduction="sum")
 
 
+def target_crowd(target: dict[str, Tensor]) -> Tensor:
+    """Return the iscrowd flags of a target (all zero when absent)."""
+    crowd = target.get("iscrowd")
+    return crowd if crowd is not None else torch.zeros(len(target["boxes"]), dtype=torch.int64)
+
+
+def non_crowd(target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Return the target's boxes, labels and masks without its crowd regions."""
+    keep = ~target_crowd(target).bool()
+    return {k: target[k][keep] for k in ("boxes", "labels", "masks") if k in target}
+
+
 def label_with_crowd(
     matcher: Matcher, boxes: Tensor, gt_boxes: Tensor, iscrowd: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -133,15 +145,14 @@ class RPN(nn.Module):
         """Return objectness BCE and box regression loss over anchors sampled 1:1 per image."""
         sampled_logits, sampled_labels, pos_deltas, pos_targets = [], [], [], []
         for image_logits, image_deltas, target in zip(logits, deltas, targets):
-            iscrowd = target.get("iscrowd", torch.zeros(len(target["boxes"]), dtype=torch.int64))
-            matches, labels = label_with_crowd(self.matcher, anchors, target["boxes"], iscrowd)
+            matches, labels = label_with_crowd(self.matcher, anchors, target["boxes"], target_crowd(target))
             positive, negative = sample_balanced(
                 labels, self.cfg.batch_size_per_image, self.cfg.positive_fraction
             )
             sampled = torch.cat([positive, negative])
             sampled_logits.append(image_logits[sampled])
             sampled_labels.append(labels[sampled])
-            gt_boxes = target["boxes"][~iscrowd.bool()]
+            gt_boxes = non_crowd(target)["boxes"]
             pos_deltas.append(image_deltas[positive])
             pos_targets.append(self.coder.encode(gt_boxes[matches[positive]], anchors[positive]))
         num_sampled = max(1, sum(len(s) for s in sampled_labels))
