@@ -29,6 +29,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import Tensor
 
+from maskrcnn.engine.trainer import autocast_dtype as trainer_autocast_dtype
 from maskrcnn.errors import UserError
 from maskrcnn.modeling import MaskRCNN
 
@@ -69,19 +70,10 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> tuple[torch.dtype | None, str | None]:
-    """Return (autocast dtype or None for fp32, a note when the request was changed).
-
-    fp16 needs CUDA: on other devices bfloat16 is used instead, as the trainer does.
-    """
+    """Return (autocast dtype or None for fp32, a note when the request was changed), as the trainer does."""
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
-    if precision == "fp32":
-        return None, None
-    if precision == "fp16" and device.type != "cuda":
-        return torch.bfloat16, f"fp16 autocast needs CUDA; measured bf16 autocast on {device.type} instead"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("bf16 is not supported by this GPU; use --precision fp16")
-    return (torch.bfloat16 if precision == "bf16" else torch.float16), None
+    return trainer_autocast_dtype(precision, device)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:

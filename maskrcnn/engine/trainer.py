@@ -63,16 +63,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> tuple[torch.dtype | None, str | None]:
+    """Return (autocast dtype, or None for full precision; a note when the request had to change).
+
+    `precision` is "" or "fp32" (none), "bf16" or "fp16". fp16 autocast needs CUDA: elsewhere
+    bfloat16 is used instead. Shared by training (`solver.amp`) and `maskrcnn benchmark`.
+    """
+    if precision in ("", "fp32"):
+        return None, None
+    if precision == "fp16" and device.type != "cuda":
+        return torch.bfloat16, f"fp16 autocast needs CUDA; using bf16 autocast on {device.type} instead"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("bf16 autocast is not supported by this GPU; use fp16")
+    return (torch.bfloat16 if precision == "bf16" else torch.float16), None
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """Return the autocast dtype for `solver.amp` on `device` (None = full precision)."""
-    if not amp:
-        return None
-    if amp == "fp16" and device.type != "cuda":
-        log.warning("solver.amp=fp16 needs CUDA; using bfloat16 autocast on %s instead", device.type)
-        return torch.bfloat16
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("solver.amp=bf16 is not supported by this GPU; use solver.amp=fp16")
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+    dtype, note = autocast_dtype(amp, device)
+    if note:
+        log.warning("solver.amp=%s: %s", amp, note)
+    return dtype
 
 
 def seed_all(seed: int) -> None:
