@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import tempfile
 import typing
@@ -261,36 +262,85 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _describe(annotation: Any) -> str:
+    """Return how a config type reads in an error message ('an integer', 'a list of numbers', ...)."""
+    if typing.get_origin(annotation) is list:
+        (item_type,) = typing.get_args(annotation)
+        return "a list of " + _plural(item_type)
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
+
+
+def _plural(annotation: Any) -> str:
+    if typing.get_origin(annotation) is list:
+        (item_type,) = typing.get_args(annotation)
+        return "lists of " + _plural(item_type)
+    return {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}.get(annotation, str(annotation))
+
+
+def _shown(value: Any) -> str:
+    """Return a value as an error message shows it, saying what kind of thing it is when not a scalar."""
+    if isinstance(value, dict):
+        return f"a mapping {value!r}"
+    if isinstance(value, list):
+        return f"a list {value!r}"
+    return repr(value)
+
+
+def _wrong_type(key: str, annotation: Any, value: Any, finite: bool = False) -> ConfigError:
+    expected = "a finite number" if finite else _describe(annotation)
+    return ConfigError(f"config key '{key}' expects {expected}, got {_shown(value)}")
+
+
+def _number_from_text(value: str) -> float | None:
+    """Return the number written in `value` (YAML 1.1 reads '1e-4' as text), or None if it is not one."""
+    try:
+        return float(value.strip())
+    except ValueError:
+        return None
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
+    """Return `value` converted to `annotation`, or raise ConfigError naming `key`, the value and the type."""
     origin = typing.get_origin(annotation)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
+        if value is None or value == "":
+            return []  # `KEY=` or `KEY: null` clears a list
         if isinstance(value, tuple):
             value = list(value)
-        if not isinstance(value, list):
-            value = [value]  # a scalar where a list is expected: a one-element list
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            raise _wrong_type(key, annotation, value)
+        items = value if isinstance(value, list) else [value]  # a scalar where a list is expected
+        try:
+            return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(items)]
+        except ConfigError:
+            raise _wrong_type(key, annotation, value) from None
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+        raise _wrong_type(key, annotation, value)
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        number = _number_from_text(value) if isinstance(value, str) else value
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+        raise _wrong_type(key, annotation, value)
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        number = _number_from_text(value) if isinstance(value, str) else value
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not math.isfinite(number):
+                raise _wrong_type(key, annotation, value, finite=True)
+            return float(number)
+        raise _wrong_type(key, annotation, value)
     if annotation is str:
         if isinstance(value, str):
             return value
         if value is None:
             return ""
-        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # output_dir=2024, a class named 7
+        raise _wrong_type(key, annotation, value)
     raise ConfigError(f"config key '{key}' has an unsupported type {annotation}")
 
 
@@ -312,8 +362,17 @@ def _unknown_key(key: str) -> ConfigError:
 
 def merge_dict(node: Any, values: dict[str, Any], prefix: str = "") -> None:
     """Merge nested `values` into the dataclass `node` in place, checking keys and types."""
+    if values is None and prefix:
+        return  # an empty section in a YAML file (`solver:` with every key commented out)
     if not isinstance(values, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+        section = prefix.rstrip(".")
+        if not section:
+            raise ConfigError(f"a config must be a mapping of keys, got {_shown(values)}")
+        first = next(iter(_field_types(type(node))))
+        raise ConfigError(
+            f"config key '{section}' is a section and expects a mapping of its keys "
+            f"(e.g. '{section}.{first}'), got {_shown(values)}"
+        )
     types = _field_types(type(node))
     for name, value in values.items():
         key = f"{prefix}{name}"
@@ -322,10 +381,18 @@ def merge_dict(node: Any, values: dict[str, Any], prefix: str = "") -> None:
         ann = types[name]
         if dataclasses.is_dataclass(ann):
             merge_dict(getattr(node, name), value, key + ".")
-        elif isinstance(value, dict) and value:
-            raise _unknown_key(f"{key}.{next(iter(value))}")  # a section below a plain value
         else:
             setattr(node, name, _coerce(value, ann, key))
+
+
+def _check_key(key: str) -> None:
+    """Raise ConfigError (naming the nearest valid key) unless `key` is a dotted path of the config."""
+    node: Any = Config
+    for part in key.split("."):
+        types = _field_types(node) if dataclasses.is_dataclass(node) else {}
+        if part not in types:
+            raise _unknown_key(key)
+        node = types[part]
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -345,12 +412,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
-        try:
-            merge_dict(cfg, nested)
-        except ConfigError as e:
-            if "unknown config key" in str(e) or "must be a mapping" in str(e):
-                raise _unknown_key(key) from None
-            raise
+        _check_key(key)  # the key's own spelling first; then the value's type, by merge_dict
+        merge_dict(cfg, nested)
     validate(cfg)
     return cfg
 
