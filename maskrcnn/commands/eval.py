@@ -121,7 +121,12 @@ def run(args: argparse.Namespace) -> int:
     if args.predictions:
         if args.max_images:
             raise UserError("--max-images applies to running a model; filter the --predictions file instead")
-        metrics = evaluate_results(_ground_truth_file(spec), args.predictions, out)
+        from maskrcnn.data.coco import check_annotation_file
+
+        gt_file = _ground_truth_file(spec)
+        if gt_file.is_file():  # the same one-line schema errors as training and model evaluation give
+            check_annotation_file(gt_file)
+        metrics = evaluate_results(gt_file, args.predictions, out)
         written = ["metrics.json", "pr_curve.png"]
     else:
         metrics = _run_model(args, cfg, spec, out)

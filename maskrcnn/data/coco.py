@@ -33,6 +33,8 @@ NO_SEGMENTATION = "no segmentation"
 BAD_SEGMENTATION = "malformed segmentation"
 SIZE_MISMATCH = "mask size differs from the image"
 NON_FINITE = "non-finite coordinates"
+BAD_BOX = "malformed bbox"
+BAD_RLE = "RLE counts that do not cover the image"
 
 
 def parse_data_spec(spec: str) -> tuple[Path, Path]:
@@ -71,7 +73,7 @@ class CocoDataset(Dataset):
             raise UserError(f"image directory '{self.image_dir}' (for '{self.ann_file}') does not exist")
 
         data = _load_json(self.ann_file)
-        image_by_id = _check_schema(data, self.ann_file)
+        image_by_id = _check_schema(data, self.ann_file, max_pixels)
         categories = sorted(data["categories"], key=lambda c: c["id"])
         self.category_ids: list[int] = [int(c["id"]) for c in categories]
         self.class_names: list[str] = [str(c["name"]) for c in categories]
@@ -156,8 +158,10 @@ class CocoDataset(Dataset):
             x1, y1, x2, y2 = mask_box
         else:
             if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                return [], BAD_SEGMENTATION
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+                return [], BAD_BOX
+            if not all(isinstance(v, (int, float)) for v in bbox):
+                return [], BAD_BOX
+            if not all(math.isfinite(v) for v in bbox):
                 return [], NON_FINITE
             x, y, bw, bh = (float(v) for v in bbox)
             if bw <= 0 or bh <= 0:
@@ -192,12 +196,18 @@ def _prepare_segmentation(seg: Any, h: int, w: int) -> tuple[Any, list[float], s
         polygons = [p for p in seg if len(p) >= 6 and len(p) % 2 == 0]
         if not polygons:
             return None, [], SHORT_POLYGON
-        try:
-            points = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in polygons]
-        except (TypeError, ValueError):
-            return None, [], BAD_SEGMENTATION
+        if not all(isinstance(v, (int, float)) for p in polygons for v in p):
+            return None, [], BAD_SEGMENTATION  # strings, nulls or nested lists among the coordinates
+        points = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in polygons]
         if not all(np.isfinite(p).all() for p in points):
             return None, [], NON_FINITE
+        # pycocotools rasterises every pixel step along each edge, so a vertex at 1e12 would take
+        # forever (and all memory): clip polygons that leave the image to a window just around it.
+        points = [_clip_polygon(p, w, h) for p in points]
+        points = [p for p in points if len(p) >= 3 and np.isfinite(p).all()]
+        if not points:
+            return None, [], EMPTY_MASK
+        polygons = [p.reshape(-1).tolist() for p in points]
         allp = np.concatenate(points)
         x1, y1 = allp.min(axis=0)
         x2, y2 = allp.max(axis=0)
@@ -210,21 +220,89 @@ def _prepare_segmentation(seg: Any, h: int, w: int) -> tuple[Any, list[float], s
         counts, size = seg.get("counts"), seg.get("size")
         if not isinstance(size, (list, tuple)) or len(size) != 2 or not isinstance(counts, (list, str, bytes)):
             return None, [], BAD_SEGMENTATION
-        if [int(size[0]), int(size[1])] != [h, w]:
-            return None, [], SIZE_MISMATCH
-        try:
-            if isinstance(counts, list):  # uncompressed RLE: pycocotools compresses it
-                rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-            else:
-                rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-            area = int(mask_utils.area(rle))
-        except (TypeError, ValueError, UnicodeEncodeError):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
             return None, [], BAD_SEGMENTATION
+        if [size[0], size[1]] != [h, w]:
+            return None, [], SIZE_MISMATCH
+        if isinstance(counts, list):  # uncompressed RLE: pycocotools compresses it
+            if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+                return None, [], BAD_SEGMENTATION
+            runs = counts
+        else:
+            try:
+                encoded = counts.encode("ascii") if isinstance(counts, str) else counts
+                runs = rle_counts(encoded)
+            except (UnicodeEncodeError, ValueError):
+                return None, [], BAD_SEGMENTATION
+        # pycocotools trusts the runs: ones that do not add up to H*W give garbage areas and boxes.
+        if any(c < 0 for c in runs) or sum(runs) != h * w:
+            return None, [], BAD_RLE
+        if isinstance(counts, list):
+            rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+        else:
+            rle = {"size": [h, w], "counts": encoded}
+        area = int(mask_utils.area(rle))
         if area == 0:
             return None, [], EMPTY_MASK
         x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
         return rle, [x, y, x + bw, y + bh], None
     return None, [], BAD_SEGMENTATION
+
+
+def rle_counts(encoded: bytes) -> list[int]:
+    """Return the run lengths of a compressed COCO RLE string (raise ValueError if it is malformed).
+
+    The format (pycocotools' rleToString): each run is a signed number written 5 bits per character
+    (character = 48 + value; bit 0x20 = more characters follow, bit 0x10 of the last = negative), and
+    from the third run on it is stored as the difference to the run two places before it.
+    """
+    runs: list[int] = []
+    pos, n = 0, len(encoded)
+    while pos < n:
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= n:
+                raise ValueError("RLE string ends inside a run")
+            c = encoded[pos] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"character {chr(encoded[pos])!r} cannot appear in an RLE string")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos, shift = pos + 1, shift + 5
+            if not more and c & 0x10:
+                value -= 1 << shift  # sign-extend
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def _clip_polygon(points: np.ndarray, w: int, h: int, margin: float = 1.0) -> np.ndarray:
+    """Return the polygon [P,2] clipped to the rectangle around the image (unchanged if inside it).
+
+    Sutherland-Hodgman against each side in turn: exact for any simple or self-touching polygon
+    and a convex window, so the pixels inside the image are the same as before clipping.
+    """
+    lo = np.array([-margin, -margin])
+    hi = np.array([w + margin, h + margin])
+    if (points >= lo).all() and (points <= hi).all():
+        return points
+    for axis, bound, keep_below in ((0, lo[0], False), (0, hi[0], True), (1, lo[1], False), (1, hi[1], True)):
+        if len(points) == 0:
+            break
+        out = []
+        prev = points[-1]
+        for cur in points:
+            cur_in = cur[axis] <= bound if keep_below else cur[axis] >= bound
+            prev_in = prev[axis] <= bound if keep_below else prev[axis] >= bound
+            if cur_in != prev_in:  # the edge crosses the line: add the crossing point
+                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
+                out.append(prev + t * (cur - prev))
+            if cur_in:
+                out.append(cur)
+            prev = cur
+        points = np.array(out, dtype=np.float64).reshape(-1, 2)
+    return points
 
 
 def _decode_masks(segmentations: list[Any], h: int, w: int) -> np.ndarray:
@@ -267,45 +345,82 @@ def _require(entry: Any, keys: Sequence[str], where: str, path: Path) -> None:
             raise UserError(f"'{path}': {where} is missing '{key}'; every entry needs {', '.join(keys)}")
 
 
-def _check_schema(data: Any, path: Path) -> dict[Any, dict]:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_schema(data: Any, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[Any, dict]:
     """Return images by id after checking keys, types and references (filling ann ids and iscrowd)."""
     if not isinstance(data, dict):
         raise UserError(f"'{path}' must hold a COCO object with 'images', 'annotations' and 'categories'")
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
             raise UserError(f"'{path}' has no '{key}' list; is it a COCO instances file?")
-    anns = data.setdefault("annotations", [])  # image-info-only files (test sets) are fine
+    if data.get("annotations") is None:
+        data["annotations"] = []  # image-info-only files (test sets) are fine
+    anns = data["annotations"]
     if not isinstance(anns, list):
-        raise UserError(f"'{path}': 'annotations' must be a list")
+        raise UserError(f"'{path}': 'annotations' must be a list, got {type(anns).__name__}")
 
     images: dict[int, dict] = {}
     for i, img in enumerate(data["images"]):
         _require(img, ("id", "file_name", "width", "height"), f"images[{i}]", path)
-        if not (isinstance(img["width"], int) and isinstance(img["height"], int)) or min(img["width"], img["height"]) < 1:
-            raise UserError(f"'{path}': images[{i}] needs positive integer 'width' and 'height'")
+        if not _is_int(img["id"]):
+            raise UserError(f"'{path}': images[{i}] has id {img['id']!r}; image ids must be integers")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise UserError(f"'{path}': images[{i}] has file_name {img['file_name']!r}; expected a file name")
+        w, h = img["width"], img["height"]
+        if not (_is_int(w) and _is_int(h)) or min(w, h) < 1:
+            raise UserError(
+                f"'{path}': images[{i}] needs positive integer 'width' and 'height', got {w!r} and {h!r}"
+            )
+        if w * h > max_pixels:
+            raise UserError(
+                f"'{path}': images[{i}] ('{img['file_name']}') is {w}x{h} = {w * h} pixels, above the limit "
+                f"of {max_pixels}; downscale it or raise input.max_pixels"
+            )
         if img["id"] in images:
             raise UserError(f"'{path}': image id {img['id']} appears twice in 'images'")
         images[img["id"]] = img
-    seen_cats: set[Any] = set()
+    seen_cats: set[int] = set()
     for i, cat in enumerate(data["categories"]):
         _require(cat, ("id", "name"), f"categories[{i}]", path)
-        if not isinstance(cat["id"], int) or cat["id"] in seen_cats:
+        if not _is_int(cat["id"]) or cat["id"] in seen_cats:
             raise UserError(f"'{path}': categories[{i}] has a non-integer or repeated id {cat['id']!r}")
+        if not isinstance(cat["name"], (str, int, float)) or isinstance(cat["name"], bool):
+            raise UserError(f"'{path}': categories[{i}] has name {cat['name']!r}; expected a string")
         seen_cats.add(cat["id"])
     if not seen_cats:
         raise UserError(f"'{path}' lists no categories")
 
-    next_id = 1 + max((a["id"] for a in anns if isinstance(a, dict) and isinstance(a.get("id"), int)), default=0)
+    next_id = 1 + max((a["id"] for a in anns if isinstance(a, dict) and _is_int(a.get("id"))), default=0)
+    ann_ids: set[int] = set()
     for i, ann in enumerate(anns):
         _require(ann, ("image_id", "category_id"), f"annotations[{i}]", path)
-        if ann["image_id"] not in images:
-            raise UserError(f"'{path}': annotations[{i}] refers to image_id {ann['image_id']!r}, which is not in 'images'")
-        if ann["category_id"] not in seen_cats:
-            raise UserError(f"'{path}': annotations[{i}] has category_id {ann['category_id']!r}, which is not in 'categories'")
-        if "id" not in ann:  # pycocotools indexes annotations by id
+        image_id, category_id = ann["image_id"], ann["category_id"]
+        if not _is_int(image_id) or image_id not in images:
+            raise UserError(f"'{path}': annotations[{i}] refers to image_id {image_id!r}, which is not in 'images'")
+        if not _is_int(category_id) or category_id not in seen_cats:
+            raise UserError(
+                f"'{path}': annotations[{i}] has category_id {category_id!r}, which is not in 'categories'"
+            )
+        if ann.get("id") is None:  # pycocotools indexes annotations by id
             ann["id"], next_id = next_id, next_id + 1
-        ann["iscrowd"] = int(ann.get("iscrowd", 0) or 0)
+        elif not _is_int(ann["id"]) or ann["id"] in ann_ids:
+            raise UserError(f"'{path}': annotations[{i}] has a non-integer or repeated id {ann['id']!r}")
+        ann_ids.add(ann["id"])
+        crowd = ann.get("iscrowd", 0)
+        if crowd is None or (isinstance(crowd, (int, float)) and crowd in (0, 1)):
+            ann["iscrowd"] = int(crowd or 0)
+        else:
+            raise UserError(f"'{path}': annotations[{i}] has iscrowd {crowd!r}; expected 0 or 1")
     return images
+
+
+def check_annotation_file(path: str | os.PathLike) -> None:
+    """Raise UserError naming the problem unless `path` is a readable COCO instances file."""
+    path = Path(path)
+    _check_schema(_load_json(path), path, max_pixels=2**63)
 
 
 def _make_coco(data: dict[str, Any]) -> COCO:
