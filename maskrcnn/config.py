@@ -161,6 +161,8 @@ class DataConfig:
     filter_empty: bool = True  # drop training images without usable annotations
     num_workers: int = 0
     aspect_ratio_grouping: bool = True
+    max_bad_images: int = 50  # unreadable training images skipped (each replaced) before the run stops
+    max_worker_restarts: int = 5  # data-loader worker deaths survived (loader restarted) before it stops
 
 
 @dataclass
@@ -181,6 +183,8 @@ class SolverConfig:
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
     clip_grad_norm: float = 0.0  # 0 = off
+    nonfinite: str = "stop"  # stop | skip: on a NaN/inf loss or gradient, stop the run or skip the update
+    max_nonfinite_skips: int = 10  # with nonfinite=skip: consecutive skipped steps before the run stops
     amp: str = ""  # "" | bf16 | fp16
     checkpoint_period: int = 5000
     eval_period: int = 0  # 0 = only at the end (when data.val is set)
