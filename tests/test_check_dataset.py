@@ -174,15 +174,19 @@ def test_unreadable_and_truncated_images(tmp_path):
     assert "truncated or corrupt" in full[1].message and "002.png" in full[1].message  # the image reader's words
 
 
-def test_exif_rotation_counts_as_upright_size(tmp_path):
+@pytest.mark.parametrize("suffix", ["jpg", "png", "tif"])
+def test_exif_rotation_counts_as_upright_size(tmp_path, suffix):
     data = _clean_data()
     ann, image_dir = _write(tmp_path, data)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 30 wide x 40 high, shown rotated: 40 x 30 as the JSON says
-    Image.new("RGB", (30, 40)).save(image_dir / "r.jpg", exif=exif)
-    data["images"][0]["file_name"] = "r.jpg"
+    Image.new("RGB", (30, 40)).save(image_dir / f"r.{suffix}", exif=exif)
+    data["images"][0]["file_name"] = f"r.{suffix}"
     ann.write_text(json.dumps(data))
     assert validate_dataset(ann, image_dir) == []
+    data["images"][0].update(width=30, height=40)  # the stored size is not what training sees
+    ann.write_text(json.dumps(data))
+    assert _kinds(validate_dataset(ann, image_dir))["size-mismatch"] == ["image 1"]
 
 
 def test_self_intersection_check():

@@ -147,6 +147,8 @@ def probe_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, d
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(path) as im:
                     w, h = im.size
+                    if im.format == "TIFF":  # PIL may report TIFF sizes already rotated; start from the stored ones
+                        w, h = im.tag_v2.get(256, w), im.tag_v2.get(257, h)
                     if _orientation(im) in _SWAPPING_ORIENTATIONS:
                         w, h = h, w
             _check_size(path, (w, h), max_pixels)
@@ -197,7 +199,7 @@ def _distinct_vertices(points: np.ndarray) -> np.ndarray:
     """Return the polygon's vertices without consecutive repeats (a repeated closing point included)."""
     if len(points) < 2:
         return points
-    keep = np.any(points != np.roll(points, 1, axis=0), axis=1)
+    keep = np.any(points != np.concatenate([points[-1:], points[:-1]]), axis=1)
     return points[keep] if keep.any() else points[:1]
 
 
@@ -212,33 +214,39 @@ def _within_box(p: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
     return np.all((lo <= r) & (r <= hi), axis=-1)
 
 
-def polygon_self_intersects(points: np.ndarray) -> bool:
+def polygon_self_intersects(points: np.ndarray, distinct: bool = False) -> bool:
     """Return True if the closed polygon through `points` [N,2] crosses, touches or folds back on itself.
 
-    Every pair of non-adjacent edges is tested (O(n^2), vectorised); adjacent edges only meet at their
-    shared vertex unless one doubles back along the other.
+    Every pair of non-adjacent edges is tested (O(n^2), vectorised; only pairs whose bounding boxes
+    overlap get the exact orientation test). Adjacent edges only meet at their shared vertex unless
+    one doubles back along the other.
     """
-    p = _distinct_vertices(np.asarray(points, dtype=np.float64).reshape(-1, 2))
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    p = p if distinct else _distinct_vertices(p)  # `distinct`: the caller already removed repeats
     n = len(p)
     if n < 3:
         return False
-    prev, nxt = np.roll(p, 1, axis=0), np.roll(p, -1, axis=0)
-    u, v = prev - p, nxt - p  # the two edges at each vertex, pointing away from it
-    folds_back = (u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0] == 0) & ((u * v).sum(axis=1) > 0)
-    if folds_back.any():
-        return True
+    nxt = np.concatenate([p[1:], p[:1]])  # edge i runs from p[i] to nxt[i]
+    u, v = np.concatenate([p[-1:], p[:-1]]) - p, nxt - p  # the two edges at each vertex, pointing away from it
+    if np.any((u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0] == 0) & ((u * v).sum(axis=1) > 0)):
+        return True  # an edge doubles back along the previous one
     if n < 4:
         return False
-    a, b = p[:, None, :], nxt[:, None, :]  # edge i: a -> b
-    c, d = p[None, :, :], nxt[None, :, :]  # edge j: c -> d
+    lo, hi = np.minimum(p, nxt), np.maximum(p, nxt)
+    overlap = ((lo[:, None, 0] <= hi[None, :, 0]) & (lo[None, :, 0] <= hi[:, None, 0])
+               & (lo[:, None, 1] <= hi[None, :, 1]) & (lo[None, :, 1] <= hi[:, None, 1]))
+    overlap = np.triu(overlap, k=2)  # j >= i + 2: neither the same edge nor the next one
+    overlap[0, n - 1] = False  # the last edge is adjacent to the first
+    i, j = np.nonzero(overlap)
+    if not len(i):
+        return False
+    a, b, c, d = p[i], nxt[i], p[j], nxt[j]
     d1, d2 = _cross(c, d, a), _cross(c, d, b)
     d3, d4 = _cross(a, b, c), _cross(a, b, d)
     crossing = (np.sign(d1) * np.sign(d2) < 0) & (np.sign(d3) * np.sign(d4) < 0)
     touching = (((d1 == 0) & _within_box(c, d, a)) | ((d2 == 0) & _within_box(c, d, b))
                 | ((d3 == 0) & _within_box(a, b, c)) | ((d4 == 0) & _within_box(a, b, d)))
-    pairs = np.triu(np.ones((n, n), dtype=bool), k=2)  # j >= i + 2: not the same or the next edge
-    pairs[0, n - 1] = False  # the last edge is adjacent to the first
-    return bool(((crossing | touching) & pairs).any())
+    return bool((crossing | touching).any())
 
 
 def _collinear(p: np.ndarray) -> bool:
@@ -254,6 +262,13 @@ def _collinear(p: np.ndarray) -> bool:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite_numbers(values: list) -> bool:
+    """Return whether every item is an int or float (not bool) and finite."""
+    if not {type(v) for v in values} <= {int, float}:
+        return False
+    return bool(np.isfinite(np.asarray(values, dtype=np.float64)).all()) if values else True
 
 
 def _is_number(v: Any) -> bool:
@@ -452,7 +467,7 @@ class _Checker:
         valid = []
         for k, poly in enumerate(polygons):
             what = f"{name} polygon {k}"
-            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+            if not isinstance(poly, list) or not _finite_numbers(poly):
                 self.add("bad-polygon", f"{what} is not a list of finite numbers: {_short(poly)}", **where)
             elif not poly:
                 self.add("empty-polygon", f"{what} is empty", **where)
@@ -466,7 +481,7 @@ class _Checker:
                 if _collinear(distinct):
                     self.add("polygon-zero-area", f"{what} encloses no area (its points are on one line)", **where)
                     continue
-                if polygon_self_intersects(distinct):
+                if polygon_self_intersects(distinct, distinct=True):
                     self.add("polygon-self-intersection", f"{what} crosses or touches itself", **where)
                 valid.append(points)
         if valid and size is not None:
