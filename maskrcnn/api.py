@@ -35,7 +35,7 @@ def load_model(
     With `config=None`, the config saved inside the `weights` checkpoint (one of ours) is used.
     `weights` may be one of our checkpoints or a torchvision Mask R-CNN state-dict file.
     """
-    from maskrcnn.checkpoint import load_weights
+    from maskrcnn.checkpoint import WeightsMismatchError, load_weights
 
     if config is None:
         if not weights:
@@ -47,8 +47,22 @@ def load_model(
         cfg = load_config(str(config), overrides or [])
     model = build_model(cfg)
     if weights:
-        load_weights(model, weights)
+        try:
+            load_weights(model, weights)
+        except WeightsMismatchError as e:
+            raise WeightsMismatchError(f"{e}; {_mismatch_advice(config, e.saved_config)}", e.saved_config) from None
     return model.to(torch.device(device)).eval()
+
+
+def _mismatch_advice(config: object, saved_config: dict | None) -> str:
+    """Return what to do when weights do not fit the model built from `config`."""
+    if config is None:
+        return "leave out the overrides that change the model (the config saved in the file is used otherwise)"
+    if saved_config is not None:
+        return ("leave out the config (no --config; load_model(None, weights=...)) to use the one saved in the file, "
+                "or pass the config it was trained with")
+    return ("pass the config the weights were trained with (--config PRESET_OR_YAML, plus overrides such as "
+            "model.num_classes=N)")
 
 
 def category_ids(model: MaskRCNN) -> list[int]:

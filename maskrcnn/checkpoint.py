@@ -30,7 +30,21 @@ TMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(UserError):
-    """A checkpoint or weights file that is missing, truncated, corrupt or does not fit the model."""
+    """A checkpoint or weights file that is missing, truncated, corrupt or does not fit the model.
+
+    `saved_config` is the training config stored in the file, when it is one of ours and could be read.
+    """
+
+    def __init__(self, message: str, saved_config: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.saved_config = saved_config
+
+
+class WeightsMismatchError(CheckpointError):
+    """A readable weights file whose keys or shapes do not fit the model it is loaded into."""
+
+
+_RECOPY = "copy or download it again, or use another checkpoint"
 
 
 # ---- saving -------------------------------------------------------------------------------------
@@ -113,7 +127,9 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, pickle errors, EOFError...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read '{path}' as a PyTorch file ({first}); is it truncated or not a checkpoint?") from None
+        raise CheckpointError(
+            f"cannot read '{path}' as a PyTorch file ({first[:200]}): it is cut short or not a checkpoint; {_RECOPY}"
+        ) from None
 
 
 def load_checkpoint(path: str | os.PathLike, require_checksum: bool = True) -> dict[str, Any]:
@@ -126,12 +142,10 @@ def load_checkpoint(path: str | os.PathLike, require_checksum: bool = True) -> d
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     ok = verify_checkpoint(path)
     if ok is False:
-        raise CheckpointError(
-            f"checkpoint '{path}' is corrupt (checksum mismatch); use an earlier checkpoint or retrain"
-        )
+        raise CheckpointError(f"checkpoint '{path}' is corrupt (checksum mismatch); {_RECOPY}")
     if ok is None and require_checksum:
         raise CheckpointError(
-            f"checkpoint '{path}' is truncated or was not written by maskrcnn (no checksum trailer)"
+            f"checkpoint '{path}' is truncated or was not written by maskrcnn (no checksum trailer); {_RECOPY}"
         )
     state = _torch_load(path)
     if not isinstance(state, dict):
@@ -152,16 +166,20 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """Return the newest checkpoint in `directory` whose checksum is valid, skipping corrupt ones."""
+    """Return the newest checkpoint in `directory` whose checksum is valid, skipping (with a warning) damaged ones.
+
+    Temp files of interrupted saves (`.model_*.pth.<pid>.tmp`) are never candidates.
+    """
     for path in list_checkpoints(directory):
         try:
             ok = verify_checkpoint(path)
         except OSError as e:
-            log.warning("skipping unreadable checkpoint %s: %s", path, e.strerror)
+            log.warning("skipping checkpoint %s: cannot read it (%s)", path, e.strerror or e)
             continue
         if ok:
             return path
-        log.warning("skipping %s checkpoint %s", "corrupt" if ok is False else "truncated", path)
+        why = "corrupt (checksum mismatch)" if ok is False else "truncated (no checksum trailer)"
+        log.warning("skipping checkpoint %s: %s; trying the next newest", path, why)
     return None
 
 
@@ -201,6 +219,18 @@ def _class_dependent(ckpt_shape: torch.Size, model_shape: torch.Size) -> bool:
     return len(ckpt_shape) == len(model_shape) and ckpt_shape[1:] == model_shape[1:]
 
 
+def _saved_config_note(config: dict[str, Any] | None) -> str:
+    """Return ' (it was trained as ...)' from a checkpoint's stored config, or '' when unknown."""
+    try:
+        m = config["model"]  # type: ignore[index]
+        b = m["backbone"]
+        width = f" {b['groups']}x{b['width_per_group']}d" if b.get("groups", 1) > 1 else ""
+        return (f" (it was trained as a {b['kind'].upper()} model, ResNet depth {b['depth']}{width}, "
+                f"{m['num_classes']} classes)")
+    except (KeyError, TypeError, AttributeError):
+        return ""
+
+
 def load_weights(
     model: nn.Module,
     path: str | os.PathLike,
@@ -218,8 +248,10 @@ def load_weights(
     if not path.is_file():
         raise CheckpointError(f"weights file '{path}' does not exist")
     if verify_checkpoint(path) is False:
-        raise CheckpointError(f"weights file '{path}' is corrupt (checksum mismatch)")
-    state = _extract_state_dict(_torch_load(path), path)
+        raise CheckpointError(f"weights file '{path}' is corrupt (checksum mismatch); {_RECOPY}")
+    loaded = _torch_load(path)
+    saved_config = loaded.get("config") if isinstance(loaded, dict) and isinstance(loaded.get("config"), dict) else None
+    state = _extract_state_dict(loaded, path)
 
     own = model.state_dict()
     if set(state) != set(own):
@@ -259,7 +291,10 @@ def load_weights(
             hint = " - was it trained with another number of classes? (fine-tune with `train --weights`)"
         problems.append(f"shape mismatch {_short_list(shapes, 3)}{hint}")
     if problems:
-        raise CheckpointError(f"weights file '{path}' does not fit this model: " + "; ".join(problems))
+        raise WeightsMismatchError(
+            f"weights file '{path}' does not fit this model: " + "; ".join(problems) + _saved_config_note(saved_config),
+            saved_config=saved_config,
+        )
 
     model.load_state_dict(state, strict=False)
     return report

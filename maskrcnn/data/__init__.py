@@ -2,11 +2,12 @@
 
 from maskrcnn.data.coco import CocoDataset, build_dataset, concat_datasets, parse_data_spec
 from maskrcnn.data.image_io import image_to_tensor, read_image
-from maskrcnn.data.loader import build_test_loader, build_train_loader
+from maskrcnn.data.loader import DataError, build_test_loader, build_train_loader
 from maskrcnn.data.shapes import make_shapes
 
 __all__ = [
     "CocoDataset",
+    "DataError",
     "build_dataset",
     "build_test_loader",
     "build_train_loader",

@@ -5,17 +5,38 @@ from a permutation per epoch seeded by (seed, epoch), and each image's random au
 runs under a torch seed derived from (seed, iteration, position). Resuming at iteration N replays
 the index stream N batches without loading any image, so it yields exactly what an uninterrupted
 run would have, whatever `num_workers` is.
+
+The train stream survives two kinds of data faults without stopping the run: an image that cannot
+be read (it is reported once, and a replacement drawn from the item's own seed takes its place, so
+batches keep their size and stay deterministic) and a worker process that dies (the loader is
+rebuilt at the batch it was about to deliver). Past `max_bad_images` distinct unreadable images or
+`max_worker_restarts` restarts it raises `DataError`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+import logging
+import re
+import signal
+import threading
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from maskrcnn.errors import UserError
+
+log = logging.getLogger(__name__)
+
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
+MAX_REPLACEMENTS = 10  # draws per batch slot before an unreadable image's slot is left empty
+# What torch says when a worker process vanished (as opposed to a worker re-raising an exception).
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid")
+
+
+class DataError(UserError):
+    """The training data cannot be loaded any further (too many bad images or worker deaths)."""
 
 
 def collate_lists(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> Batch:
@@ -77,16 +98,177 @@ def _item_seed(seed: int, iteration: int, position: int) -> int:
 
 
 class _SeededItems(Dataset):
-    """Looks up `(index, seed)` keys, running the dataset's random augmentation under that seed."""
+    """Looks up `(index, seed)` keys, running the dataset's random augmentation under that seed.
+
+    Returns `(image, target, failures)`: an image that cannot be read (`UserError`, `OSError`) is
+    replaced by another one drawn from the same seed, and `(index, message)` of each failure is
+    passed along so the main process can report it (workers cannot log for it). After
+    `MAX_REPLACEMENTS` failed draws the image is None.
+    """
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, Any, list[tuple[int, str]]]:
         index, seed = key
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
-            torch.manual_seed(seed)
-            return self.dataset[index]
+        failures: list[tuple[int, str]] = []
+        draws = np.random.default_rng(seed)
+        for _ in range(MAX_REPLACEMENTS + 1):
+            with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+                torch.manual_seed(seed)
+                try:
+                    image, target = self.dataset[index]
+                    return image, target, failures
+                except (UserError, OSError) as e:
+                    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    failures.append((index, message))
+            index = int(draws.integers(len(self.dataset)))
+        return None, None, failures
+
+
+def _collate_train(batch: Sequence[tuple[Any, Any, list[tuple[int, str]]]]) -> tuple[list, list, list]:
+    """Return (images, targets, failures) lists; slots whose every draw failed are left out."""
+    kept = [item for item in batch if item[0] is not None]
+    return [i[0] for i in kept], [i[1] for i in kept], [f for item in batch for f in item[2]]
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    """Worker init: Ctrl-C reaches the whole process group; only the main process should act on it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class TrainStream:
+    """The infinite train batch stream, resumable at `iteration`, that survives bad images and dead workers.
+
+    Iterating gives `(images, targets)` exactly as `build_train_loader` documents. `bad_images`
+    maps dataset indices that failed to load to their message; `worker_restarts` counts rebuilds.
+    """
+
+    def __init__(
+        self,
+        make_loader: Callable[[int], DataLoader],
+        start_iter: int,
+        max_bad_images: int,
+        max_worker_restarts: int,
+    ) -> None:
+        self._make_loader = make_loader
+        self.iteration = start_iter  # the index of the next batch this stream yields
+        self.max_bad_images = max_bad_images
+        self.max_worker_restarts = max_worker_restarts
+        self.bad_images: dict[int, str] = {}
+        self.worker_restarts = 0
+        self._it: Iterator | None = None
+        self._sigchld: Any = None  # the handler (torch's) deferred while the caller computes
+        self._child_exited = False
+        self._open()
+
+    # -- worker processes --
+
+    def _open(self) -> None:
+        loader = self._make_loader(self.iteration)
+        self._it = iter(loader)
+        if loader.num_workers > 0 and threading.current_thread() is threading.main_thread():
+            # torch's SIGCHLD handler raises "worker exited unexpectedly" wherever the main thread
+            # happens to be, e.g. half-way through an optimizer step. Hold it back while the caller
+            # computes and run it inside __next__, where a dead worker can be dealt with.
+            current = signal.getsignal(signal.SIGCHLD)
+            if getattr(current, "__func__", None) is TrainStream._note_child_exit:
+                current = current.__self__._sigchld  # another stream holds it back already
+            if callable(current):
+                self._sigchld = current
+            if self._sigchld is not None:
+                signal.signal(signal.SIGCHLD, self._note_child_exit)
+
+    def _note_child_exit(self, _signum: int, _frame: Any) -> None:
+        self._child_exited = True
+
+    def _shutdown(self) -> None:
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # joins workers now rather than at GC time
+        if shutdown is not None:
+            shutdown()
+
+    def close(self) -> None:
+        """Stop the worker processes and give SIGCHLD back to its previous handler."""
+        self._shutdown()
+        if self._sigchld is not None and threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGCHLD) == self._note_child_exit:
+                signal.signal(signal.SIGCHLD, self._sigchld)
+            self._sigchld = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _fetch(self) -> tuple[list, list, list]:
+        """Return the next raw batch, with torch's worker-death check active while waiting for it."""
+        assert self._it is not None
+        if self._sigchld is None:
+            return next(self._it)
+        signal.signal(signal.SIGCHLD, self._sigchld)
+        try:
+            if self._child_exited:
+                self._child_exited = False
+                self._sigchld(signal.SIGCHLD, None)  # raises now if one of the workers died meanwhile
+            return next(self._it)
+        finally:
+            signal.signal(signal.SIGCHLD, self._note_child_exit)
+
+    def _restart(self, error: RuntimeError) -> None:
+        self.worker_restarts += 1
+        reason = str(error).strip().splitlines()[0].split(". ")[0]  # drop torch's advice to rerun
+        self._shutdown()
+        if self.worker_restarts > self.max_worker_restarts:
+            raise DataError(
+                f"data-loader workers died {self.worker_restarts} times (more than "
+                f"data.max_worker_restarts={self.max_worker_restarts}; the last: {reason}) while loading "
+                f"the batch of iteration {self.iteration + 1}; check the memory available to workers, "
+                "or set data.num_workers=0 to load images in the main process"
+            ) from None
+        log.warning("data-loader worker died (%s); restarting the loader at iteration %d (%d of at most "
+                    "data.max_worker_restarts=%d)", reason, self.iteration + 1, self.worker_restarts,
+                    self.max_worker_restarts)
+        self._open()
+
+    # -- iteration --
+
+    def __iter__(self) -> "TrainStream":
+        return self
+
+    def __next__(self) -> Batch:
+        while True:
+            try:
+                images, targets, failures = self._fetch()
+                break
+            except RuntimeError as e:
+                if not _WORKER_DIED.search(str(e)):
+                    raise
+                self._restart(e)
+        self.iteration += 1
+        for index, message in failures:
+            self._report_bad_image(index, message)
+        if not images:
+            raise DataError(
+                f"no image of the batch for iteration {self.iteration} could be read (each slot tried "
+                f"{MAX_REPLACEMENTS + 1} images; the last error: {failures[-1][1]}); check data.train's "
+                "image directories"
+            )
+        return images, targets
+
+    def _report_bad_image(self, index: int, message: str) -> None:
+        if index in self.bad_images:
+            return  # reported the first time; every later epoch meets it again
+        self.bad_images[index] = message
+        if len(self.bad_images) > self.max_bad_images:
+            raise DataError(
+                f"{len(self.bad_images)} training images could not be read, more than "
+                f"data.max_bad_images={self.max_bad_images} (the last: {message}); fix or remove them "
+                "(maskrcnn check-dataset lists them all), or raise data.max_bad_images"
+            )
+        log.warning("skipping a training image (%d of at most data.max_bad_images=%d; another image takes "
+                    "its place): %s", len(self.bad_images), self.max_bad_images, message)
 
 
 def build_train_loader(
@@ -96,18 +278,28 @@ def build_train_loader(
     aspect_ratio_grouping: bool = True,
     seed: int = 0,
     start_iter: int = 0,
-) -> Iterator[Batch]:
-    """Return an infinite iterator of (images, targets) batches, deterministic for (seed, start_iter)."""
+    max_bad_images: int = 50,
+    max_worker_restarts: int = 5,
+) -> TrainStream:
+    """Return an infinite iterator of (images, targets) batches, deterministic for (seed, start_iter).
+
+    Unreadable images are reported and replaced, dead workers restarted (see `TrainStream`); past
+    the limits it raises `DataError`. Call `.close()` when done to stop worker processes at once.
+    """
     groups = aspect_ratio_groups(dataset) if aspect_ratio_grouping else np.zeros(len(dataset), np.int64)
-    sampler = GroupedBatchSampler(groups, batch_size, seed=seed, start_iter=start_iter)
-    loader = DataLoader(
-        _SeededItems(dataset),
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_lists,
-        generator=torch.Generator().manual_seed(seed),  # DataLoader's worker seed, not the global RNG
-    )
-    return iter(loader)
+    items = _SeededItems(dataset)
+
+    def make_loader(start: int) -> DataLoader:
+        return DataLoader(
+            items,
+            batch_sampler=GroupedBatchSampler(groups, batch_size, seed=seed, start_iter=start),
+            num_workers=num_workers,
+            collate_fn=_collate_train,
+            worker_init_fn=_ignore_sigint if num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed),  # DataLoader's worker seed, not the global RNG
+        )
+
+    return TrainStream(make_loader, start_iter, max_bad_images, max_worker_restarts)
 
 
 def build_test_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0) -> Iterable[Batch]:

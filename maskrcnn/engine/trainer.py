@@ -11,6 +11,7 @@ Layout of a run directory (`cfg.output_dir`):
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -49,6 +50,16 @@ BUDGET_MARGIN = 0.95  # share of the remaining time the fitted schedule may plan
 
 class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); the message says where and what to try."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised once the checkpoint a SIGINT/SIGTERM asked for is saved; `exit_status` is 128 + signal number."""
+
+    def __init__(self, signal_name: str, path: Path) -> None:
+        super().__init__(f"training stopped by {signal_name}; saved {path}")
+        self.signal_name = signal_name
+        self.path = path
+        self.exit_status = 128 + int(signal.Signals[signal_name])
 
 
 # ---- small helpers ------------------------------------------------------------------------------
@@ -298,7 +309,12 @@ class Trainer:
         self.iteration = 0
         self.train_seconds = 0.0  # summed over resumed runs, for solver.max_minutes
         self.last_checkpoint: Path | None = None
+        self.saved_iteration = 0  # the iteration last_checkpoint holds
+        self.nonfinite_in_a_row = 0  # solver.nonfinite=skip: consecutive skipped updates
+        self.nonfinite_skipped = 0  # ... and all of them in this session
         self.val_dataset: Any = None  # built at the first evaluation
+        if cfg.solver.nonfinite not in ("stop", "skip"):
+            raise UserError(f"config key 'solver.nonfinite' = {cfg.solver.nonfinite!r} is not one of ['stop', 'skip']")
         if resume_from is not None:
             self._restore(resume_from)
         cfg.save(self.out / "config.yaml")
@@ -320,8 +336,14 @@ class Trainer:
                 )
             return None
         path = latest_checkpoint(self.ckpt_dir)
+        if path is None and existing:
+            raise TrainingError(
+                f"--resume: none of the {len(existing)} checkpoints in '{self.ckpt_dir}' is complete "
+                f"({', '.join(p.name for p in existing[:5])}: truncated or corrupt); move them away to start "
+                "from scratch, or copy an intact checkpoint there"
+            )
         if path is None:
-            log.warning("--resume: no valid checkpoint in %s; starting from scratch", self.ckpt_dir)
+            log.warning("--resume: no checkpoint in %s yet; starting from scratch", self.ckpt_dir)
         return path
 
     def _restore(self, path: Path) -> None:
@@ -344,6 +366,7 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         set_rng_state(state["rng"])
         self.last_checkpoint = path
+        self.saved_iteration = self.iteration
         if self.scheduler.lr_lambdas[0].base_max_iter != self.cfg.solver.max_iter:
             # solver.max_iter changed on resume (e.g. to extend a run): follow the new config.
             self.scheduler.lr_lambdas[0] = WarmupSchedule(self.cfg.solver)
@@ -363,11 +386,30 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
+    def _last_good(self) -> str:
+        """Return where the user's progress is safe, for error messages."""
+        if self.last_checkpoint is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint is {self.last_checkpoint} (iteration {self.saved_iteration})"
+
     def save(self, final: bool = False) -> Path:
-        """Write model_final.pth or model_<iter>.pth, and prune old periodic checkpoints."""
+        """Write model_final.pth or model_<iter>.pth, and prune old periodic checkpoints.
+
+        A failed write (disk full, quota, I/O error) leaves no temp file and no damaged checkpoint
+        behind and stops the run with a TrainingError: continuing would only pile up unsaved work.
+        """
         name = "model_final.pth" if final else f"model_{self.iteration:07d}.pth"
-        path = save_checkpoint(self.ckpt_dir / name, self._state())
+        try:
+            path = save_checkpoint(self.ckpt_dir / name, self._state())
+        except OSError as e:
+            reason = e.strerror or str(e) or type(e).__name__
+            hint = "free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the output directory"
+            raise TrainingError(
+                f"cannot write checkpoint '{self.ckpt_dir / name}': {reason}; training stopped at iteration "
+                f"{self.iteration} and {self._last_good()}; {hint}, then continue with --resume"
+            ) from None
         self.last_checkpoint = path
+        self.saved_iteration = self.iteration
         periodic = sorted(p for p in self.ckpt_dir.glob("model_*.pth") if p.stem[6:].isdigit())
         for old in periodic[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
@@ -422,8 +464,44 @@ class Trainer:
 
     # -- the loop --
 
+    def _nonfinite(self, what: str, detail: str) -> None:
+        """Handle a non-finite loss or gradient: raise TrainingError, or count a skipped update (solver.nonfinite)."""
+        s = self.cfg.solver
+        iteration = self.iteration + 1
+        advice = ("Try a lower solver.base_lr, a longer solver.warmup_iters or solver.clip_grad_norm"
+                  + ("" if s.nonfinite == "skip" else ", or solver.nonfinite=skip to skip such updates"))
+        if s.nonfinite == "skip":
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_skipped += 1
+            if self.nonfinite_in_a_row <= s.max_nonfinite_skips:
+                log.warning("%s at iteration %d: %s; update skipped (%d in a row, at most "
+                            "solver.max_nonfinite_skips=%d; %d in this run)", what, iteration, detail,
+                            self.nonfinite_in_a_row, s.max_nonfinite_skips, self.nonfinite_skipped)
+                return
+            raise TrainingError(
+                f"{what} at iteration {iteration}: {detail}; {self.nonfinite_in_a_row} updates in a row skipped, more "
+                f"than solver.max_nonfinite_skips={s.max_nonfinite_skips}; training stopped and {self._last_good()}. "
+                + advice
+            )
+        raise TrainingError(f"{what} at iteration {iteration}: {detail}; training stopped and {self._last_good()}. {advice}")
+
+    def _first_nonfinite_grad(self) -> str:
+        """Return the name of the first parameter whose gradient holds a NaN or inf."""
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return name
+        return "?"
+
     def _step(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> dict[str, float]:
-        """Run one forward/backward/update; return the loss values; raise on a non-finite loss."""
+        """Run one forward/backward/update; return the loss values.
+
+        A non-finite loss (checked before backward) or gradient (checked before clipping and the
+        update) raises TrainingError naming the loss term or parameter, or, with
+        solver.nonfinite=skip, leaves the weights and optimizer state as they were (the schedule
+        and the data stream still advance). Under fp16 the GradScaler deals with overflowing
+        gradients itself, as usual.
+        """
+        s = self.cfg.solver
         images = [im.to(self.device, non_blocking=True) for im in images]
         targets = _to_device(targets, self.device)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
@@ -431,29 +509,46 @@ class Trainer:
         total = sum(losses.values())
         values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
         values["loss"] = sum(values.values())
-        if not all(math.isfinite(v) for v in values.values()):
-            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
-            parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-            raise TrainingError(
-                f"non-finite loss at iteration {self.iteration + 1}: {parts}; training stopped and {where}. "
-                "Try a lower solver.base_lr, a longer solver.warmup_iters or solver.clip_grad_norm"
-            )
+        if s.nonfinite == "skip":
+            values["nonfinite_skipped"] = float(self.nonfinite_skipped)
         self.optimizer.zero_grad(set_to_none=True)
+        bad = [f"{k}={v:.4g}" for k, v in values.items() if k != "loss" and not math.isfinite(v)]
+        if bad:
+            self._nonfinite("non-finite loss", ", ".join(bad))
+            return self._skipped(values)
         self.scaler.scale(total).backward()
-        if self.cfg.solver.clip_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.solver.clip_grad_norm))
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.scaler.is_enabled():  # fp16: inf gradients are expected; the scaler skips those steps
+            if s.clip_grad_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm))
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+            values["grad_norm"] = float(norm)
+            if not math.isfinite(values["grad_norm"]):
+                name = self._first_nonfinite_grad()
+                self._nonfinite("non-finite gradient", f"parameter '{name}' (loss {values['loss']:.4g})")
+                self.optimizer.zero_grad(set_to_none=True)
+                return self._skipped(values)
+            if s.clip_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, s.clip_grad_norm, norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.nonfinite_in_a_row = 0
+        return values
+
+    def _skipped(self, values: dict[str, float]) -> dict[str, float]:
+        """Finish an iteration whose update was skipped: the schedule still advances with the data."""
+        self.scheduler.step()
+        values["nonfinite_skipped"] = float(self.nonfinite_skipped)
         return values
 
     def run(self) -> Path:
         """Train to the end (or budget/signal), checkpointing and evaluating on the way; return the run dir."""
         from tqdm import tqdm
 
-        from maskrcnn.data.loader import build_train_loader
+        from maskrcnn.data.loader import DataError, build_train_loader
 
         cfg, s = self.cfg, self.cfg.solver
         schedule: WarmupSchedule = self.scheduler.lr_lambdas[0]
@@ -465,6 +560,8 @@ class Trainer:
             aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
             seed=s.seed,
             start_iter=self.iteration,
+            max_bad_images=cfg.data.max_bad_images,
+            max_worker_restarts=cfg.data.max_worker_restarts,
         )
         log.info("training %s on %s for %d iterations (from %d), output %s",
                  type(self.model).__name__, self.device, schedule.max_iter, self.iteration, self.out)
@@ -482,7 +579,10 @@ class Trainer:
             with _stop_on_signals() as stop:
                 while self.iteration < schedule.max_iter:
                     t0 = time.perf_counter()
-                    images, targets = next(loader)
+                    try:
+                        images, targets = next(loader)
+                    except DataError as e:
+                        self._stop_for_data(e)
                     data_time = time.perf_counter() - t0
                     values = self._step(images, targets)
                     self.iteration += 1
@@ -528,19 +628,31 @@ class Trainer:
             if window:  # stopped between log periods: the last iterations still belong in the curve
                 self._log(metrics, window, sec_per_iter, 0.0, say=not interactive)
             if stopped_by:
+                loader.close()
                 path = self.save()
                 log.warning("stopped by %s at iteration %d; saved %s; continue with --resume",
                             stopped_by, self.iteration, path)
-                raise KeyboardInterrupt(f"training stopped by {stopped_by}")
+                raise TrainingInterrupted(stopped_by, path)
             path = self.save(final=True)
             log.info("saved %s (iteration %d, %s of training)", path, self.iteration,
                      _format_seconds(self.train_seconds))
             self.evaluate("final", metrics)
         finally:
+            loader.close()
             bar.close()
             metrics.close()
             self._plot()
         return self.out
+
+    def _stop_for_data(self, error: Exception) -> None:
+        """Save the (healthy) model and raise TrainingError: the data cannot be loaded any further."""
+        where = self._last_good()
+        if self.iteration > self.saved_iteration:
+            where = f"saved {self.save()} (iteration {self.iteration})"
+        raise TrainingError(
+            f"{error}; training stopped at iteration {self.iteration} and {where}; continue with --resume "
+            "once the data is fixed"
+        )
 
     def _log(self, metrics: MetricsWriter, window: list, sec_per_iter: float, eta: float, say: bool) -> None:
         """Write the window's mean losses to metrics.jsonl/TensorBoard (and stdout when no bar is shown)."""
