@@ -279,6 +279,20 @@ def test_fix_drops_annotations_of_a_resized_image_whose_rle_no_longer_fits(tmp_p
     assert validate_dataset(out, image_dir) == []
 
 
+def test_fix_keeps_annotations_that_fit_the_corrected_size(tmp_path):
+    data = _clean_data()
+    data["images"][1]["width"] = 41  # the file is 40 wide, as its RLEs say
+    ann, image_dir = _write(tmp_path, data)
+    findings = validate_dataset(ann, image_dir)
+    assert _kinds(findings) == {"size-mismatch": ["image 2"], "rle-size-mismatch": ["ann 2", "ann 3"]}
+    assert "matches the image file" in findings[1].message
+    out = tmp_path / "clean.json"
+    assert main(["check-dataset", _spec(ann, image_dir), "--fix", str(out)]) == 1
+    fixed = json.loads(out.read_text())
+    assert fixed["images"][1]["width"] == 40 and [a["id"] for a in fixed["annotations"]] == [1, 2, 3, 4]
+    assert validate_dataset(out, image_dir) == []
+
+
 def test_fix_refuses_to_overwrite_the_input(tmp_path, capsys):
     data = _clean_data()
     _ann(data, 1)["image_id"] = 99

@@ -304,6 +304,7 @@ class _Checker:
         self.probe = probe
         self.findings: list[Finding] = []
         self.image_sizes: dict[int, tuple[int, int] | None] = {}  # (width, height) to check geometry against
+        self.file_sizes: dict[int, tuple[int, int] | None] = {}  # (width, height) of the image files
         self.category_ids: set[int] = set()
 
     def add(self, kind: str, message: str, **where: Any) -> None:
@@ -370,6 +371,7 @@ class _Checker:
                 self.add("duplicate-file-name", f"image {iid} uses '{name}', as image {file_owner[name]} does", **where)
             file_owner.setdefault(name, iid)
             probe = self.probe(name) if self.probe is not None else ImageProbe(None)
+            self.file_sizes[iid] = probe.size
             if probe.kind:
                 self.add(probe.kind, probe.message, **where)
             w, h = img.get("width"), img.get("height")
@@ -459,7 +461,7 @@ class _Checker:
                 self.add("crowd-polygon", f"{name} is a crowd region (iscrowd=1) given as polygons", **where)
             self.check_polygons(seg, name, size, where)
         elif isinstance(seg, dict):
-            self.check_rle(seg, name, size, where)
+            self.check_rle(seg, name, size, where, self.file_sizes.get(where["image_id"]) if _is_int(where["image_id"]) else None)
         else:
             self.add("bad-segmentation", f"{name} has segmentation of type {type(seg).__name__}", **where)
 
@@ -492,7 +494,8 @@ class _Checker:
                 self.add("polygon-outside-image", f"{name} polygons span x {x1:g}..{x2:g}, y {y1:g}..{y2:g}, "
                          f"outside its {w}x{h} image", **where)
 
-    def check_rle(self, seg: dict, name: str, size: tuple[int, int] | None, where: dict) -> None:
+    def check_rle(self, seg: dict, name: str, size: tuple[int, int] | None, where: dict,
+                  file_size: tuple[int, int] | None = None) -> None:
         rle_size, counts = seg.get("size"), seg.get("counts")
         if not (isinstance(rle_size, list) and len(rle_size) == 2 and all(_is_int(v) and v > 0 for v in rle_size)):
             self.add("bad-rle", f"{name} has RLE size {_short(rle_size)}; expected [height, width]", **where)
@@ -502,8 +505,10 @@ class _Checker:
             return
         rh, rw = rle_size
         if size is not None and (rh, rw) != (size[1], size[0]):
+            hint = ("; it matches the image file, so correcting the image's width/height fixes both"
+                    if file_size == (rw, rh) else "")
             self.add("rle-size-mismatch", f"{name} has RLE size [{rh}, {rw}] but its image is {size[0]}x{size[1]} "
-                     f"(size must be [height, width] = [{size[1]}, {size[0]}])", **where)
+                     f"(size must be [height, width] = [{size[1]}, {size[0]}]){hint}", **where)
             return
         try:
             if isinstance(counts, list):
@@ -590,6 +595,9 @@ def clean_data(data: dict[str, Any], probe: Callable[[str], ImageProbe],
         no_id = [f.index for f in findings if f.kind == "missing-annotation-id" and f.index not in drop["annotations"]]
         if not any(drop.values()) and not resize and not no_id:
             break
+        if resize:  # settle sizes first: annotations that disagreed with the old size may now fit
+            drop = {"images": drop["images"], "annotations": set(), "categories": set()}
+            no_id = []
         for i, (w, h) in resize.items():
             if i not in drop["images"]:
                 image = fixed["images"][i] = copy.copy(fixed["images"][i])
