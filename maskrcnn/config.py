@@ -42,6 +42,7 @@ class BackboneConfig:
     fpn_channels: int = 256
     fpn_norm: str = ""  # "" | gn  (torchvision v2 uses BatchNorm in FPN: "bn")
     weights: str = ""  # optional ImageNet state-dict file for the trunk (torchvision layout)
+    stride_in_1x1: bool = False  # bottlenecks stride in the 1x1 conv (MSRA/Detectron2), not the 3x3
 
 
 @dataclass
@@ -120,6 +121,7 @@ class MaskHeadConfig:
     class_agnostic: bool = False
     pooler: PoolerConfig = field(default_factory=lambda: PoolerConfig(output_size=14))
     threshold: float = 0.5
+    paste: str = "torchvision"  # torchvision (integer box, padded mask) | detectron2 (grid_sample)
 
 
 @dataclass
@@ -150,6 +152,9 @@ class InputConfig:
     max_size_test: int = 1333
     horizontal_flip: float = 0.5  # probability
     max_pixels: int = 100_000_000  # larger images are refused with a clear error
+    # tensor: bilinear on the float tensor, sizes floored (torchvision); pil: uint8 image resized by
+    # PIL bilinear, sizes rounded, normalised afterwards (Detectron2's ResizeShortestEdge)
+    resize: str = "tensor"
 
 
 @dataclass
@@ -473,7 +478,13 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     """Return a Config from a preset name or YAML file (or the defaults), with overrides applied."""
     cfg = Config()
     if name_or_path:
-        _load_into(cfg, _resolve_path(str(name_or_path)))
+        path = _resolve_path(str(name_or_path))
+        from maskrcnn.detectron2 import is_detectron2_config, translate_detectron2_config
+
+        if is_detectron2_config(path):  # a Detectron2 YAML (MODEL:, _BASE_: ...): translated
+            cfg = translate_detectron2_config(path)
+        else:
+            _load_into(cfg, path)
     apply_overrides(cfg, overrides or [])
     return cfg
 
@@ -486,6 +497,8 @@ _CHOICES = {
     "model.box_head.pooler.type": ("roialign", "roipool"),
     "model.mask_head.pooler.type": ("roialign", "roipool"),
     "model.input_format": ("RGB", "BGR"),
+    "model.mask_head.paste": ("torchvision", "detectron2"),
+    "input.resize": ("tensor", "pil"),
     "solver.optimizer": ("sgd", "adamw"),
     "solver.schedule": ("step", "cosine"),
     "solver.amp": ("", "bf16", "fp16"),

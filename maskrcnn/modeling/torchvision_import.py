@@ -1,10 +1,32 @@
-"""Reads torchvision Mask R-CNN state dicts (v1 and v2) into our module names."""
+"""Reads torchvision Mask R-CNN state dicts (v1 and v2) into our module names.
+
+The mechanism is shared with other importers (Detectron2): an ordered list of (regex, replacement)
+rules, the first matching rule renames the key; a replacement may be a function of the match.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from torch import Tensor
+
+Replacement = str | Callable[[re.Match[str]], str]
+Rules = list[tuple[re.Pattern[str], Replacement]]
+
+
+def compile_rules(rules: list[tuple[str, Replacement]]) -> Rules:
+    """Return the rules with their patterns compiled."""
+    return [(re.compile(pattern), replacement) for pattern, replacement in rules]
+
+
+def rename_key(key: str, rules: Rules) -> str | None:
+    """Return `key` renamed by the first rule whose pattern matches, or None when none does."""
+    for pattern, replacement in rules:
+        if pattern.search(key):
+            return pattern.sub(replacement, key, count=1)
+    return None
+
 
 # (torchvision name pattern, our name) — applied in order, first match wins.
 _RULES: list[tuple[str, str]] = [
@@ -34,7 +56,7 @@ _RULES: list[tuple[str, str]] = [
     (r"^roi_heads\.mask_predictor\.conv5_mask\.", "roi_heads.mask_head.deconv."),
     (r"^roi_heads\.mask_predictor\.mask_fcn_logits\.", "roi_heads.mask_head.predictor."),
 ]
-_COMPILED = [(re.compile(p), r) for p, r in _RULES]
+_COMPILED = compile_rules(_RULES)
 _OLD_MASK_CONV = re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d)\.(weight|bias)$")  # torchvision < 0.13
 
 
@@ -48,10 +70,8 @@ def rename_torchvision_key(key: str) -> str:
     old_mask = _OLD_MASK_CONV.match(key)
     if old_mask:
         return f"roi_heads.mask_head.convs.{int(old_mask.group(1)) - 1}.conv.{old_mask.group(2)}"
-    for pattern, replacement in _COMPILED:
-        if pattern.search(key):
-            return pattern.sub(replacement, key, count=1)
-    return key
+    renamed = rename_key(key, _COMPILED)
+    return key if renamed is None else renamed
 
 
 def convert_torchvision_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
