@@ -80,8 +80,11 @@ def test_clean_dataset_exits_0(tmp_path, capsys):
 
 
 def test_synthetic_shapes_are_clean(tmp_path):
-    (ann, image_dir), _ = make_shapes(tmp_path, num_train=3, num_val=0, seed=3, image_size=64).values()
+    # 20 images: enough for the threaded header reads to kick in
+    (ann, image_dir), _ = make_shapes(tmp_path, num_train=20, num_val=0, seed=3, image_size=48).values()
     assert validate_dataset(ann, image_dir) == []
+    (image_dir / "000007.png").unlink()
+    assert _kinds(validate_dataset(ann, image_dir)) == {"missing-image": ["image 7"]}
 
 
 def _ann(data: dict, ann_id: int) -> dict:
@@ -220,6 +223,23 @@ def test_malformed_file_is_one_line_error(tmp_path, capsys, text, words):
     assert main(["check-dataset", _spec(ann, image_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err and str(ann) in err
+
+
+def test_missing_image_folder_is_one_line_error(tmp_path, capsys):
+    ann, image_dir = _write(tmp_path, _clean_data())
+    assert main(["check-dataset", f"{ann}:{tmp_path / 'nowhere'}"]) == 2
+    assert "image directory" in capsys.readouterr().err
+
+
+def test_fix_names_what_it_cannot_fix(tmp_path, capsys):
+    data = _clean_data()
+    for a in data["annotations"]:
+        a["category_id"] = 9
+    ann, image_dir = _write(tmp_path, data)
+    out = tmp_path / "clean.json"
+    assert main(["check-dataset", _spec(ann, image_dir), "--fix", str(out)]) == 1
+    assert "still has 1 error that dropping entries cannot fix: no-usable-annotations" in capsys.readouterr().out
+    assert json.loads(out.read_text())["annotations"] == []
 
 
 def test_json_report(tmp_path):

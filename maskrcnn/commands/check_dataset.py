@@ -126,5 +126,6 @@ def run(args: argparse.Namespace) -> int:
         left, _ = _counts(summary.remaining)
         if left:
             kinds = sorted({f.kind for f in summary.remaining if f.severity == "error"})
-            print(f"the cleaned copy still has {_plural(left, 'error')} that dropping entries cannot fix: {', '.join(kinds)}")
+            print(f"the cleaned copy still has {_plural(left, 'error')} that dropping entries cannot fix: "
+                  + ", ".join(kinds))
     return 1 if errors else 0

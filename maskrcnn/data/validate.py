@@ -188,8 +188,8 @@ class ImageProber:
         if len(todo) < 16 or self.workers <= 1:
             return
         with ThreadPoolExecutor(self.workers) as pool:
-            for name, probe in zip(todo, pool.map(lambda n: probe_image(self.image_dir / n, self.max_pixels, self.decode), todo)):
-                self._cache[name] = probe
+            probes = pool.map(lambda n: probe_image(self.image_dir / n, self.max_pixels, self.decode), todo)
+            self._cache.update(zip(todo, probes))
 
 
 # ---- polygons -----------------------------------------------------------------------------------
@@ -338,7 +338,8 @@ class _Checker:
             if not isinstance(cat, dict) or not _is_int(cid):
                 self.add("bad-category-entry", f"categories[{i}] is not an object with an integer 'id'", **where)
             elif cid in self.category_ids:
-                self.add("duplicate-category-id", f"categories[{i}] repeats category id {cid}", category_id=cid, **where)
+                self.add("duplicate-category-id", f"categories[{i}] repeats category id {cid}",
+                         category_id=cid, **where)
             else:
                 self.category_ids.add(cid)
                 if "name" not in cat:
@@ -417,7 +418,8 @@ class _Checker:
             if not (_is_int(iid) and iid in self.image_sizes):
                 self.add("unknown-image-id", f"{name} refers to image_id {iid!r}, which is not in 'images'", **where)
             if not (_is_int(cid) and cid in self.category_ids):
-                self.add("unknown-category-id", f"{name} has category_id {cid!r}, which is not in 'categories'", **where)
+                self.add("unknown-category-id", f"{name} has category_id {cid!r}, which is not in 'categories'",
+                         **where)
             else:
                 used.add(cid)
             crowd = ann.get("iscrowd", 0)
@@ -449,7 +451,7 @@ class _Checker:
         w, h = size
         if x >= w or y >= h or x + bw <= 0 or y + bh <= 0:
             self.add("bbox-outside-image", f"{name} has bbox {bbox}, entirely outside its {w}x{h} image", **where)
-        elif x < -BORDER_TOLERANCE or y < -BORDER_TOLERANCE or x + bw > w + BORDER_TOLERANCE or y + bh > h + BORDER_TOLERANCE:
+        elif min(x, y) < -BORDER_TOLERANCE or x + bw > w + BORDER_TOLERANCE or y + bh > h + BORDER_TOLERANCE:
             self.add("bbox-partly-outside", f"{name} has bbox {bbox}, past the border of its {w}x{h} image", **where)
 
     def check_segmentation(self, ann: dict, name: str, size: tuple[int, int] | None, crowd: bool, where: dict) -> None:
@@ -461,7 +463,8 @@ class _Checker:
                 self.add("crowd-polygon", f"{name} is a crowd region (iscrowd=1) given as polygons", **where)
             self.check_polygons(seg, name, size, where)
         elif isinstance(seg, dict):
-            self.check_rle(seg, name, size, where, self.file_sizes.get(where["image_id"]) if _is_int(where["image_id"]) else None)
+            iid = where["image_id"]
+            self.check_rle(seg, name, size, where, self.file_sizes.get(iid) if _is_int(iid) else None)
         else:
             self.add("bad-segmentation", f"{name} has segmentation of type {type(seg).__name__}", **where)
 
@@ -501,7 +504,8 @@ class _Checker:
             self.add("bad-rle", f"{name} has RLE size {_short(rle_size)}; expected [height, width]", **where)
             return
         if not isinstance(counts, (list, str)):
-            self.add("bad-rle", f"{name} has RLE counts of type {type(counts).__name__}; expected a string or list", **where)
+            self.add("bad-rle", f"{name} has RLE counts of type {type(counts).__name__}; expected a string or list",
+                     **where)
             return
         rh, rw = rle_size
         if size is not None and (rh, rw) != (size[1], size[0]):
