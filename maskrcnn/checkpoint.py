@@ -249,7 +249,12 @@ def load_weights(
         raise CheckpointError(f"weights file '{path}' does not exist")
     if verify_checkpoint(path) is False:
         raise CheckpointError(f"weights file '{path}' is corrupt (checksum mismatch); {_RECOPY}")
-    loaded = _torch_load(path)
+    if path.suffix == ".pkl":  # a Detectron2 model-zoo file: a pickle of numpy arrays, read safely
+        from maskrcnn.detectron2 import read_detectron2_weights
+
+        loaded: Any = {"model": read_detectron2_weights(path)}
+    else:
+        loaded = _torch_load(path)
     saved_config = loaded.get("config") if isinstance(loaded, dict) and isinstance(loaded.get("config"), dict) else None
     state = _extract_state_dict(loaded, path)
 

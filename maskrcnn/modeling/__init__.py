@@ -15,9 +15,13 @@ def build_model(cfg: Config) -> MaskRCNN:
 
 
 def import_state_dict(model: MaskRCNN, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Return `state_dict` renamed into this project's parameter names (torchvision files included)."""
+    """Return `state_dict` renamed into this project's parameter names (torchvision, Detectron2 files)."""
+    from maskrcnn.detectron2.weights import convert_detectron2_state_dict, is_detectron2_state_dict
+
     if is_torchvision_state_dict(state_dict):
         return convert_torchvision_state_dict(state_dict)
+    if is_detectron2_state_dict(state_dict):
+        return convert_detectron2_state_dict(state_dict, model.cfg.model)
     return dict(state_dict)
 
 
