@@ -173,3 +173,41 @@ def paste_masks(
         d, r, c = torch.nonzero(keep, as_tuple=True)
         out[i[d], rows[d, r], cols[d, c]] = True
     return out
+
+
+def paste_masks_grid_sample(
+    masks: Tensor, boxes: Tensor, height: int, width: int, threshold: float = 0.5, masks_per_batch: int = 16,
+) -> Tensor:
+    """Return bool [D, height, width]: each [M, M] mask bilinearly sampled at the pixel centres of its box.
+
+    Detectron2's pasting: the box keeps its fractional coordinates, a pixel centre (x + 0.5) maps to
+    ((x + 0.5 - x0) / (x1 - x0)) * 2 - 1 in grid_sample's coordinates (zero padding outside the mask),
+    and a pixel is on at probability >= threshold. Masks are sampled in batches over windows the size
+    of their boxes plus one pixel; beyond that margin the sampled value is always below 0.5.
+    """
+    num = masks.shape[0]
+    out = torch.zeros(num, height, width, dtype=torch.bool, device=masks.device)
+    if num == 0:
+        return out
+    m = masks.shape[-1]
+    masks = masks.reshape(num, 1, m, m).float()
+    boxes = boxes.float()
+    x0 = (boxes[:, 0].floor() - 1).clamp(min=0).long()
+    y0 = (boxes[:, 1].floor() - 1).clamp(min=0).long()
+    win_w = ((boxes[:, 2].ceil() + 1).clamp(max=width).long() - x0).clamp(min=0)
+    win_h = ((boxes[:, 3].ceil() + 1).clamp(max=height).long() - y0).clamp(min=0)
+    for i in torch.argsort(win_h * win_w).split(masks_per_batch):
+        hb, wb = int(win_h[i].max()), int(win_w[i].max())
+        if hb == 0 or wb == 0:
+            continue  # boxes entirely outside the image paste nothing
+        rows = y0[i, None] + torch.arange(hb, device=masks.device)
+        cols = x0[i, None] + torch.arange(wb, device=masks.device)
+        b = boxes[i]
+        gy = (rows.float() + 0.5 - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1
+        gx = (cols.float() + 0.5 - b[:, 0:1]) / (b[:, 2:3] - b[:, 0:1]) * 2 - 1
+        grid = torch.stack([gx[:, None, :].expand(-1, hb, -1), gy[:, :, None].expand(-1, -1, wb)], dim=3)
+        window = F.grid_sample(masks[i], grid, align_corners=False)[:, 0] >= threshold
+        keep = window & (rows < height)[:, :, None] & (cols < width)[:, None, :]
+        d, r, c = torch.nonzero(keep, as_tuple=True)
+        out[i[d], rows[d, r], cols[d, c]] = True
+    return out
