@@ -202,7 +202,7 @@ def _prepare_segmentation(seg: Any, h: int, w: int) -> tuple[Any, list[float], s
         if not all(np.isfinite(p).all() for p in points):
             return None, [], NON_FINITE
         # pycocotools rasterises every pixel step along each edge, so a vertex at 1e12 would take
-        # forever (and all memory): clip polygons that leave the image to a window just around it.
+        # forever (and all memory): clip polygons that reach far outside the image to a window around it.
         points = [_clip_polygon(p, w, h) for p in points]
         points = [p for p in points if len(p) >= 3 and np.isfinite(p).all()]
         if not points:
@@ -277,12 +277,15 @@ def rle_counts(encoded: bytes) -> list[int]:
     return runs
 
 
-def _clip_polygon(points: np.ndarray, w: int, h: int, margin: float = 1.0) -> np.ndarray:
-    """Return the polygon [P,2] clipped to the rectangle around the image (unchanged if inside it).
+def _clip_polygon(points: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Return the polygon [P,2] clipped to a window one image size around the image (unchanged if inside).
 
-    Sutherland-Hodgman against each side in turn: exact for any simple or self-touching polygon
-    and a convex window, so the pixels inside the image are the same as before clipping.
+    Sutherland-Hodgman against each side in turn: exact geometry for any polygon and a convex
+    window. pycocotools rounds vertices to 1/5 pixel, so a clipped polygon may differ from the
+    unclipped one by a pixel along an edge; with the window this wide only absurd annotations
+    (vertices more than an image size outside) are clipped at all.
     """
+    margin = float(max(h, w))
     lo = np.array([-margin, -margin])
     hi = np.array([w + margin, h + margin])
     if (points >= lo).all() and (points <= hi).all():
