@@ -42,9 +42,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             f"image '{path}' is too large to decode safely; shrink it below {max_pixels} pixels"
         ) from None
     except UnidentifiedImageError:
-        raise ImageReadError(
-            f"file '{path}' is not an image PIL can read (expected JPEG, PNG, BMP, TIFF, ...)"
-        ) from None
+        raise ImageReadError(_unidentified_reason(path)) from None
     except PermissionError:
         raise ImageReadError(f"image '{path}' cannot be read: permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -52,6 +50,32 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ImageReadError(
             f"image '{path}' is truncated or corrupt ({reason}); re-export or remove it"
         ) from None
+
+
+# File signatures of the formats we read, to tell a damaged image from a file that is no image.
+_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF", b"GIF8": "GIF", b"RIFF": "WebP",
+}
+
+
+def _unidentified_reason(path: Path) -> str:
+    """Return the one-line message for a file PIL cannot identify: empty, damaged image, or no image."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError as e:
+        return f"image '{path}' cannot be read: {e.strerror}"
+    if not head:
+        return f"image '{path}' is an empty file (0 bytes); re-export or remove it"
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        if min(w, h) < 2:
+            return f"image '{path}' is {w}x{h} pixels; images must be at least 2x2"
+    for magic, kind in _SIGNATURES.items():
+        if head.startswith(magic):
+            return f"image '{path}' starts like a {kind} file but cannot be decoded (corrupt); re-export or remove it"
+    return f"file '{path}' is not an image PIL can read (expected JPEG, PNG, BMP, TIFF, ...)"
 
 
 def _check_size(path: Path, size: tuple[int, int], max_pixels: int) -> None:
