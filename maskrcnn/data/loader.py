@@ -166,6 +166,7 @@ class TrainStream:
 
     def _open(self) -> None:
         loader = self._make_loader(self.iteration)
+        self._num_workers = loader.num_workers
         self._it = iter(loader)
         if loader.num_workers > 0 and threading.current_thread() is threading.main_thread():
             # torch's SIGCHLD handler raises "worker exited unexpectedly" wherever the main thread
@@ -216,9 +217,9 @@ class TrainStream:
         finally:
             signal.signal(signal.SIGCHLD, self._note_child_exit)
 
-    def _restart(self, error: RuntimeError) -> None:
+    def _restart(self, error: str) -> None:
         self.worker_restarts += 1
-        reason = str(error).strip().splitlines()[0].split(". ")[0]  # drop torch's advice to rerun
+        reason = error.strip().splitlines()[0].split(". ")[0]  # drop torch's advice to rerun
         self._shutdown()
         if self.worker_restarts > self.max_worker_restarts:
             raise DataError(
@@ -245,7 +246,12 @@ class TrainStream:
             except RuntimeError as e:
                 if not _WORKER_DIED.search(str(e)):
                     raise
-                self._restart(e)
+                self._restart(str(e))
+            except (ConnectionError, EOFError) as e:
+                # A worker that dies while handing over a batch breaks the transfer itself.
+                if self._num_workers == 0:
+                    raise
+                self._restart(f"lost the connection to a worker ({type(e).__name__}: {e})")
         self.iteration += 1
         for index, message in failures:
             self._report_bad_image(index, message)
