@@ -108,6 +108,7 @@ class BoxHeadConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_image: int = 100
+    min_size: float = 1e-2  # detections narrower or lower than this (resized px) are dropped before NMS
 
 
 @dataclass

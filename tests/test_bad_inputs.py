@@ -152,7 +152,8 @@ def test_predict_reports_each_bad_file_in_one_line_and_predicts_the_rest(
         (line,) = [line for line in lines if f"/{name}'" in line]
         assert line.startswith("skipped: ") and words in line
     summary = [line for line in err.splitlines() if "image(s) failed" in line]
-    assert len(summary) == 1 and summary[0].startswith(f"{len(expected)} image(s) failed: ")
+    assert len(summary) == 1 and summary[0].startswith(f"{len(expected)} image(s) failed (each reported above): ")
+    assert summary[0].endswith(f" and {len(expected) - 5} more")
     assert (out / "good.png").is_file()
     assert sorted(p.name for p in out.glob("*.png")) == ["good.png"]
     results = json.loads((out / "predictions.json").read_text())

@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     done = len(files) - len(failed)
     print(f"predicted {done} image(s), {len(results)} detection(s); overlays and predictions.json in {out}")
     if failed:
-        print(f"{len(failed)} image(s) failed: {', '.join(str(f) for f in failed)}", file=sys.stderr)
+        shown = ", ".join(str(f) for f in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        print(f"{len(failed)} image(s) failed (each reported above): {shown}", file=sys.stderr)
         return 1
     return 0

@@ -372,6 +372,10 @@ def _translate_heads(k: _Keys, cfg: Config) -> None:
     m.anchors.round_base = False
     m.anchors.stride_from_image = False
     m.size_divisibility = 32 if fpn else 1  # Detectron2 pads to the FPN's coarsest input stride only
+    # Detectron2's arithmetic, so outputs agree to float32 rounding: NCHW convolutions, each frozen BN
+    # applied after its conv. (Folding / channels-last are faster and differ by ~1e-3 px on boxes.)
+    m.channels_last = False
+    m.backbone.fold_frozen_bn = False
 
     rpn = m.rpn
     channels = m.backbone.fpn_channels if fpn else (1024 if m.backbone.depth >= 50 else 256)  # res4
@@ -423,6 +427,7 @@ def _translate_heads(k: _Keys, cfg: Config) -> None:
     box.score_thresh = float(k.get("MODEL.ROI_HEADS.SCORE_THRESH_TEST"))
     box.nms_thresh = float(k.get("MODEL.ROI_HEADS.NMS_THRESH_TEST"))
     box.detections_per_image = k.get("TEST.DETECTIONS_PER_IMAGE")
+    box.min_size = 0.0  # Detectron2 keeps empty boxes through NMS; they are dropped after resizing back
     m.num_classes = k.get("MODEL.ROI_HEADS.NUM_CLASSES")
 
     mask = m.mask_head

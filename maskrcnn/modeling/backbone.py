@@ -98,8 +98,16 @@ def build_trunk(cfg: BackboneConfig) -> ResNet:
     norm = norm_factory(cfg.norm, cfg.gn_groups)
     trunk = ResNet(block, layers, groups=cfg.groups, width_per_group=cfg.width_per_group, norm_layer=norm)
     del trunk.fc, trunk.avgpool  # detection uses the feature maps only
+    if cfg.stride_in_1x1 and block_expansion(trunk) > 1:  # MSRA / Detectron2: stride in the 1x1 conv
+        for stage in (trunk.layer2, trunk.layer3, trunk.layer4):
+            stage[0].conv1.stride, stage[0].conv2.stride = stage[0].conv2.stride, (1, 1)
     freeze_stages(trunk, cfg.trainable_stages)
     return trunk
+
+
+def block_expansion(trunk: ResNet) -> int:
+    """Return the channel expansion of the trunk's residual blocks (1 basic, 4 bottleneck)."""
+    return trunk.layer1[0].expansion
 
 
 def freeze_stages(trunk: nn.Module, trainable_stages: int) -> None:

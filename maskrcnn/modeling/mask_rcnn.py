@@ -16,7 +16,7 @@ from maskrcnn.modeling.anchors import AnchorGenerator
 from maskrcnn.modeling.backbone import Backbone
 from maskrcnn.modeling.roi_heads import RoIHeads
 from maskrcnn.modeling.rpn import RPN
-from maskrcnn.structures import paste_masks, scale_boxes
+from maskrcnn.structures import paste_masks, paste_masks_grid_sample, scale_boxes
 
 ImageLike = str | Path | Tensor | np.ndarray | Any  # Any: a PIL image
 
@@ -26,6 +26,25 @@ def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tupl
     # Python floats (double precision), as torchvision computes it, so sizes agree to the pixel.
     scale = min(min_size / min(height, width), max_size / max(height, width))
     return math.floor(height * scale), math.floor(width * scale), scale
+
+
+def resized_shape_rounded(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """Return (new_h, new_w) as Detectron2's ResizeShortestEdge computes them: rounded, not floored."""
+    scale = min_size / min(height, width)
+    new_h, new_w = (min_size, scale * width) if height < width else (scale * height, min_size)
+    if max(new_h, new_w) > max_size:
+        scale = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def resize_uint8_pil(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Return a [3,H,W] 0..1 image as uint8, resized to `size` by PIL's bilinear filter, as 0..255 floats."""
+    from PIL import Image
+
+    pixels = (image * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    resized = Image.fromarray(pixels).resize((size[1], size[0]), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().to(image.device)
 
 
 def as_image_tensor(image: ImageLike) -> Tensor:
@@ -84,10 +103,16 @@ class MaskRCNN(nn.Module):
                 raise ValueError(f"image {i} must be a [3, H, W] tensor, got shape {tuple(image.shape)}")
             if self.cfg.model.input_format == "BGR":
                 image = image.flip(0)
-            image = (image - self.pixel_mean) / self.pixel_std
             h, w = image.shape[-2:]
-            new_h, new_w, _ = resized_shape(h, w, *self._target_size())
-            image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+            if self.cfg.input.resize == "pil":  # Detectron2: resize the uint8 image, then normalise
+                new_h, new_w = resized_shape_rounded(h, w, *self._target_size())
+                mean, std = ([v * 255 for v in values] for values in (self.cfg.model.pixel_mean, self.cfg.model.pixel_std))
+                image = resize_uint8_pil(image, (new_h, new_w))
+                image = (image - image.new_tensor(mean)[:, None, None]) / image.new_tensor(std)[:, None, None]
+            else:
+                image = (image - self.pixel_mean) / self.pixel_std
+                new_h, new_w, _ = resized_shape(h, w, *self._target_size())
+                image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
             resized.append(image)
             sizes.append((new_h, new_w))
             if targets is not None:
@@ -129,13 +154,13 @@ class MaskRCNN(nn.Module):
         for det, (h, w), (oh, ow) in zip(detections, sizes, original):
             scale_y = torch.tensor(oh, dtype=torch.float32) / torch.tensor(h, dtype=torch.float32)
             scale_x = torch.tensor(ow, dtype=torch.float32) / torch.tensor(w, dtype=torch.float32)
-            out = {
-                "boxes": scale_boxes(det["boxes"], scale_y, scale_x),
-                "scores": det["scores"],
-                "labels": det["labels"],
-            }
+            boxes = scale_boxes(det["boxes"], scale_y, scale_x)
+            # Empty boxes are no detections (they reach here only with box_head.min_size = 0, as in Detectron2).
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            out = {"boxes": boxes[keep], "scores": det["scores"][keep], "labels": det["labels"][keep]}
             if "mask_probs" in det:
-                out["masks"] = paste_masks(det["mask_probs"], out["boxes"], oh, ow, self.cfg.model.mask_head.threshold)
+                paste = paste_masks_grid_sample if self.cfg.model.mask_head.paste == "detectron2" else paste_masks
+                out["masks"] = paste(det["mask_probs"][keep], out["boxes"], oh, ow, self.cfg.model.mask_head.threshold)
             results.append(out)
         return results
 

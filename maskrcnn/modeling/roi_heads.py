@@ -268,7 +268,7 @@ class RoIHeads(nn.Module):
         scores = scores[:, 1:].reshape(-1)
         keep = torch.nonzero(scores > self.cfg.score_thresh).squeeze(1)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = nonempty_boxes(boxes, 1e-2)
+        keep = nonempty_boxes(boxes, self.cfg.min_size)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = batched_nms(boxes, scores, labels, self.cfg.nms_thresh)[: self.cfg.detections_per_image]
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
