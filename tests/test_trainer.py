@@ -85,8 +85,9 @@ def test_sigint_saves_and_resume_finishes(cfg, monkeypatch):
         return 1.0
 
     monkeypatch.setattr(_FakeModel, "hook", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as e:
         train(cfg)
+    assert e.value.exit_status == 128 + signal.SIGINT and e.value.path.name == "model_0000003.pth"
     assert load_checkpoint(cfg.output_dir + "/checkpoints/model_0000003.pth")["iteration"] == 3
     monkeypatch.setattr(_FakeModel, "hook", None)
     out = train(cfg, resume=True)

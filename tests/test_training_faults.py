@@ -239,9 +239,11 @@ def broken_data(shapes, tmp_path):
     return f"{ann}:{copy}", bad
 
 
-def test_unreadable_image_is_reported_once_and_replaced(fake_cfg, broken_data, caplog):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_is_reported_once_and_replaced(fake_cfg, broken_data, caplog, workers):
     cfg = fake_cfg
     cfg.data.train, bad = [broken_data[0]], broken_data[1]
+    cfg.data.num_workers = workers
     cfg.solver.max_iter = 9  # three epochs: the bad image comes up three times
     seen = []
     _Fake.hook = lambda call: None

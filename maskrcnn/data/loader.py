@@ -268,10 +268,12 @@ class TrainStream:
             return  # reported the first time; every later epoch meets it again
         self.bad_images[index] = message
         if len(self.bad_images) > self.max_bad_images:
+            n = len(self.bad_images)
             raise DataError(
-                f"{len(self.bad_images)} training images could not be read, more than "
+                f"{n} training image{'s' if n > 1 else ''} could not be read, more than "
                 f"data.max_bad_images={self.max_bad_images} (the last: {message}); fix or remove them "
-                "(maskrcnn check-dataset lists them all), or raise data.max_bad_images"
+                "(`maskrcnn check-dataset ANN.json:IMAGE_DIR --decode` lists them all), or raise "
+                "data.max_bad_images"
             )
         log.warning("skipping a training image (%d of at most data.max_bad_images=%d; another image takes "
                     "its place): %s", len(self.bad_images), self.max_bad_images, message)
