@@ -284,6 +284,8 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.device = resolve_device(cfg.device)
         self.dtype = amp_dtype(cfg.solver.amp, self.device)
+        if cfg.solver.nonfinite not in ("stop", "skip"):
+            raise UserError(f"config key 'solver.nonfinite' = {cfg.solver.nonfinite!r} is not one of ['stop', 'skip']")
 
         resume_from = self._prepare_output_dir(resume)
         seed_all(cfg.solver.seed)
@@ -313,8 +315,6 @@ class Trainer:
         self.nonfinite_in_a_row = 0  # solver.nonfinite=skip: consecutive skipped updates
         self.nonfinite_skipped = 0  # ... and all of them in this session
         self.val_dataset: Any = None  # built at the first evaluation
-        if cfg.solver.nonfinite not in ("stop", "skip"):
-            raise UserError(f"config key 'solver.nonfinite' = {cfg.solver.nonfinite!r} is not one of ['stop', 'skip']")
         if resume_from is not None:
             self._restore(resume_from)
         cfg.save(self.out / "config.yaml")
@@ -403,7 +403,8 @@ class Trainer:
             path = save_checkpoint(self.ckpt_dir / name, self._state())
         except OSError as e:
             reason = e.strerror or str(e) or type(e).__name__
-            hint = "free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the output directory"
+            full = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+            hint = "free some disk space" if e.errno in full else "check the output directory"
             raise TrainingError(
                 f"cannot write checkpoint '{self.ckpt_dir / name}': {reason}; training stopped at iteration "
                 f"{self.iteration} and {self._last_good()}; {hint}, then continue with --resume"
@@ -540,6 +541,15 @@ class Trainer:
 
     def _skipped(self, values: dict[str, float]) -> dict[str, float]:
         """Finish an iteration whose update was skipped: the schedule still advances with the data."""
+        # The forward pass itself may have written NaNs into buffers (BatchNorm running statistics);
+        # skipping the update cannot undo that, so such a step cannot be skipped safely.
+        for name, buf in self.model.named_buffers():
+            if buf.is_floating_point() and not torch.isfinite(buf).all():
+                raise TrainingError(
+                    f"non-finite values reached buffer '{name}' at iteration {self.iteration + 1}, so the step "
+                    f"cannot be skipped; training stopped and {self._last_good()}. Try a lower solver.base_lr, "
+                    "a longer solver.warmup_iters or solver.clip_grad_norm"
+                )
         self.scheduler.step()
         values["nonfinite_skipped"] = float(self.nonfinite_skipped)
         return values
