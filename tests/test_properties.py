@@ -374,7 +374,7 @@ def image_dir(tmp_path_factory) -> Path:
     return root
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mutated_coco_file_loads_or_raises_user_error(data, image_dir, tmp_path_factory):
     coco = _valid_coco()

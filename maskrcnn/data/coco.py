@@ -211,9 +211,9 @@ def _prepare_segmentation(seg: Any, h: int, w: int) -> tuple[Any, list[float], s
         allp = np.concatenate(points)
         x1, y1 = allp.min(axis=0)
         x2, y2 = allp.max(axis=0)
-        # Shoelace area: collinear or all-outside polygons rasterise to an empty mask.
-        area = sum(abs(np.dot(p[:, 0], np.roll(p[:, 1], 1)) - np.dot(p[:, 1], np.roll(p[:, 0], 1))) for p in points)
-        if area == 0 or x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
+        # Collinear or all-outside polygons rasterise to an empty mask. (Not "zero shoelace area": a
+        # figure-eight's two lobes cancel in the signed area, yet pycocotools fills both.)
+        if all(_collinear(p) for p in points) or x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
             return None, [], EMPTY_MASK
         return polygons, [float(x1), float(y1), float(x2), float(y2)], None
     if isinstance(seg, dict):
@@ -247,6 +247,16 @@ def _prepare_segmentation(seg: Any, h: int, w: int) -> tuple[Any, list[float], s
         x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
         return rle, [x, y, x + bw, y + bh], None
     return None, [], BAD_SEGMENTATION
+
+
+def _collinear(points: np.ndarray) -> bool:
+    """Return True if all points [P,2] lie on one line (or coincide): the polygon has no interior."""
+    d = points[1:] - points[0]
+    nonzero = np.flatnonzero(np.abs(d).sum(axis=1))
+    if len(nonzero) == 0:
+        return True
+    v = d[nonzero[0]]
+    return bool((v[0] * d[:, 1] - v[1] * d[:, 0] == 0).all())
 
 
 def rle_counts(encoded: bytes) -> list[int]:
