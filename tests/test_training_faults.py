@@ -41,7 +41,7 @@ from maskrcnn.engine.trainer import TrainingError, train
 
 
 class _Fake(nn.Module):
-    """The contract's loss dict from two parameters; `hook(call)` returns "nan-loss", "nan-grad" or None."""
+    """The contract's loss dict from two parameters; `hook(call)` returns "nan-loss", "nan-grad", "nan-buffer" or None."""
 
     hook = None
 
@@ -49,13 +49,16 @@ class _Fake(nn.Module):
         super().__init__()
         self.trunk = nn.Parameter(torch.ones(2))
         self.head = nn.Parameter(torch.ones(3))
+        self.register_buffer("running_mean", torch.zeros(3))  # as BatchNorm's, updated by the forward pass
         self.calls = 0
 
     def forward(self, images, targets=None):
         self.calls += 1
         trouble = _Fake.hook(self.calls) if _Fake.hook else None
         trunk = (self.trunk**2).sum()
-        head = (self.head**2).sum() * (float("nan") if trouble == "nan-loss" else 1.0)
+        head = (self.head**2).sum() * (float("nan") if trouble in ("nan-loss", "nan-buffer") else 1.0)
+        if trouble == "nan-buffer":
+            self.running_mean.fill_(float("nan"))
         if trouble == "nan-grad":  # a finite loss whose gradient is not
             head.register_hook(lambda g: g * float("nan"))
         return {"loss_classifier": head, "loss_box_reg": trunk * 0.5, "loss_mask": trunk * 0.1,
@@ -414,6 +417,14 @@ def test_skip_mode_stops_after_too_many_in_a_row(fake_cfg):
     _Fake.hook = lambda call: "nan-loss" if call >= 2 else None
     with pytest.raises(TrainingError, match=r"at iteration 4: loss_classifier=nan; 3 updates in a row skipped, "
                                             r"more than solver.max_nonfinite_skips=2"):
+        train(cfg)
+
+
+def test_skip_mode_cannot_skip_a_step_that_poisoned_a_buffer(fake_cfg):
+    cfg = fake_cfg
+    cfg.solver.nonfinite = "skip"
+    _Fake.hook = lambda call: "nan-buffer" if call == 3 else None
+    with pytest.raises(TrainingError, match="non-finite values reached buffer 'running_mean' at iteration 3"):
         train(cfg)
 
 
