@@ -42,6 +42,8 @@ class BackboneConfig:
     fpn_channels: int = 256
     fpn_norm: str = ""  # "" | gn  (torchvision v2 uses BatchNorm in FPN: "bn")
     weights: str = ""  # optional ImageNet state-dict file for the trunk (torchvision layout)
+    # frozen BN folded into the preceding conv (W*scale, shift as bias): fewer passes, same function
+    fold_frozen_bn: bool = True
     stride_in_1x1: bool = False  # bottlenecks stride in the 1x1 conv (MSRA/Detectron2), not the 3x3
 
 
@@ -136,6 +138,8 @@ class ModelConfig:
     pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     input_format: str = "RGB"  # RGB | BGR (channel order the network expects)
     size_divisibility: int = 32
+    # Convolutions in NHWC layout: oneDNN's fast path on CPUs (AVX-512/AMX); the results are the same.
+    channels_last: bool = True
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)

@@ -7,6 +7,7 @@ import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 
 from maskrcnn.config import load_config
+from maskrcnn.engine.compare import Tolerances, detection_differences
 from maskrcnn.modeling import build_model, import_state_dict
 
 # Smaller than the presets' 800 px so the test stays quick; the resize rule itself is exercised.
@@ -43,16 +44,17 @@ def model_pair(request, tmp_path_factory):
     return reference, ours
 
 
-def assert_same_detections(expected: dict, actual: dict) -> None:
-    assert len(actual["boxes"]) == len(expected["boxes"]) > 0
-    assert torch.equal(actual["labels"], expected["labels"])
-    assert (actual["boxes"] - expected["boxes"]).abs().max() <= 0.01
-    assert (actual["scores"] - expected["scores"]).abs().max() <= 1e-4
-    reference_masks = expected["masks"][:, 0] > 0.5
-    inter = (reference_masks & actual["masks"]).flatten(1).sum(1).float()
-    union = (reference_masks | actual["masks"]).flatten(1).sum(1).float()
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    assert iou.min() >= 0.99, f"mask IoU {iou.min():.4f}"
+# Channels-last convolutions and folded frozen BN sum in another order than torchvision's NCHW
+# convolutions: on these random weights boxes move by up to ~0.03 px and scores by ~2e-5, and one
+# detection in a hundred may sit on an NMS near-tie that the last bit decides.
+FAST_PATH = Tolerances(box=0.05, score=1e-4, mask_iou=0.99)
+FAST_PATH_MATCHED = 0.98
+
+
+def assert_same_detections(expected: dict, actual: dict, tol: Tolerances = FAST_PATH,
+                           min_matched: float = FAST_PATH_MATCHED) -> None:
+    assert len(expected["boxes"]) > 0, "the test weights should give detections"
+    assert detection_differences(expected, actual, tol, min_matched) == []
 
 
 @pytest.mark.parametrize("size", [(300, 400), (257, 189), (480, 360)])
@@ -74,3 +76,18 @@ def test_batch_of_two_sizes_matches_torchvision(model_pair):
         expected, actual = reference(images), ours(images)
     for e, a in zip(expected, actual):
         assert_same_detections(e, a)
+
+
+def test_plain_layout_is_bit_identical_to_torchvision(model_pair):
+    """Without channels-last and BN folding, ours computes exactly torchvision's sums."""
+    reference, fast = model_pair
+    cfg = fast.cfg.clone()
+    cfg.model.channels_last = False
+    cfg.model.backbone.fold_frozen_bn = False
+    plain = build_model(cfg).eval()
+    plain.load_state_dict(fast.state_dict())
+    torch.manual_seed(11)
+    image = torch.rand(3, 300, 400)
+    with torch.no_grad():
+        expected, actual = reference([image])[0], plain([image])[0]
+    assert_same_detections(expected, actual, Tolerances(box=0.0, score=0.0, mask_iou=1.0), min_matched=1.0)

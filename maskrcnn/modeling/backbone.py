@@ -11,44 +11,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor, nn
 
 from maskrcnn.config import BackboneConfig
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm with fixed statistics and affine parameters: y = x * scale + shift."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        # A checkpoint written with nn.BatchNorm2d carries a counter we have no use for.
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None].to(x.dtype) + shift[None, :, None, None].to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-def norm_factory(kind: str, gn_groups: int = 32) -> Callable[[int], nn.Module] | None:
-    """Return a constructor `channels -> norm layer` for 'frozen_bn', 'bn', 'gn', or None for ''."""
-    if kind == "":
-        return None
-    if kind == "frozen_bn":
-        return FrozenBatchNorm2d
-    if kind == "bn":
-        return nn.BatchNorm2d
-    if kind == "gn":
-        return lambda channels: nn.GroupNorm(min(gn_groups, channels), channels)
-    raise ValueError(f"unknown norm '{kind}' (use frozen_bn, bn or gn)")
+from maskrcnn.modeling.blocks import FOLDED_BLOCKS, conv_norm
+from maskrcnn.modeling.norms import FrozenBatchNorm2d, norm_factory
 
 
 class ConvNorm(nn.Sequential):
@@ -96,6 +60,8 @@ def build_trunk(cfg: BackboneConfig) -> ResNet:
     if block is BasicBlock and (cfg.groups, cfg.width_per_group) != (1, 64):
         raise ValueError(f"ResNet-{cfg.depth} has basic blocks: ResNeXt groups/width need depth >= 50")
     norm = norm_factory(cfg.norm, cfg.gn_groups)
+    if cfg.fold_frozen_bn:
+        block = FOLDED_BLOCKS[block]
     trunk = ResNet(block, layers, groups=cfg.groups, width_per_group=cfg.width_per_group, norm_layer=norm)
     del trunk.fc, trunk.avgpool  # detection uses the feature maps only
     if cfg.stride_in_1x1 and block_expansion(trunk) > 1:  # MSRA / Detectron2: stride in the 1x1 conv
@@ -126,9 +92,10 @@ def trunk_channels(trunk: ResNet) -> list[int]:
     return [64 * 2**i * expansion for i in range(4)]
 
 
-def run_stem(trunk: ResNet, x: Tensor) -> Tensor:
+def run_stem(trunk: ResNet, x: Tensor, fold_frozen_bn: bool = True) -> Tensor:
     """Return the stem output (conv1, norm, ReLU, max-pool): stride 4."""
-    return trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))
+    x = conv_norm(trunk.conv1, trunk.bn1, x) if fold_frozen_bn else trunk.bn1(trunk.conv1(x))
+    return trunk.maxpool(F.relu(x, inplace=True))
 
 
 class FPN(nn.Module):
@@ -170,6 +137,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.kind = cfg.kind
+        self.fold_frozen_bn = cfg.fold_frozen_bn
         self.trunk = build_trunk(cfg)
         self.trunk_name = f"ResNet-{cfg.depth}" if cfg.groups == 1 else (
             f"ResNeXt-{cfg.depth}-{cfg.groups}x{cfg.width_per_group}d")
@@ -184,7 +152,7 @@ class Backbone(nn.Module):
             self.res5_channels = channels[3]
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = run_stem(self.trunk, x)
+        x = run_stem(self.trunk, x, self.fold_frozen_bn)
         stages = STAGES if self.kind == "fpn" else STAGES[:3]
         features = []
         for name in stages:

@@ -85,6 +85,9 @@ class MaskRCNN(nn.Module):
             res5=self.backbone.res5 if c4 else None,
             res5_channels=getattr(self.backbone, "res5_channels", 0),
         )
+        self.channels_last = m.channels_last
+        if self.channels_last:  # conv weights in NHWC; their outputs follow (see forward)
+            self.to(memory_format=torch.channels_last)
 
     @property
     def device(self) -> torch.device:
@@ -172,11 +175,15 @@ class MaskRCNN(nn.Module):
             raise ValueError("training mode needs targets (call model.eval() for inference)")
         original = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, sizes, targets = self.preprocess(images, targets)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         features = self.backbone(batch)
         anchors = self.anchors(features, (batch.shape[-2], batch.shape[-1]))
         proposals, rpn_losses = self.rpn(features, anchors, sizes, targets)
         # RoI pooling reads P2..P5 only; P6 exists for large anchors in the RPN.
         roi_features = features[:4] if len(features) > 1 else features
+        # torchvision's RoIAlign reads NCHW and would copy an NHWC map at every call: convert once.
+        roi_features = [f.contiguous() for f in roi_features]
         if self.training:
             return {**rpn_losses, **self.roi_heads(roi_features, proposals, sizes, targets)}
         detections = self.roi_heads(roi_features, proposals, sizes)
