@@ -104,13 +104,12 @@ def timed_forward(
     t0 = clock()
     original = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     batch, sizes, _ = model.preprocess(images, None)
-    features = model.backbone(batch)
+    features = model.extract_features(batch)
     t1 = clock()
     anchors = model.anchors(features, (batch.shape[-2], batch.shape[-1]))
     proposals, _ = model.rpn(features, anchors, sizes, None)
     t2 = clock()
-    roi_features = features[:4] if len(features) > 1 else features  # as in MaskRCNN.forward
-    detections = model.roi_heads(roi_features, proposals, sizes)
+    detections = model.roi_heads(model.pooling_features(features), proposals, sizes)
     t3 = clock()
     outputs = model.postprocess(detections, sizes, original)
     t4 = clock()

@@ -16,7 +16,7 @@ from maskrcnn.modeling.anchors import AnchorGenerator
 from maskrcnn.modeling.backbone import Backbone
 from maskrcnn.modeling.roi_heads import RoIHeads
 from maskrcnn.modeling.rpn import RPN
-from maskrcnn.structures import paste_masks, paste_masks_grid_sample, scale_boxes
+from maskrcnn.structures import nonempty_boxes, paste_masks, paste_masks_grid_sample, scale_boxes
 
 ImageLike = str | Path | Tensor | np.ndarray | Any  # Any: a PIL image
 
@@ -64,6 +64,27 @@ def as_image_tensor(image: ImageLike) -> Tensor:
     if hasattr(image, "convert"):  # a PIL image
         return image_to_tensor(np.asarray(image.convert("RGB")))
     raise TypeError(f"cannot use an image of type {type(image).__name__}; give a path, PIL image, array or tensor")
+
+
+# Target entries that hold one row per instance (filtered together with `boxes`).
+INSTANCE_KEYS = ("boxes", "labels", "masks", "iscrowd", "area")
+
+
+def drop_empty_instances(target: dict[str, Any], min_size: float = 1e-5) -> dict[str, Any]:
+    """Return the target without instances whose box has (near) zero width or height, crowd or not.
+
+    Such a box cannot be encoded (BoxCoder divides by its width, logs its size); Detectron2 drops them too.
+    """
+    boxes = target["boxes"]
+    keep = nonempty_boxes(boxes, min_size)
+    if bool(keep.all()):
+        return target
+    out = dict(target)
+    for key in INSTANCE_KEYS:
+        value = target.get(key)
+        if isinstance(value, Tensor) and value.dim() >= 1 and len(value) == len(boxes):
+            out[key] = value[keep.to(value.device)]
+    return out
 
 
 class MaskRCNN(nn.Module):
@@ -119,7 +140,7 @@ class MaskRCNN(nn.Module):
             resized.append(image)
             sizes.append((new_h, new_w))
             if targets is not None:
-                new_targets.append(self._resize_target(targets[i], (h, w), (new_h, new_w)))
+                new_targets.append(drop_empty_instances(self._resize_target(targets[i], (h, w), (new_h, new_w))))
         stride = self.cfg.model.size_divisibility
         pad_h = int(math.ceil(max(s[0] for s in sizes) / stride) * stride)
         pad_w = int(math.ceil(max(s[1] for s in sizes) / stride) * stride)
@@ -169,21 +190,29 @@ class MaskRCNN(nn.Module):
 
     # ---- the network --------------------------------------------------------------------------
 
+    def extract_features(self, batch: Tensor) -> list[Tensor]:
+        """Run the backbone on a padded, normalised batch (in NHWC layout when configured)."""
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return self.backbone(batch)
+
+    @staticmethod
+    def pooling_features(features: list[Tensor]) -> list[Tensor]:
+        """The maps RoI pooling reads: P2..P5 (P6 exists for large anchors in the RPN only), or C4."""
+        roi_features = features[:4] if len(features) > 1 else features
+        # torchvision's RoIAlign reads NCHW and would copy an NHWC map at every call: convert once.
+        return [f.contiguous() for f in roi_features]
+
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         """Training (with targets): dict of losses. Eval: per-image dicts of boxes, scores, labels, masks."""
         if self.training and targets is None:
             raise ValueError("training mode needs targets (call model.eval() for inference)")
         original = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, sizes, targets = self.preprocess(images, targets)
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(batch)
+        features = self.extract_features(batch)
         anchors = self.anchors(features, (batch.shape[-2], batch.shape[-1]))
         proposals, rpn_losses = self.rpn(features, anchors, sizes, targets)
-        # RoI pooling reads P2..P5 only; P6 exists for large anchors in the RPN.
-        roi_features = features[:4] if len(features) > 1 else features
-        # torchvision's RoIAlign reads NCHW and would copy an NHWC map at every call: convert once.
-        roi_features = [f.contiguous() for f in roi_features]
+        roi_features = self.pooling_features(features)
         if self.training:
             return {**rpn_losses, **self.roi_heads(roi_features, proposals, sizes, targets)}
         detections = self.roi_heads(roi_features, proposals, sizes)
