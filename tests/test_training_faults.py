@@ -482,8 +482,6 @@ def test_empty_and_crowd_only_images_train_without_nans():
     _train_steps([_target(*EMPTY), _target(*CROWD_ONLY)])
 
 
-@pytest.mark.xfail(strict=True, reason="modeling: a zero-area GT box joins the proposals and BoxCoder.encode "
-                                       "divides by its zero width (loss_box_reg = nan); see the report")
 def test_zero_area_gt_boxes_train_without_nans():
     _train_steps([_target([[30, 30, 30, 60], [10, 40, 90, 40], [40, 40, 40, 40]], [1, 2, 3], [0, 0, 0]),
                   _target(*NORMAL)])
