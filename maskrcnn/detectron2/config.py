@@ -543,11 +543,11 @@ def _train_only(k: _Keys, key: str, value: Any, instead: str) -> None:
 def _check_leftovers(k: _Keys) -> None:
     """Every key not translated must be ignorable; training-only differences are warned about."""
     for key, value in k.flat.items():
-        if key in k.used or any(key == p or key.startswith(p + ".") for p in IGNORED):
-            continue
         if key in TRAIN_ONLY:
             if value != DEFAULTS[key]:
                 _train_only(k, key, value, f"Detectron2's default {DEFAULTS[key]!r} behaviour is used")
+            continue
+        if key in k.used or any(key == p or key.startswith(p + ".") for p in IGNORED):
             continue
         if key in DEFAULTS and value == DEFAULTS[key]:
             continue

@@ -1,0 +1,230 @@
+"""Detectron2 compatibility without Detectron2: config translation, refused keys, the name mapping."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maskrcnn.checkpoint import CheckpointError, load_weights
+from maskrcnn.config import BackboneConfig, ConfigError, load_config
+from maskrcnn.detectron2 import convert_detectron2_state_dict, read_detectron2_weights
+from maskrcnn.detectron2.weights import rename_detectron2_key
+from maskrcnn.modeling import build_model
+from maskrcnn.modeling.backbone import build_trunk
+
+DATA = Path(__file__).parent / "data" / "detectron2"
+ZOO = DATA / "COCO-InstanceSegmentation"
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "detectron2-r18-fpn"
+needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"parity fixture not found at {FIXTURE}")
+
+
+# ---- configs ------------------------------------------------------------------------------------
+
+
+def test_resolved_dump_translates_to_the_fixture_model():
+    cfg = load_config(str(DATA / "r18-fpn-dump.yaml"))
+    m = cfg.model
+    assert (m.backbone.depth, m.backbone.kind, m.backbone.norm, m.backbone.trainable_stages) == (18, "fpn", "frozen_bn", 3)
+    assert not m.backbone.stride_in_1x1  # basic blocks have no 1x1 conv
+    assert m.input_format == "BGR"
+    assert m.pixel_mean == pytest.approx([103.53 / 255, 116.28 / 255, 123.675 / 255])
+    assert m.pixel_std == pytest.approx([1 / 255] * 3)
+    assert m.box_head.fc_dim == 256 and m.box_head.type == "2fc"
+    assert (m.box_head.pooler.aligned, m.box_head.pooler.sampling_ratio, m.box_head.pooler.output_size) == (True, 0, 7)
+    assert m.mask_head.num_convs == 4 and m.mask_head.pooler.output_size == 14
+    assert m.anchors.sizes == [[32], [64], [128], [256], [512]] and m.anchors.offset == 0.0
+    assert (m.rpn.pre_nms_top_n_test, m.rpn.post_nms_top_n_test, m.rpn.nms_thresh) == (1000, 1000, 0.7)
+    assert m.box_head.bbox_reg_weights == [10.0, 10.0, 5.0, 5.0]
+    assert (cfg.input.resize, cfg.input.min_size_test, cfg.input.max_size_test) == ("pil", 800, 1333)
+    assert m.mask_head.paste == "detectron2"
+    assert m.num_classes == 80 and m.category_ids[:12] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13]
+    assert cfg.solver.steps == [210000, 250000] and cfg.input.min_size_train == [640, 672, 704, 736, 768, 800]
+
+
+@pytest.mark.parametrize("name, depth, groups, width, stride_in_1x1, kind", [
+    ("mask_rcnn_R_50_FPN_3x", 50, 1, 64, True, "fpn"),
+    ("mask_rcnn_R_101_FPN_3x", 101, 1, 64, True, "fpn"),
+    ("mask_rcnn_X_101_32x8d_FPN_3x", 101, 32, 8, False, "fpn"),
+    ("mask_rcnn_R_50_C4_1x", 50, 1, 64, True, "c4"),
+])
+def test_model_zoo_configs_with_base_chain(name, depth, groups, width, stride_in_1x1, kind):
+    cfg = load_config(str(ZOO / f"{name}.yaml"), ["model.box_head.detections_per_image=50"])
+    b = cfg.model.backbone
+    assert (b.depth, b.groups, b.width_per_group, b.stride_in_1x1, b.kind) == (depth, groups, width, stride_in_1x1, kind)
+    assert cfg.model.box_head.detections_per_image == 50  # overrides still apply after translation
+    if kind == "c4":
+        assert cfg.model.box_head.type == "res5" and cfg.model.anchors.sizes == [[32, 64, 128, 256, 512]]
+        assert (cfg.model.rpn.pre_nms_top_n_test, cfg.model.rpn.post_nms_top_n_test) == (6000, 1000)
+    if groups == 32:
+        assert cfg.model.pixel_std == pytest.approx([57.375 / 255, 57.12 / 255, 58.395 / 255])
+
+
+@pytest.mark.parametrize("edit, key", [
+    ({"MODEL": {"RESNETS": {"RES5_DILATION": 2}}}, "MODEL.RESNETS.RES5_DILATION"),
+    ({"MODEL": {"RESNETS": {"DEFORM_ON_PER_STAGE": [False, True, True, True]}}}, "MODEL.RESNETS.DEFORM_ON_PER_STAGE"),
+    ({"MODEL": {"ROI_HEADS": {"NAME": "CascadeROIHeads"}}}, "MODEL.ROI_HEADS.NAME"),
+    ({"MODEL": {"KEYPOINT_ON": True}}, "MODEL.KEYPOINT_ON"),
+    ({"MODEL": {"META_ARCHITECTURE": "PanopticFPN"}}, "MODEL.META_ARCHITECTURE"),
+    ({"MODEL": {"ROI_BOX_HEAD": {"CLS_AGNOSTIC_BBOX_REG": True}}}, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG"),
+    ({"TEST": {"AUG": {"ENABLED": True}}}, "TEST.AUG.ENABLED"),
+    ({"MODEL": {"FPN": {"FUSE_TYPE": "avg"}}}, "MODEL.FPN.FUSE_TYPE"),
+    ({"INPUT": {"FORMAT": "L"}}, "INPUT.FORMAT"),
+    ({"MODEL": {"RESNETS": {"RES2_OUT_CHANNELS": 128}}}, "MODEL.RESNETS.RES2_OUT_CHANNELS"),
+    ({"MODEL": {"ROI_HEADS": {"SOMETHING_NEW": 3}}}, "MODEL.ROI_HEADS.SOMETHING_NEW"),
+])
+def test_unsupported_keys_are_refused_by_name(tmp_path, edit, key):
+    path = tmp_path / "custom.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({"_BASE_": str(ZOO / "mask_rcnn_R_50_FPN_3x.yaml"), **edit}))
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(str(path))
+
+
+def test_dc5_model_zoo_config_is_refused():
+    with pytest.raises(ConfigError, match="RES5_DILATION = 2 .*DC5"):
+        load_config(str(ZOO / "mask_rcnn_R_50_DC5_1x.yaml"))
+
+
+def test_training_only_differences_are_warned_not_refused(tmp_path, caplog):
+    path = tmp_path / "crop.yaml"
+    path.write_text(f"_BASE_: {ZOO / 'mask_rcnn_R_50_FPN_3x.yaml'}\nINPUT:\n  CROP:\n    ENABLED: true\n")
+    load_config(str(path))
+    assert "INPUT.CROP.ENABLED" in caplog.text
+
+
+# ---- weights ------------------------------------------------------------------------------------
+
+
+def test_bottleneck_stride_in_1x1_moves_the_stride_only():
+    plain, msra = (build_trunk(BackboneConfig(depth=50, stride_in_1x1=s)) for s in (False, True))
+    for stage in ("layer2", "layer3", "layer4"):
+        first = getattr(msra, stage)[0]
+        assert first.conv1.stride == (2, 2) and first.conv2.stride == (1, 1)
+        assert getattr(plain, stage)[0].conv2.stride == (2, 2)
+    assert msra.layer1[0].conv1.stride == (1, 1)
+    x = torch.randn(1, 64, 64, 64)
+    with torch.no_grad():
+        assert msra.layer2(msra.layer1(x)).shape == plain.layer2(plain.layer1(x)).shape == (1, 512, 32, 32)
+
+
+def _our_name_to_detectron2(name: str, c4: bool) -> str:
+    """The inverse mapping, written independently: how Detectron2 names each of our parameters."""
+    trunk = "backbone." if c4 else "backbone.bottom_up."
+    stages = {"layer1": "res2", "layer2": "res3", "layer3": "res4", "layer4": "res5"}
+    rules = [
+        (r"^backbone\.trunk\.conv1\.", f"{trunk}stem.conv1."),
+        (r"^backbone\.trunk\.bn1\.", f"{trunk}stem.conv1.norm."),
+        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.conv(\d)\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.conv{m[3]}."),
+        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.bn(\d)\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.conv{m[3]}.norm."),
+        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.downsample\.0\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.shortcut."),
+        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.downsample\.1\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.shortcut.norm."),
+        (r"^backbone\.fpn\.(lateral|output)\.(\d)\.conv\.", lambda m: f"backbone.fpn_{m[1]}{int(m[2]) + 2}."),
+        (r"^rpn\.head\.convs\.0\.conv\.", "proposal_generator.rpn_head.conv."),
+        (r"^rpn\.head\.objectness\.", "proposal_generator.rpn_head.objectness_logits."),
+        (r"^rpn\.head\.box_deltas\.", "proposal_generator.rpn_head.anchor_deltas."),
+        (r"^roi_heads\.box_head\.fcs\.(\d)\.", lambda m: f"roi_heads.box_head.fc{int(m[1]) + 1}."),
+        (r"^roi_heads\.box_predictor\.class_logits\.", "roi_heads.box_predictor.cls_score."),
+        (r"^roi_heads\.box_predictor\.box_deltas\.", "roi_heads.box_predictor.bbox_pred."),
+        (r"^roi_heads\.mask_head\.convs\.(\d)\.conv\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}."),
+        (r"^roi_heads\.mask_head\.", "roi_heads.mask_head."),
+    ]
+    for pattern, replacement in rules:
+        if re.search(pattern, name):
+            out = re.sub(pattern, replacement, name, count=1)
+            return out.replace("backbone.res5.", "roi_heads.res5.") if c4 else out
+    raise AssertionError(f"no Detectron2 name for {name}")
+
+
+@pytest.mark.parametrize("zoo", ["mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_C4_1x", "mask_rcnn_X_101_32x8d_FPN_3x"])
+def test_every_detectron2_name_maps_back_onto_ours(zoo):
+    cfg = load_config(str(ZOO / f"{zoo}.yaml"))
+    own = build_model(cfg).state_dict()
+    for name in own:
+        d2 = _our_name_to_detectron2(name, cfg.model.backbone.kind == "c4")
+        assert rename_detectron2_key(d2) == name, (name, d2)
+
+
+def test_class_layers_put_background_first_and_anchors_ratio_major():
+    cfg = load_config(str(ZOO / "mask_rcnn_R_50_C4_1x.yaml")).model
+    k, feat = 3, 5
+    state = {
+        "roi_heads.box_predictor.cls_score.weight": torch.arange(k + 1.0)[:, None].expand(k + 1, feat),
+        "roi_heads.box_predictor.cls_score.bias": torch.arange(k + 1.0),
+        "roi_heads.box_predictor.bbox_pred.weight": torch.arange(4.0 * k)[:, None].expand(4 * k, feat) + 1,
+        "roi_heads.box_predictor.bbox_pred.bias": torch.arange(4.0 * k) + 1,
+        "roi_heads.mask_head.predictor.weight": torch.arange(k + 1.0)[1:, None, None, None].expand(k, feat, 1, 1),
+        "roi_heads.mask_head.predictor.bias": torch.arange(k + 1.0)[1:],
+        "proposal_generator.rpn_head.objectness_logits.bias": torch.arange(15.0),  # 5 sizes x 3 ratios
+        "proposal_generator.rpn_head.anchor_deltas.bias": torch.arange(60.0),
+    }
+    out = convert_detectron2_state_dict(state, cfg)
+    assert out["roi_heads.box_predictor.class_logits.bias"].tolist() == [3, 0, 1, 2]  # background (index K) first
+    assert out["roi_heads.box_predictor.box_deltas.bias"].tolist() == [0] * 4 + list(range(1, 13))
+    assert out["roi_heads.mask_head.predictor.bias"].tolist() == [0, 1, 2, 3]
+    # Our anchor r*5 + s (ratio-major) is Detectron2's s*3 + r (size-major).
+    objectness = out["rpn.head.objectness.bias"]
+    assert objectness.tolist() == [s * 3 + r for r in range(3) for s in range(5)]
+    deltas = out["rpn.head.box_deltas.bias"].view(15, 4)
+    assert torch.equal(deltas[:, 0], objectness * 4) and torch.equal(deltas[:, 3], objectness * 4 + 3)
+
+
+@needs_fixture
+def test_fixture_checkpoint_every_key_is_used():
+    state = read_detectron2_weights(FIXTURE / "model.pkl")
+    assert all(v.dtype == torch.float32 for v in state.values())  # float16 arrays upcast
+    model = build_model(load_config(str(FIXTURE / "config.yaml")))
+    converted = convert_detectron2_state_dict(state, model.cfg.model)
+    assert len(converted) == len(state) == 142
+    own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    assert set(converted) == own
+    report = load_weights(model, FIXTURE / "model.pkl")
+    assert not report.missing and not report.unexpected and not report.reinitialized
+    fp16 = pickle.loads((FIXTURE / "model.pkl").read_bytes())["model"]["backbone.bottom_up.res3.0.shortcut.weight"]
+    assert torch.equal(model.backbone.trunk.layer2[0].downsample[0].weight, torch.from_numpy(fp16.astype(np.float32)))
+
+
+def _write_pkl(path: Path, arrays: dict) -> Path:
+    with open(path, "wb") as f:
+        pickle.dump({"model": arrays, "__author__": "test"}, f)
+    return path
+
+
+@needs_fixture
+def test_extra_and_missing_keys_are_reported_by_name(tmp_path):
+    arrays = pickle.loads((FIXTURE / "model.pkl").read_bytes())["model"]
+    model = build_model(load_config(str(FIXTURE / "config.yaml")))
+    extra = dict(arrays, **{"roi_heads.keypoint_head.conv_fcn1.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(CheckpointError, match=re.escape("roi_heads.keypoint_head.conv_fcn1.weight")):
+        load_weights(model, _write_pkl(tmp_path / "extra.pkl", extra))
+    missing = {k: v for k, v in arrays.items() if k != "roi_heads.mask_head.deconv.weight"}
+    with pytest.raises(CheckpointError, match=r"missing keys roi_heads\.mask_head\.deconv\.weight"):
+        load_weights(model, _write_pkl(tmp_path / "missing.pkl", missing))
+
+
+@needs_fixture
+def test_detectron2_pth_checkpoint_loads(tmp_path):
+    arrays = pickle.loads((FIXTURE / "model.pkl").read_bytes())["model"]
+    pth = tmp_path / "model_final.pth"  # what Detectron2's checkpointer writes
+    torch.save({"model": {k: torch.from_numpy(v.astype(np.float32)) for k, v in arrays.items()}, "iteration": 9}, pth)
+    model = build_model(load_config(str(FIXTURE / "config.yaml")))
+    report = load_weights(model, pth)
+    assert not report.missing and not report.unexpected
+
+
+def test_pickles_with_foreign_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"x": np.zeros(2)}, "__author__": "x", "hook": print}, f)
+    with pytest.raises(CheckpointError, match="refusing to load builtins.print"):
+        read_detectron2_weights(path)
+    caffe2 = tmp_path / "R-50.pkl"
+    with open(caffe2, "wb") as f:
+        pickle.dump({"blobs": {"res2_0_branch2a_w": np.zeros(2)}}, f)
+    with pytest.raises(CheckpointError, match="Caffe2"):
+        read_detectron2_weights(caffe2)
