@@ -29,21 +29,40 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         p = sub.add_parser(name.replace("_", "-"), help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        # The list positional (KEY=VALUE overrides, predict's inputs) that items after options join.
+        lists = [a.dest for a in p._actions if not a.option_strings and a.nargs in ("*", "+")]
+        p.set_defaults(_run=module.run, _list_dest=lists[0] if lists else None)
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`, letting positionals (KEY=VALUE overrides) come before, between and after options.
+
+    argparse fills a list positional from its first run of items only (`a=1 --out run b=2` leaves
+    `b=2` over), and `parse_intermixed_args` refuses sub-commands; so the items left over join that list.
+    """
+    args, extras = parser.parse_known_args(argv)
+    dest = getattr(args, "_list_dest", None)
+    items = [x for x in extras if not x.startswith("-")]
+    unknown = [x for x in extras if x.startswith("-")] if dest else extras
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if dest and items:
+        setattr(args, dest, list(getattr(args, dest) or []) + items)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit status."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return int(args._run(args) or 0)
     except (UserError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # TrainingInterrupted carries 128 + signal (SIGTERM: 143)
         print("interrupted", file=sys.stderr)
-        return 130
+        return int(getattr(e, "exit_status", 130))
 
 
 if __name__ == "__main__":
