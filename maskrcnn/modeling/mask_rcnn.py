@@ -47,22 +47,35 @@ def resize_uint8_pil(image: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().to(image.device)
 
 
-def as_image_tensor(image: ImageLike) -> Tensor:
-    """Return a [3,H,W] float RGB tensor in 0..1 from a path, PIL image, HxWx3 array or tensor."""
+def as_image_tensor(image: ImageLike, max_pixels: int | None = None) -> Tensor:
+    """Return a [3,H,W] float RGB tensor in 0..1 from a path, PIL image, HxWx3 array or tensor.
+
+    Files are read with `read_image` (refused above `max_pixels`, default its own limit); arrays may be
+    HxW, HxWx1, HxWx3 (or HxWx4, alpha dropped), tensors [3,H,W]; anything under 2x2 pixels raises
+    `ImageReadError`, as a file of that size does.
+    """
     from maskrcnn.data.image_io import image_to_tensor, read_image
+    from maskrcnn.errors import ImageReadError
 
     if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 2:
+            raise ImageReadError(f"image tensor of shape {tuple(image.shape)} cannot be used; "
+                                 "expected [3, H, W] with H and W at least 2")
         if image.dtype == torch.uint8:
             return image.float() / 255
         return image.float()
     if isinstance(image, (str, Path)):
-        return image_to_tensor(read_image(image))
+        return image_to_tensor(read_image(image) if max_pixels is None else read_image(image, max_pixels))
+    if hasattr(image, "convert") and not isinstance(image, np.ndarray):  # a PIL image
+        image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
+        channels = image.shape[2] if image.ndim == 3 else 1
+        if image.ndim not in (2, 3) or channels not in (1, 3, 4) or min(image.shape[:2]) < 2:
+            raise ImageReadError(f"image array of shape {image.shape} cannot be used; expected HxW, HxWx1 "
+                                 "or HxWx3 (RGB) with H and W at least 2")
+        if channels == 1:
+            image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=2)
         return image_to_tensor(np.ascontiguousarray(image[..., :3]))
-    if hasattr(image, "convert"):  # a PIL image
-        return image_to_tensor(np.asarray(image.convert("RGB")))
     raise TypeError(f"cannot use an image of type {type(image).__name__}; give a path, PIL image, array or tensor")
 
 
@@ -233,7 +246,8 @@ class MaskRCNN(nn.Module):
         results = []
         try:
             for start in range(0, len(items), batch_size):
-                chunk = [as_image_tensor(x).to(self.device) for x in items[start : start + batch_size]]
+                chunk = [as_image_tensor(x, self.cfg.input.max_pixels).to(self.device)
+                         for x in items[start : start + batch_size]]
                 for out in self(chunk):
                     if score_threshold is not None:
                         keep = out["scores"] >= score_threshold
