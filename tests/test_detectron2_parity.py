@@ -1,0 +1,116 @@
+"""A Detectron2 checkpoint through our command line: Detectron2's own outputs, evaluation, fine-tuning.
+
+The fixture (../shared/fixtures/detectron2-r18-fpn, see its README) holds a random-weight R18-FPN
+checkpoint in Detectron2's model-zoo format, Detectron2's resolved config and its outputs on three
+images. Its boxes are often slivers a fraction of a pixel high, so agreeing masks need agreeing
+arithmetic, not just agreeing algorithms.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_util
+
+from maskrcnn.checkpoint import load_checkpoint
+from maskrcnn.cli import main
+from maskrcnn.config import load_config
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "detectron2-r18-fpn"
+pytestmark = [
+    pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"parity fixture not found at {FIXTURE}"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # pycocotools + numpy 2
+]
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def test_predict_cli_reproduces_detectron2(tmp_path):
+    out = tmp_path / "predict"
+    images = sorted((FIXTURE / "images").glob("*.png"))
+    code = main(["predict", *map(str, images), "--config", str(FIXTURE / "config.yaml"),
+                 "--weights", str(FIXTURE / "model.pkl"), "--score-threshold", "0", "--out", str(out)])
+    assert code == 0
+    expected = json.loads((FIXTURE / "expected.json").read_text())
+    coco_ids = load_config(str(FIXTURE / "config.yaml")).model.category_ids  # contiguous class c -> COCO id
+    results = json.loads((out / "predictions.json").read_text())
+    worst = {"box": 0.0, "score": 0.0, "iou": 1.0}
+    for path in images:
+        exp = expected[path.name]
+        ours = [r for r in results if Path(r["file_name"]).name == path.name]
+        assert len(ours) == len(exp["boxes"]), path.name
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in ours)])
+        box_diff = np.abs(boxes - np.array(exp["boxes"])).max()
+        score_diff = np.abs(np.array([r["score"] for r in ours]) - np.array(exp["scores"])).max()
+        assert [r["category_id"] for r in ours] == [coco_ids[c] for c in exp["classes"]], path.name
+        assert box_diff <= 0.01, f"{path.name}: boxes differ by {box_diff:.4g} px"
+        assert score_diff <= 1e-4, f"{path.name}: scores differ by {score_diff:.3g}"
+        for r, rle in zip(ours, exp["masks"]):
+            assert r["segmentation"]["size"] == [exp["height"], exp["width"]]
+            iou = _mask_iou(mask_util.decode(r["segmentation"]), mask_util.decode(rle))
+            worst["iou"] = min(worst["iou"], iou)
+        worst["box"], worst["score"] = max(worst["box"], box_diff), max(worst["score"], score_diff)
+    assert worst["iou"] >= 0.99, f"a mask IoU of {worst['iou']:.4f}"
+
+
+def test_eval_cli_scores_a_detectron2_checkpoint(tmp_path):
+    """Ground truth = Detectron2's confident detections on one image: our run of its weights finds them all.
+
+    (Several of those detections are slivers with empty masks: the mask AP cannot reach 100.)
+    """
+    cfg = load_config(str(FIXTURE / "config.yaml"))
+    exp = json.loads((FIXTURE / "expected.json").read_text())["astronaut.png"]
+    anns = []
+    for box, score, cls, rle in zip(exp["boxes"], exp["scores"], exp["classes"], exp["masks"]):
+        x0, y0, x1, y1 = box
+        if score >= 0.3:
+            anns.append({"id": len(anns) + 1, "image_id": 7, "category_id": cfg.model.category_ids[cls],
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(mask_util.area(rle)),
+                         "segmentation": rle, "iscrowd": 0})
+    assert len(anns) >= 5
+    categories = [{"id": i, "name": n} for i, n in zip(cfg.model.category_ids, cfg.model.class_names)]
+    gt = {"images": [{"id": 7, "file_name": "astronaut.png", "height": 512, "width": 512}],
+          "categories": categories, "annotations": anns}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    out = tmp_path / "eval"
+    code = main(["eval", "--config", str(FIXTURE / "config.yaml"), "--weights", str(FIXTURE / "model.pkl"),
+                 "--data", f"{tmp_path / 'gt.json'}:{FIXTURE / 'images'}", "--out", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["bbox"]["AP"] == pytest.approx(100.0)  # every box found, at every IoU threshold
+    assert metrics["segm"]["AP"] > 50
+
+
+def test_finetune_from_detectron2_pkl_reinitialises_class_layers(tmp_path):
+    from maskrcnn.data.shapes import make_shapes
+
+    ann, images = make_shapes(tmp_path / "data", num_train=2, num_val=0, seed=1, image_size=96,
+                              max_shapes=3, shape_size=(24, 48))["train"]
+    out = tmp_path / "run"
+    code = main([
+        "train", "--config", str(FIXTURE / "config.yaml"), "--weights", str(FIXTURE / "model.pkl"),
+        "--out", str(out), "model.class_names=[]", "model.category_ids=[]", f"data.train=['{ann}:{images}']",
+        "input.min_size_train=[128]", "input.max_size_train=128", "solver.ims_per_batch=2", "solver.max_iter=2",
+        "solver.base_lr=0.001", "solver.warmup_iters=1", "solver.log_period=1", "solver.checkpoint_period=100",
+        "model.rpn.pre_nms_top_n_train=200", "model.rpn.post_nms_top_n_train=100", "device=cpu",
+    ])
+    assert code == 0
+    final = load_checkpoint(out / "checkpoints" / "model_final.pth")
+    assert final["config"]["model"]["class_names"] == ["square", "circle", "triangle"]
+    state = final["model"]
+    assert state["roi_heads.box_predictor.class_logits.weight"].shape == (4, 256)
+    assert state["roi_heads.mask_head.predictor.weight"].shape[0] == 4
+    # The frozen stem came from the Detectron2 file unchanged.
+    import pickle
+
+    stem = pickle.loads((FIXTURE / "model.pkl").read_bytes())["model"]["backbone.bottom_up.stem.conv1.weight"]
+    assert torch.equal(state["backbone.trunk.conv1.weight"], torch.from_numpy(stem.astype(np.float32)))
+    losses = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x) for x in losses if x is not None)
