@@ -86,7 +86,18 @@ def _sync(device: torch.device) -> None:
 
 
 def peak_rss_kib() -> int:
-    """Return this process's peak resident set size so far, in KiB (Linux's unit for ru_maxrss)."""
+    """Return this process's peak resident set size so far, in KiB.
+
+    On Linux this is VmHWM: `ru_maxrss` of a child started by a big parent still reports the parent's
+    size at fork time (the kernel keeps the pre-exec high-water mark), which hid the child's own peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak // 1024) if sys.platform == "darwin" else int(peak)  # macOS reports bytes
 

@@ -1,0 +1,229 @@
+"""Ours against torchvision's Mask R-CNN, same weights, same inputs, one process, side by side.
+
+Both get the same seeded `maskrcnn_resnet50_fpn` weights (classifier scaled by 0.5 so that 100
+detections survive, as with a trained model). Runs alternate between the implementations so machine
+noise hits both alike; the report gives medians and ratios (torchvision time / ours).
+
+- inference: one image, FP32 and BF16 autocast; FP32 outputs must agree with torchvision's within
+  the parity tests' tolerances (maskrcnn.engine.compare), BF16 agreement is counted and reported;
+- training: whole steps (forward, backward, SGD) on the same batch and targets, FP32 and BF16. For a
+  like-for-like step both use frozen BN and train res3..res5 + heads, as fine-tuning from ImageNet
+  weights does (torchvision's `weights=None` builder would use trainable BatchNorm instead);
+- memory (`--memory`): peak RSS growth of one inference, each implementation in a fresh process.
+
+    .venv/bin/python benchmarks/compare_torchvision.py [--runs 5] [--size 800x1067] [--mode inference|train|both]
+        [--train-batch 2] [--train-runs 3] [--memory] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+from torchvision.models import resnet50
+from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from maskrcnn.config import load_config
+from maskrcnn.engine.benchmark import peak_rss_kib, random_targets
+from maskrcnn.engine.compare import Tolerances, agreement_summary, detection_differences
+from maskrcnn.modeling import build_model, import_state_dict
+
+FP32_TOLERANCES = Tolerances(box=0.05, score=1e-4, mask_iou=0.99)  # as tests/test_torchvision_parity.py
+FP32_MIN_MATCHED = 0.98
+BF16_TOLERANCES = Tolerances(box=2.0, score=0.02, mask_iou=0.9)  # "the same detection", reported only
+
+
+def torchvision_model() -> torch.nn.Module:
+    """torchvision's maskrcnn_resnet50_fpn as fine-tuned from ImageNet: frozen BN, res3..res5 trainable."""
+    torch.manual_seed(0)
+    trunk = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    model = TorchvisionMaskRCNN(_resnet_fpn_extractor(trunk, trainable_layers=3), num_classes=91).eval()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.mul_(0.5)
+    return model
+
+
+def our_model(reference: torch.nn.Module, overrides: list[str] | None = None) -> torch.nn.Module:
+    """Our `torchvision-r50-fpn` preset with the reference's weights."""
+    model = build_model(load_config("torchvision-r50-fpn", overrides or []))
+    result = model.load_state_dict(import_state_dict(model, reference.state_dict()), strict=False)
+    assert not result.missing_keys, result.missing_keys
+    return model.eval()
+
+
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def alternate(variants: dict[str, Callable[[], Any]], runs: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time each variant `runs` times, interleaved, after `warmup` untimed calls each."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(runs):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def compare_inference(reference, ours, image: torch.Tensor, runs: int) -> dict[str, Any]:
+    def infer(model, bf16: bool):
+        with torch.inference_mode(), autocast(bf16):
+            return model([image])[0]
+
+    agreement = {}
+    for bf16 in (False, True):
+        expected, actual = infer(reference, bf16), infer(ours, bf16)
+        tol = BF16_TOLERANCES if bf16 else FP32_TOLERANCES
+        agreement["bf16" if bf16 else "fp32"] = {
+            **agreement_summary(expected, actual, tol),
+            "problems": detection_differences(expected, actual, tol, 1.0 if bf16 else FP32_MIN_MATCHED),
+        }
+    # Ours in BF16 against torchvision in FP32: what a user switching to our fast path gets.
+    expected, actual = infer(reference, False), infer(ours, True)
+    agreement["ours_bf16_vs_torchvision_fp32"] = agreement_summary(expected, actual, BF16_TOLERANCES)
+    times = alternate({
+        "torchvision fp32": lambda: infer(reference, False),
+        "maskrcnn fp32": lambda: infer(ours, False),
+        "torchvision bf16": lambda: infer(reference, True),
+        "maskrcnn bf16": lambda: infer(ours, True),
+    }, runs)
+    return {"seconds": times, "agreement": agreement}
+
+
+def compare_training(reference, ours, size: tuple[int, int], batch: int, runs: int) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, *size, generator=generator) for _ in range(batch)]
+    targets = random_targets(batch, size, 90, generator)
+
+    def stepper(model, bf16: bool) -> Callable[[], None]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=1e-5, momentum=0.9)
+
+        def step() -> None:
+            model.train()
+            with autocast(bf16):
+                losses = model(images, [dict(t) for t in targets])
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            model.eval()
+        return step
+
+    trainable = {
+        "torchvision": sum(p.numel() for p in reference.parameters() if p.requires_grad),
+        "maskrcnn": sum(p.numel() for p in ours.parameters() if p.requires_grad),
+    }
+    times = alternate({
+        "torchvision fp32": stepper(reference, False),
+        "maskrcnn fp32": stepper(ours, False),
+        "torchvision bf16": stepper(reference, True),
+        "maskrcnn bf16": stepper(ours, True),
+    }, runs)
+    return {"seconds": times, "batch": batch, "trainable_parameters": trainable}
+
+
+def memory_child(which: str, size: tuple[int, int], bf16: bool) -> dict[str, float]:
+    """In this (fresh) process: build one model, then measure the peak RSS growth of one inference."""
+    reference = torchvision_model()
+    model = reference if which == "torchvision" else our_model(reference)
+    if which != "torchvision":
+        del reference
+    image = torch.rand(3, *size)
+    before = peak_rss_kib()
+    with torch.inference_mode(), autocast(bf16):
+        model([image])
+    return {"peak_mb": peak_rss_kib() / 1024, "growth_mb": (peak_rss_kib() - before) / 1024}
+
+
+def compare_memory(size: tuple[int, int]) -> dict[str, Any]:
+    results = {}
+    for which in ("torchvision", "maskrcnn"):
+        for precision in ("fp32", "bf16"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", which, "--size", f"{size[0]}x{size[1]}",
+                 "--precision", precision], capture_output=True, text=True, check=True)
+            results[f"{which} {precision}"] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+def table(times: dict[str, list[float]], unit: str) -> list[str]:
+    lines = [f"| variant | median {unit} | min | max |", "|---|---|---|---|"]
+    for name, values in times.items():
+        lines.append(f"| {name} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} |")
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    for kind in ("fp32", "bf16"):
+        lines.append(f"ratio torchvision {kind} / maskrcnn {kind}: "
+                     f"{medians[f'torchvision {kind}'] / medians[f'maskrcnn {kind}']:.2f}x")
+    lines.append(f"ratio torchvision fp32 / maskrcnn bf16: "
+                 f"{medians['torchvision fp32'] / medians['maskrcnn bf16']:.2f}x")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="timed inference runs per variant")
+    parser.add_argument("--size", default="800x1067", help="HxW of the input images")
+    parser.add_argument("--mode", choices=["inference", "train", "both"], default="both")
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--train-runs", type=int, default=3)
+    parser.add_argument("--memory", action="store_true", help="also measure memory, one fresh process each")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--memory-child", choices=["torchvision", "maskrcnn"], help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    size = tuple(int(v) for v in args.size.split("x"))
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, size, args.precision == "bf16")))
+        return
+
+    reference = torchvision_model()
+    ours = our_model(reference)
+    report: dict[str, Any] = {
+        "size": list(size), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    print(f"image {size[0]}x{size[1]}, torch {torch.__version__}, {torch.get_num_threads()} threads, {report['machine']}")
+    if args.mode in ("inference", "both"):
+        torch.manual_seed(2)
+        inference = compare_inference(reference, ours, torch.rand(3, *size), args.runs)
+        report["inference"] = inference
+        print(f"\n## inference, seconds per image ({args.runs} runs each, alternating)")
+        print("\n".join(table(inference["seconds"], "s")))
+        for kind, agreement in inference["agreement"].items():
+            print(f"agreement {kind}: {json.dumps(agreement)}")
+    if args.mode in ("train", "both"):
+        training = compare_training(reference, ours, size, args.train_batch, args.train_runs)
+        report["training"] = training
+        print(f"\n## training, seconds per step of {args.train_batch} images ({args.train_runs} runs each)")
+        print("\n".join(table(training["seconds"], "s")))
+        print(f"trainable parameters: {training['trainable_parameters']}")
+    if args.memory:
+        report["memory"] = compare_memory(size)
+        print("\n## memory of one inference (fresh process each): peak RSS growth, MB")
+        for name, m in report["memory"].items():
+            print(f"| {name} | {m['growth_mb']:.0f} | peak {m['peak_mb']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    fp32_problems = report.get("inference", {}).get("agreement", {}).get("fp32", {}).get("problems")
+    if fp32_problems:
+        print(f"FP32 OUTPUTS DISAGREE: {fp32_problems}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
