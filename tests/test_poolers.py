@@ -109,3 +109,37 @@ def test_pooler_no_boxes():
     pooler = RoIPooler(PoolerConfig(output_size=7), [4, 8, 16, 32])
     feats = [torch.rand(1, 3, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
     assert pooler(feats, [torch.zeros(0, 4)]).shape == (0, 3, 7, 7)
+
+
+@pytest.mark.parametrize("mode", ["inference", "autocast", "grad"])
+def test_pooling_in_threads_matches_one_thread(monkeypatch, mode):
+    """Chunks of RoIs pooled from worker threads give the same values (and gradients) as one call."""
+    from maskrcnn.modeling import poolers
+
+    torch.manual_seed(0)
+    features = [torch.rand(2, 8, 64 // s, 64 // s, requires_grad=mode == "grad") for s in (1, 2, 4, 8)]
+    boxes = []
+    for _ in range(2):
+        xy = torch.rand(150, 2) * 200
+        boxes.append(torch.cat([xy, xy + 4 + torch.rand(150, 2) * 200], dim=1))
+    pooler = RoIPooler(PoolerConfig(output_size=7, sampling_ratio=2, aligned=True), [4, 8, 16, 32])
+
+    def run(min_rois_per_thread: int):
+        monkeypatch.setattr(poolers, "MIN_ROIS_PER_THREAD", min_rois_per_thread)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        if mode == "grad":
+            out = pooler(features, boxes)
+            grads = torch.autograd.grad(out.square().sum(), features, allow_unused=True)
+            return out.detach(), grads
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else torch.inference_mode()
+        with context:
+            return pooler([f.bfloat16() if mode == "autocast" else f for f in features], boxes), ()
+
+    threaded, threaded_grads = run(8)
+    single, single_grads = run(10**9)
+    assert threaded.dtype == single.dtype
+    assert torch.equal(threaded, single)
+    for a, b in zip(threaded_grads, single_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)

@@ -100,6 +100,13 @@ def drop_empty_instances(target: dict[str, Any], min_size: float = 1e-5) -> dict
     return out
 
 
+def _pooling_dtype(feature: Tensor) -> torch.dtype:
+    """float32 for a half-precision map under autocast (what torchvision's RoIAlign casts to), else as is."""
+    if feature.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(feature.device.type):
+        return torch.float32
+    return feature.dtype
+
+
 class MaskRCNN(nn.Module):
     """Mask R-CNN. `forward(images, targets)` gives losses in training and detections in eval mode."""
 
@@ -213,8 +220,9 @@ class MaskRCNN(nn.Module):
     def pooling_features(features: list[Tensor]) -> list[Tensor]:
         """The maps RoI pooling reads: P2..P5 (P6 exists for large anchors in the RPN only), or C4."""
         roi_features = features[:4] if len(features) > 1 else features
-        # torchvision's RoIAlign reads NCHW and would copy an NHWC map at every call: convert once.
-        return [f.contiguous() for f in roi_features]
+        # torchvision's RoIAlign reads NCHW float32 (under autocast it casts its input at every call)
+        # and would copy an NHWC map at every call: convert once, in one pass.
+        return [f.to(dtype=_pooling_dtype(f), memory_format=torch.contiguous_format) for f in roi_features]
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         """Training (with targets): dict of losses. Eval: per-image dicts of boxes, scores, labels, masks."""

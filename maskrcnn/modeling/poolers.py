@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +26,33 @@ def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
     """Return [R, 5] rows (image index, x1, y1, x2, y2) from per-image box lists."""
     indices = [torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)]
     return torch.cat([torch.cat(indices), torch.cat(boxes)], dim=1)
+
+
+# torchvision's CPU RoIAlign/RoIPool kernels run on one core; they release the GIL, so chunks of the
+# RoIs pooled from Python threads use the others (1.7-1.9x on 2 cores, identical results).
+MIN_ROIS_PER_THREAD = 32
+_pool_threads: ThreadPoolExecutor | None = None
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _pool_threads
+    if _pool_threads is None or _pool_threads._max_workers != torch.get_num_threads():
+        _pool_threads = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="roi-pool")
+    return _pool_threads
+
+
+def _in_callers_modes(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """Wrap `fn` to run under the calling thread's grad/inference/autocast modes (they are per thread)."""
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    autocast, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
+    def run() -> Tensor:
+        with ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(inference))
+            stack.enter_context(torch.set_grad_enabled(grad))
+            stack.enter_context(torch.autocast("cpu", dtype=dtype, enabled=autocast))
+            return fn()
+    return run
 
 
 class RoIPooler(nn.Module):
@@ -54,8 +84,18 @@ class RoIPooler(nn.Module):
             rois[:, 1:], self.min_level, self.max_level, self.canonical_size, self.canonical_level
         )
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        threads = torch.get_num_threads() if features[0].device.type == "cpu" else 1
+        jobs = []  # (rows of `out`, how to pool them)
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.nonzero(levels == level).squeeze(1)
-            if index.numel():
-                out[index] = self._pool(feature, rois[index], scale).to(out.dtype)
+            chunks = max(1, min(threads, len(index) // MIN_ROIS_PER_THREAD))
+            for part in index.chunk(chunks) if len(index) else ():
+                jobs.append((part, lambda f=feature, r=rois[part], s=scale: self._pool(f, r, s)))
+        if threads > 1 and len(jobs) > 1:
+            calls = [_in_callers_modes(pool) for _, pool in jobs]  # read the modes here, in this thread
+            results = list(_thread_pool().map(lambda call: call(), calls))
+        else:
+            results = [pool() for _, pool in jobs]
+        for (part, _), pooled in zip(jobs, results):
+            out[part] = pooled.to(out.dtype)
         return out
