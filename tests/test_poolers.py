@@ -135,7 +135,10 @@ def test_pooling_in_threads_matches_one_thread(monkeypatch, mode):
         with context:
             return pooler([f.bfloat16() if mode == "autocast" else f for f in features], boxes), ()
 
+    calls = []
+    monkeypatch.setattr(poolers.ThreadedRoIAlign, "apply", lambda *a, f=poolers.ThreadedRoIAlign.apply: calls.append(1) or f(*a))
     threaded, threaded_grads = run(8)
+    assert calls, "the threaded path should have run"
     single, single_grads = run(10**9)
     assert threaded.dtype == single.dtype
     assert torch.equal(threaded, single)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from typing import Callable
 
 import torch
@@ -28,31 +27,50 @@ def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
     return torch.cat([torch.cat(indices), torch.cat(boxes)], dim=1)
 
 
-# torchvision's CPU RoIAlign/RoIPool kernels run on one core; they release the GIL, so chunks of the
-# RoIs pooled from Python threads use the others (1.7-1.9x on 2 cores, identical results).
+# torchvision's CPU RoIAlign kernels (forward and backward) run on one core. They release the GIL, so
+# chunks of the RoIs handed to Python threads use the other cores: 1.7-1.9x on 2 cores, same values.
 MIN_ROIS_PER_THREAD = 32
-_pool_threads: ThreadPoolExecutor | None = None
+_threads: ThreadPoolExecutor | None = None
 
 
-def _thread_pool() -> ThreadPoolExecutor:
-    global _pool_threads
-    if _pool_threads is None or _pool_threads._max_workers != torch.get_num_threads():
-        _pool_threads = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="roi-pool")
-    return _pool_threads
+def _run_in_threads(calls: list[Callable[[], Tensor]]) -> list[Tensor]:
+    """Run the calls on a pool of torch.get_num_threads() threads, without autograd; results in order."""
+    global _threads
+    if _threads is None or _threads._max_workers != torch.get_num_threads():
+        _threads = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="roi-align")
+
+    def run(call: Callable[[], Tensor]) -> Tensor:
+        with torch.no_grad():  # grad mode is per thread: workers would otherwise record a graph
+            return call()
+    return list(_threads.map(run, calls))
 
 
-def _in_callers_modes(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
-    """Wrap `fn` to run under the calling thread's grad/inference/autocast modes (they are per thread)."""
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-    autocast, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+class ThreadedRoIAlign(torch.autograd.Function):
+    """torchvision's RoIAlign over chunks of the RoIs in parallel threads, forward and backward."""
 
-    def run() -> Tensor:
-        with ExitStack() as stack:
-            stack.enter_context(torch.inference_mode(inference))
-            stack.enter_context(torch.set_grad_enabled(grad))
-            stack.enter_context(torch.autocast("cpu", dtype=dtype, enabled=autocast))
-            return fn()
-    return run
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # as torchvision's autocast rule
+    def forward(ctx, feature: Tensor, rois: Tensor, output_size: tuple[int, int], scale: float,
+                sampling_ratio: int, aligned: bool, chunks: int) -> Tensor:
+        ctx.save_for_backward(rois)
+        ctx.args = (output_size, scale, sampling_ratio, aligned, chunks, feature.shape)
+        align = torch.ops.torchvision.roi_align
+        return torch.cat(_run_in_threads([
+            lambda part=part: align(feature, part, scale, *output_size, sampling_ratio, aligned)
+            for part in rois.chunk(chunks)
+        ]))
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad: Tensor):
+        (rois,) = ctx.saved_tensors
+        output_size, scale, sampling_ratio, aligned, chunks, shape = ctx.args
+        backward = torch.ops.torchvision._roi_align_backward
+        partial_grads = _run_in_threads([
+            lambda g=g, part=part: backward(g.contiguous(), part, scale, *output_size, *shape, sampling_ratio, aligned)
+            for g, part in zip(grad.chunk(chunks), rois.chunk(chunks))
+        ])
+        return sum(partial_grads), None, None, None, None, None, None
 
 
 class RoIPooler(nn.Module):
@@ -73,6 +91,11 @@ class RoIPooler(nn.Module):
     def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
         if self.type == "roipool":
             return roi_pool(feature, rois, self.output_size, scale)
+        threads = torch.get_num_threads() if feature.device.type == "cpu" else 1
+        chunks = min(threads, len(rois) // MIN_ROIS_PER_THREAD)
+        if chunks > 1:
+            return ThreadedRoIAlign.apply(
+                feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned, chunks)
         return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
 
     def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
@@ -84,18 +107,8 @@ class RoIPooler(nn.Module):
             rois[:, 1:], self.min_level, self.max_level, self.canonical_size, self.canonical_level
         )
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
-        threads = torch.get_num_threads() if features[0].device.type == "cpu" else 1
-        jobs = []  # (rows of `out`, how to pool them)
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.nonzero(levels == level).squeeze(1)
-            chunks = max(1, min(threads, len(index) // MIN_ROIS_PER_THREAD))
-            for part in index.chunk(chunks) if len(index) else ():
-                jobs.append((part, lambda f=feature, r=rois[part], s=scale: self._pool(f, r, s)))
-        if threads > 1 and len(jobs) > 1:
-            calls = [_in_callers_modes(pool) for _, pool in jobs]  # read the modes here, in this thread
-            results = list(_thread_pool().map(lambda call: call(), calls))
-        else:
-            results = [pool() for _, pool in jobs]
-        for (part, _), pooled in zip(jobs, results):
-            out[part] = pooled.to(out.dtype)
+            if index.numel():
+                out[index] = self._pool(feature, rois[index], scale).to(out.dtype)
         return out
