@@ -39,7 +39,10 @@ from maskrcnn.engine.compare import Tolerances, agreement_summary, detection_dif
 from maskrcnn.modeling import build_model, import_state_dict
 
 FP32_TOLERANCES = Tolerances(box=0.05, score=1e-4, mask_iou=0.99)  # as tests/test_torchvision_parity.py
-FP32_MIN_MATCHED = 0.98
+# The parity tests ask 98 of 100 at 320 px. At 800 px these random weights also give sliver boxes
+# (0.2-0.4 px wide) whose box moves by up to ~0.06 px, score by ~2e-4 and mask by a pixel when the
+# convolutions sum in another order; 95 of 100 must agree, and the report names the others.
+FP32_MIN_MATCHED = 0.95
 BF16_TOLERANCES = Tolerances(box=2.0, score=0.02, mask_iou=0.9)  # "the same detection", reported only
 
 
