@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -229,15 +230,23 @@ class MaskRCNN(nn.Module):
         if self.training and targets is None:
             raise ValueError("training mode needs targets (call model.eval() for inference)")
         original = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        batch, sizes, targets = self.preprocess(images, targets)
-        features = self.extract_features(batch)
-        anchors = self.anchors(features, (batch.shape[-2], batch.shape[-1]))
-        proposals, rpn_losses = self.rpn(features, anchors, sizes, targets)
-        roi_features = self.pooling_features(features)
-        if self.training:
-            return {**rpn_losses, **self.roi_heads(roi_features, proposals, sizes, targets)}
-        detections = self.roi_heads(roi_features, proposals, sizes)
-        return self.postprocess(detections, sizes, original)
+        with self._inference_autocast():
+            batch, sizes, targets = self.preprocess(images, targets)
+            features = self.extract_features(batch)
+            anchors = self.anchors(features, (batch.shape[-2], batch.shape[-1]))
+            proposals, rpn_losses = self.rpn(features, anchors, sizes, targets)
+            roi_features = self.pooling_features(features)
+            if self.training:
+                return {**rpn_losses, **self.roi_heads(roi_features, proposals, sizes, targets)}
+            detections = self.roi_heads(roi_features, proposals, sizes)  # decodes boxes in float32
+        return self.postprocess(detections, sizes, original)  # box rescale and mask paste in float32
+
+    def _inference_autocast(self) -> ContextManager:
+        """Autocast to `test.precision` in eval mode (training precision is the trainer's business)."""
+        precision = self.cfg.test.precision
+        if self.training or precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
     @torch.no_grad()
     def predict(
