@@ -31,12 +31,14 @@ import torch
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskrcnn.config import load_config
 from maskrcnn.engine.benchmark import peak_rss_kib, random_targets
 from maskrcnn.engine.compare import Tolerances, agreement_summary, detection_differences
 from maskrcnn.modeling import build_model, import_state_dict
+from maskrcnn.structures import paste_masks
 
 FP32_TOLERANCES = Tolerances(box=0.05, score=1e-4, mask_iou=0.99)  # as tests/test_torchvision_parity.py
 # The parity tests ask 98 of 100 at 320 px. At 800 px these random weights also give sliver boxes
@@ -104,7 +106,14 @@ def compare_inference(reference, ours, image: torch.Tensor, runs: int) -> dict[s
         "torchvision bf16": lambda: infer(reference, True),
         "maskrcnn bf16": lambda: infer(ours, True),
     }, runs)
-    return {"seconds": times, "agreement": agreement}
+    # Mask pasting alone, on this image's detections: torchvision's per-mask loop against our batch.
+    boxes, (h, w) = infer(ours, False)["boxes"], image.shape[-2:]
+    probs = torch.rand(len(boxes), 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    paste = alternate({
+        "torchvision paste loop": lambda: paste_masks_in_image(probs, boxes, (h, w)),
+        "maskrcnn batched paste": lambda: paste_masks(probs[:, 0], boxes, h, w),
+    }, runs)
+    return {"seconds": times, "paste_seconds": paste, "detections": len(boxes), "agreement": agreement}
 
 
 def compare_training(reference, ours, size: tuple[int, int], batch: int, runs: int) -> dict[str, Any]:
@@ -206,6 +215,9 @@ def main() -> None:
         report["inference"] = inference
         print(f"\n## inference, seconds per image ({args.runs} runs each, alternating)")
         print("\n".join(table(inference["seconds"], "s")))
+        print(f"\n## mask pasting alone, {inference['detections']} masks, seconds")
+        for name, values in inference["paste_seconds"].items():
+            print(f"| {name} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} |")
         for kind, agreement in inference["agreement"].items():
             print(f"agreement {kind}: {json.dumps(agreement)}")
     if args.mode in ("train", "both"):
