@@ -116,24 +116,28 @@ def compare_inference(reference, ours, image: torch.Tensor, runs: int) -> dict[s
     return {"seconds": times, "paste_seconds": paste, "detections": len(boxes), "agreement": agreement}
 
 
+def training_step(model, images: list[torch.Tensor], targets: list[dict], bf16: bool) -> Callable[[], None]:
+    """Return a function doing one SGD step of `model` on this batch (train mode only inside it)."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
+
+    def step() -> None:
+        model.train()
+        with autocast(bf16):
+            losses = model(images, [dict(t) for t in targets])
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        model.eval()
+    return step
+
+
 def compare_training(reference, ours, size: tuple[int, int], batch: int, runs: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(1)
     images = [torch.rand(3, *size, generator=generator) for _ in range(batch)]
     targets = random_targets(batch, size, 90, generator)
 
     def stepper(model, bf16: bool) -> Callable[[], None]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=1e-5, momentum=0.9)
-
-        def step() -> None:
-            model.train()
-            with autocast(bf16):
-                losses = model(images, [dict(t) for t in targets])
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-            model.eval()
-        return step
+        return training_step(model, images, targets, bf16)
 
     trainable = {
         "torchvision": sum(p.numel() for p in reference.parameters() if p.requires_grad),

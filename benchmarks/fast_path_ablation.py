@@ -13,13 +13,12 @@ import argparse
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compare_torchvision import alternate, torchvision_model  # noqa: E402
+from compare_torchvision import alternate, autocast, torchvision_model, training_step  # noqa: E402
 
 import maskrcnn.modeling.poolers as poolers  # noqa: E402
 from maskrcnn.config import load_config  # noqa: E402
@@ -64,29 +63,16 @@ def main() -> None:
     targets = random_targets(2, size, 90, generator)
     print(f"image {size[0]}x{size[1]}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.runs} runs")
     for precision in ("fp32", "bf16"):
-        def autocast():
-            return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
+        bf16 = precision == "bf16"
         if args.mode in ("inference", "both"):
             def infer(model):
-                with torch.inference_mode(), autocast():
+                with torch.inference_mode(), autocast(bf16):
                     model([image])
             times = alternate({n: with_threads(lambda m=m: infer(m), STEPS[n][1]) for n, m in models.items()}, args.runs)
             report(f"inference {precision}, s/image", times)
         if args.mode in ("train", "both"):
-            def stepper(model):
-                optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-                def step():
-                    model.train()
-                    with autocast():
-                        losses = model(batch, [dict(t) for t in targets])
-                    optimizer.zero_grad(set_to_none=True)
-                    sum(losses.values()).backward()
-                    optimizer.step()
-                    model.eval()
-                return step
-            times = alternate({n: with_threads(stepper(m), STEPS[n][1]) for n, m in models.items()}, args.runs)
+            times = alternate({n: with_threads(training_step(m, batch, targets, bf16), STEPS[n][1])
+                               for n, m in models.items()}, args.runs)
             report(f"training step {precision}, 2 images, s/step", times)
 
 
