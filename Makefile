@@ -11,7 +11,7 @@ DEMO_OUT ?= runs/demo
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,deploy]'
 	touch $(STAMP)
 
 install: $(STAMP)

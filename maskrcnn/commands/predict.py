@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
+                   help="pytorch, or onnxruntime (CPU) with --weights a file from `maskrcnn export --format onnx`")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -63,11 +65,29 @@ def overlay_name(path: Path, used: set[str]) -> str:
     return name
 
 
+def load_backend(args: argparse.Namespace, overrides: list[str]):
+    """Return the model to predict with: a PyTorch MaskRCNN, or an exported file run by ONNX Runtime."""
+    from maskrcnn.api import load_model
+
+    if getattr(args, "backend", "pytorch") != "onnxruntime":
+        return load_model(args.config, args.weights, overrides, device=args.device)
+    from maskrcnn.export import OnnxMaskRCNN
+
+    if not args.weights or not str(args.weights).endswith(".onnx"):
+        raise UserError("--backend onnxruntime needs --weights MODEL.onnx (written by `maskrcnn export --format onnx`)")
+    if args.config or overrides:
+        raise UserError("--backend onnxruntime uses the config stored in the .onnx file; "
+                        "drop --config and KEY=VALUE overrides (export again to change the model)")
+    if args.device != "cpu":
+        raise UserError("--backend onnxruntime runs on the CPU only; drop --device")
+    return OnnxMaskRCNN(args.weights)
+
+
 def run(args: argparse.Namespace) -> int:
     """Predict every image; a bad image is reported and skipped; exit 1 if any failed."""
     from tqdm import tqdm
 
-    from maskrcnn.api import category_ids, load_model
+    from maskrcnn.api import category_ids
     from maskrcnn.config import atomic_path
     from maskrcnn.data.image_io import image_to_tensor, read_image
     from maskrcnn.engine.evaluator import predictions_to_coco, write_predictions
@@ -77,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     files = expand_inputs(items)
     if not files:
         raise UserError("no images to predict: give image files, folders or glob patterns")
-    model = load_model(args.config, args.weights, overrides, device=args.device)
+    model = load_backend(args, overrides)
     ids = category_ids(model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

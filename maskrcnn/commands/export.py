@@ -1,0 +1,59 @@
+"""`maskrcnn export`: write a model as an ONNX file (or TorchScript) for other runtimes."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from maskrcnn.errors import UserError
+
+HELP = ("Export a model: maskrcnn export --config C --weights W --format onnx --out model.onnx "
+        "(whole network incl. NMS and mask selection, any image size; run it with predict --backend onnxruntime)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the export command's arguments."""
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--config", "--preset", dest="config", default=None,
+                   help="preset name or YAML file (default: the config stored in --weights)")
+    p.add_argument("--weights", default=None, help="our checkpoint or a torchvision / Detectron2 weights file")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default: onnx)")
+    p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, at least 17 (default: 17)")
+    p.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy",
+                   help="torch.onnx exporter: legacy (TorchScript trace, default) or dynamo (torch.export)")
+    p.add_argument("--check", action="store_true",
+                   help="after writing, run the file in ONNX Runtime and compare with PyTorch on random images")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, export it, optionally check parity, print where the file is."""
+    from maskrcnn.api import load_model
+    from maskrcnn.export import export_onnx
+
+    if args.opset < 17:
+        raise UserError(f"--opset {args.opset} is too old: the export needs opset 17 or newer")
+    if not args.weights:
+        print("note: no --weights given; exporting randomly initialised weights")
+    model = load_model(args.config, args.weights, list(args.overrides))
+    start = time.perf_counter()
+    try:
+        path = export_onnx(model, args.out, opset=args.opset, dynamo=args.exporter == "dynamo")
+    except UserError:
+        raise
+    except Exception as e:  # the exporters raise many kinds; one line names the failing step
+        raise UserError(f"ONNX export ({args.exporter} exporter) failed: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    size_mb = path.stat().st_size / 2**20
+    print(f"wrote {path} ({size_mb:.1f} MB, opset {args.opset}, {time.perf_counter() - start:.1f} s); "
+          "masks come out as [D, M, M] probabilities, pasted by the runtime wrapper")
+    if args.check:
+        from maskrcnn.export import check_parity
+
+        problems = check_parity(model, path)
+        if problems:
+            for line in problems:
+                print(f"parity: {line}")
+            return 1
+        print("parity: ONNX Runtime gives the same detections as PyTorch on the test images")
+    return 0

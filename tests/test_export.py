@@ -1,0 +1,176 @@
+"""ONNX export: the exported graph, run by ONNX Runtime, gives PyTorch's detections at any image size."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from conftest import TINY
+
+from maskrcnn.checkpoint import save_checkpoint
+from maskrcnn.cli import main
+from maskrcnn.config import load_config
+from maskrcnn.engine.compare import Tolerances, detection_differences
+from maskrcnn.export import (PARITY_MATCHED, PARITY_TOLERANCES, ExportError, ExportableMaskRCNN, OnnxMaskRCNN,
+                             check_parity, export_onnx)
+from maskrcnn.modeling import build_model
+
+# Several aspect ratios: upscaled, downscaled, square, and one where the longer-side cap decides.
+SIZES = [(480, 640), (257, 199), (100, 170), (333, 333), (600, 90)]
+
+
+def decisive(model):
+    """Return the model with mask logits far from 0 (random heads give p ≈ 0.5: pixel coin flips)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.class_logits.bias.copy_(torch.tensor([-3.0, 3.0, 0.0, 0.0]))
+        model.roi_heads.mask_head.predictor.weight.normal_(std=0.05)
+        model.roi_heads.mask_head.predictor.bias.fill_(0.3)
+    return model.eval()
+
+
+def tiny_model(extra: list[str] = ()):
+    torch.manual_seed(0)
+    return decisive(build_model(load_config("shapes", TINY + list(extra))))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = tiny_model()
+    path = export_onnx(model, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    return model, path
+
+
+def assert_same(expected, actual, min_matched=1.0):
+    assert len(expected["boxes"]) > 0, "the test weights should give detections"
+    assert detection_differences(expected, actual, Tolerances(**PARITY_TOLERANCES), min_matched) == []
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_onnxruntime_matches_pytorch(exported, size):
+    model, path = exported
+    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(size[0]))
+    with torch.no_grad():
+        expected = model([image])[0]
+    actual = OnnxMaskRCNN(path)([image])[0]
+    assert actual["masks"].shape == expected["masks"].shape == (len(expected["boxes"]), *size)
+    assert_same(expected, actual)
+
+
+def test_traceable_path_is_the_model_in_eager_mode(exported):
+    model, _ = exported
+    image = torch.rand(3, 211, 307, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model([image])[0]
+        boxes, scores, labels, mask_probs = ExportableMaskRCNN(model)(image)
+    assert torch.equal(boxes, expected["boxes"]) and torch.equal(scores, expected["scores"])
+    assert torch.equal(labels, expected["labels"]) and mask_probs.shape == (len(boxes), 28, 28)
+
+
+def test_file_has_opset_17_dynamic_size_and_metadata(exported):
+    model, path = exported
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [3, "height", "width"]
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"RoiAlign", "TopK", "Resize"} <= ops  # NMS sits inside If branches
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["maskrcnn.class_names"]) == model.class_names
+
+
+@pytest.mark.parametrize("extra", [
+    ["model.input_format=BGR", "model.mask_head.paste=detectron2"],  # Detectron2-style conventions
+    ["model.box_head.score_thresh=0.999"],  # no detection at all: empty outputs, no failure
+], ids=["bgr-detectron2-paste", "no-detections"])
+def test_variants(tmp_path, extra):
+    model = tiny_model(extra)
+    path = export_onnx(model, tmp_path / "m.onnx")
+    assert check_parity(model, path, sizes=[(240, 320), (150, 100)]) == []
+    if "model.box_head.score_thresh=0.999" in extra:
+        out = OnnxMaskRCNN(path)([torch.rand(3, 64, 80)])[0]
+        assert len(out["boxes"]) == 0 and out["masks"].shape == (0, 64, 80)
+
+
+def test_c4_model(tmp_path):
+    torch.manual_seed(0)
+    cfg = load_config("R50-C4-1x", ["model.backbone.depth=18", "input.min_size_test=128", "input.max_size_test=224",
+                                    "model.rpn.post_nms_top_n_test=50", "model.box_head.score_thresh=0.0",
+                                    "model.box_head.detections_per_image=10"])
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.roi_heads.mask_head.predictor.weight.normal_(std=0.05)
+    path = export_onnx(model, tmp_path / "c4.onnx")
+    assert check_parity(model, path, sizes=[(200, 260), (120, 90)]) == []
+
+
+def test_unsupported_parts_are_named():
+    model = tiny_model(["input.resize=pil"])
+    with pytest.raises(ExportError, match="input.resize=pil"):
+        ExportableMaskRCNN(model)
+
+
+def test_cli_export_then_predict_with_onnxruntime(tmp_path, capsys):
+    from PIL import Image
+
+    model = tiny_model()
+    ckpt = tmp_path / "model.pth"
+    save_checkpoint(ckpt, {"model": model.state_dict(), "config": model.cfg.to_dict(), "iteration": 0})
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", "--weights", str(ckpt), "--format", "onnx", "--out", str(onnx_path), "--check"]) == 0
+    assert "parity: ONNX Runtime gives the same detections" in capsys.readouterr().out
+    images = tmp_path / "images"
+    images.mkdir()
+    generator = torch.Generator().manual_seed(5)
+    for i, size in enumerate([(120, 160), (200, 150)]):
+        pixels = (torch.rand(*size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"im{i}.png")
+    runs = {}
+    for backend, weights in (("pytorch", ckpt), ("onnxruntime", onnx_path)):
+        out = tmp_path / backend
+        assert main(["predict", str(images), "--weights", str(weights), "--backend", backend, "--out", str(out),
+                     "--score-threshold", "0.3"]) == 0
+        runs[backend] = json.loads((out / "predictions.json").read_text())
+        assert sorted(p.name for p in out.glob("*.png")) == ["im0.png", "im1.png"]
+    pt, ort = runs["pytorch"], runs["onnxruntime"]
+    assert len(pt) == len(ort) > 0
+    for a, b in zip(sorted(pt, key=lambda r: -r["score"]), sorted(ort, key=lambda r: -r["score"])):
+        assert a["category_id"] == b["category_id"] and a["file_name"] == b["file_name"]
+        assert abs(a["score"] - b["score"]) < 1e-4
+        assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 0.05
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (32, 24)).save(tmp_path / "a.png")
+    ckpt = tmp_path / "m.pth"
+    ckpt.write_bytes(b"")
+    assert main(["predict", str(tmp_path), "--weights", str(ckpt), "--backend", "onnxruntime"]) == 2
+    assert "needs --weights MODEL.onnx" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), "--weights", str(tmp_path / "none.onnx"), "--backend", "onnxruntime"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["export", "--config", "shapes", "input.resize=pil", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "cannot export: input.resize=pil" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_large_model_parity(tmp_path):
+    """torchvision-r50-fpn at its 800-px test size, random decisive weights (about a minute on 2 cores)."""
+    from test_torchvision_parity import decisive_torchvision_model
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from maskrcnn.modeling import import_state_dict
+
+    reference = decisive_torchvision_model(maskrcnn_resnet50_fpn)
+    model = build_model(load_config("torchvision-r50-fpn"))
+    model.load_state_dict(import_state_dict(model, reference.state_dict()), strict=False)
+    path = export_onnx(model.eval(), tmp_path / "r50.onnx")
+    for size in [(480, 640), (600, 450), (333, 500)]:
+        image = torch.rand(3, *size, generator=torch.Generator().manual_seed(size[1]))
+        with torch.no_grad():
+            expected = model([image])[0]
+        assert_same(expected, OnnxMaskRCNN(path)([image])[0], min_matched=PARITY_MATCHED)
