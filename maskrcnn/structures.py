@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -156,23 +158,35 @@ def paste_masks(
     y0, x0 = grown[:, 1].clamp(0, height), grown[:, 0].clamp(0, width)
     win_h = ((grown[:, 1] + box_h).clamp(max=height) - y0).clamp(min=0)
     win_w = ((grown[:, 0] + box_w).clamp(max=width) - x0).clamp(min=0)
-    # Masks of similar window size share a batch, so a batch's window fits all of its members tightly.
+
+    def sample(i: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        ry = _bilinear_weights(rows, grown[i, 1], box_h[i], m + 2)
+        rx = _bilinear_weights(cols, grown[i, 0], box_w[i], m + 2)
+        return torch.bmm(torch.bmm(ry, padded[i]), rx.transpose(1, 2)) > threshold
+
+    _paste_in_windows(out, y0, x0, win_h, win_w, sample, masks_per_batch)
+    return out
+
+
+def _paste_in_windows(
+    out: Tensor, y0: Tensor, x0: Tensor, win_h: Tensor, win_w: Tensor,
+    sample: Callable[[Tensor, Tensor, Tensor], Tensor], masks_per_batch: int,
+) -> None:
+    """Fill `out` [D, H, W] window by window: `sample(indices, rows, cols)` gives a batch's bool windows.
+
+    Masks of similar window size share a batch, so a batch's window fits all of its members tightly;
+    rows and columns past the image are dropped when the windows are scattered into place.
+    """
+    height, width = out.shape[-2:]
     for i in torch.argsort(win_h * win_w).split(masks_per_batch):
         hb, wb = int(win_h[i].max()), int(win_w[i].max())
         if hb == 0 or wb == 0:
             continue  # boxes entirely outside the image paste nothing
-        rows = y0[i, None] + torch.arange(hb, device=masks.device)
-        cols = x0[i, None] + torch.arange(wb, device=masks.device)
-        ry = _bilinear_weights(rows, grown[i, 1], box_h[i], m + 2)
-        rx = _bilinear_weights(cols, grown[i, 0], box_w[i], m + 2)
-        window = torch.bmm(torch.bmm(ry, padded[i]), rx.transpose(1, 2)) > threshold
-        # Scatter each window into its mask's place, dropping the rows/columns past the image.
-        rows_ok = rows < height
-        cols_ok = cols < width
-        keep = rows_ok[:, :, None] & cols_ok[:, None, :] & window
+        rows = y0[i, None] + torch.arange(hb, device=out.device)
+        cols = x0[i, None] + torch.arange(wb, device=out.device)
+        keep = sample(i, rows, cols) & (rows < height)[:, :, None] & (cols < width)[:, None, :]
         d, r, c = torch.nonzero(keep, as_tuple=True)
         out[i[d], rows[d, r], cols[d, c]] = True
-    return out
 
 
 def paste_masks_grid_sample(
@@ -196,18 +210,14 @@ def paste_masks_grid_sample(
     y0 = (boxes[:, 1].floor() - 1).clamp(min=0).long()
     win_w = ((boxes[:, 2].ceil() + 1).clamp(max=width).long() - x0).clamp(min=0)
     win_h = ((boxes[:, 3].ceil() + 1).clamp(max=height).long() - y0).clamp(min=0)
-    for i in torch.argsort(win_h * win_w).split(masks_per_batch):
-        hb, wb = int(win_h[i].max()), int(win_w[i].max())
-        if hb == 0 or wb == 0:
-            continue  # boxes entirely outside the image paste nothing
-        rows = y0[i, None] + torch.arange(hb, device=masks.device)
-        cols = x0[i, None] + torch.arange(wb, device=masks.device)
+
+    def sample(i: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         b = boxes[i]
         gy = (rows.float() + 0.5 - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1
         gx = (cols.float() + 0.5 - b[:, 0:1]) / (b[:, 2:3] - b[:, 0:1]) * 2 - 1
+        hb, wb = rows.shape[1], cols.shape[1]
         grid = torch.stack([gx[:, None, :].expand(-1, hb, -1), gy[:, :, None].expand(-1, -1, wb)], dim=3)
-        window = F.grid_sample(masks[i], grid, align_corners=False)[:, 0] >= threshold
-        keep = window & (rows < height)[:, :, None] & (cols < width)[:, None, :]
-        d, r, c = torch.nonzero(keep, as_tuple=True)
-        out[i[d], rows[d, r], cols[d, c]] = True
+        return F.grid_sample(masks[i], grid, align_corners=False)[:, 0] >= threshold
+
+    _paste_in_windows(out, y0, x0, win_h, win_w, sample, masks_per_batch)
     return out
