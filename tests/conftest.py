@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny saved model for the command-line tests."""
+"""Shared fixtures: a tiny saved model for the command-line tests, a tiny shapes dataset, run configs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from maskrcnn.checkpoint import save_checkpoint
+from maskrcnn.data.shapes import make_shapes
 from maskrcnn.config import load_config
 from maskrcnn.modeling import build_model
 
@@ -27,3 +28,20 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "model_final.pth"
     save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "iteration": 0})
     return path
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """Six 48-px training images and two validation images, written once per test module."""
+    root = tmp_path_factory.mktemp("shapes")
+    return make_shapes(root, num_train=6, num_val=2, seed=0, image_size=48, max_shapes=2, shape_size=(12, 24))
+
+
+def quick_run_config(shapes, output_dir, extra: list[str] = ()):
+    """A 6-iteration CPU run on `shapes` that checkpoints and logs every 2 iterations."""
+    ann, images = shapes["train"]
+    return load_config(None, [
+        f"data.train=['{ann}:{images}']", f"output_dir={output_dir}", "device=cpu",
+        "solver.ims_per_batch=2", "solver.max_iter=6", "solver.checkpoint_period=2",
+        "solver.warmup_iters=2", "solver.base_lr=0.01", "solver.log_period=2", *extra,
+    ])

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import maskrcnn.modeling
+from conftest import quick_run_config
 from maskrcnn.checkpoint import load_checkpoint
 from maskrcnn.config import load_config
-from maskrcnn.data.shapes import make_shapes
 from maskrcnn.engine.trainer import TrainingError, train
 from maskrcnn.errors import UserError
 
@@ -36,22 +36,11 @@ class _FakeModel(nn.Module):
                 "loss_objectness": base * 0.2, "loss_rpn_box_reg": base * 0.3}
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    return make_shapes(root, num_train=6, num_val=2, seed=0, image_size=48, max_shapes=2, shape_size=(12, 24))
-
-
 @pytest.fixture
 def cfg(shapes, tmp_path, monkeypatch):
     monkeypatch.setattr(maskrcnn.modeling, "build_model", lambda cfg: _FakeModel(), raising=False)
     monkeypatch.setattr(_FakeModel, "hook", None)
-    ann, images = shapes["train"]
-    return load_config(None, [
-        f"data.train=['{ann}:{images}']", f"output_dir={tmp_path / 'run'}", "device=cpu",
-        "solver.ims_per_batch=2", "solver.max_iter=6", "solver.checkpoint_period=2",
-        "solver.warmup_iters=2", "solver.base_lr=0.01", "solver.log_period=2", "input.horizontal_flip=0.5",
-    ])
+    return quick_run_config(shapes, tmp_path / "run", ["input.horizontal_flip=0.5"])
 
 
 def test_outputs_and_classes_from_data(cfg):

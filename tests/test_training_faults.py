@@ -29,11 +29,11 @@ from torch.utils.data import Dataset
 
 import maskrcnn
 import maskrcnn.modeling
+from conftest import quick_run_config
 from maskrcnn import cli
 from maskrcnn.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from maskrcnn.config import load_config
 from maskrcnn.data.loader import DataError, build_train_loader
-from maskrcnn.data.shapes import make_shapes
 from maskrcnn.engine import trainer as trainer_module
 from maskrcnn.engine.trainer import TrainingError, train
 
@@ -65,22 +65,11 @@ class _Fake(nn.Module):
                 "loss_objectness": trunk * 0.2, "loss_rpn_box_reg": trunk * 0.3}
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    return make_shapes(root, num_train=6, num_val=0, seed=0, image_size=48, max_shapes=2, shape_size=(12, 24))
-
-
 @pytest.fixture
 def fake_cfg(shapes, tmp_path, monkeypatch):
     monkeypatch.setattr(maskrcnn.modeling, "build_model", lambda cfg: _Fake(), raising=False)
     monkeypatch.setattr(_Fake, "hook", None)
-    ann, images = shapes["train"]
-    return load_config(None, [
-        f"data.train=['{ann}:{images}']", f"output_dir={tmp_path / 'run'}", "device=cpu",
-        "solver.ims_per_batch=2", "solver.max_iter=6", "solver.checkpoint_period=2",
-        "solver.warmup_iters=2", "solver.base_lr=0.01", "solver.log_period=2",
-    ])
+    return quick_run_config(shapes, tmp_path / "run")
 
 
 def _ckpts(cfg) -> Path:
