@@ -128,6 +128,25 @@ class MaskHeadConfig:
 
 
 @dataclass
+class KeypointHeadConfig:
+    """Keypoint branch (Keypoint R-CNN): an FCN predicting one m×m heat-map per keypoint, softmax over m²."""
+
+    enabled: bool = False
+    num_keypoints: int = 17
+    num_convs: int = 8
+    conv_dim: int = 512
+    norm: str = ""  # "" | bn | gn
+    pooler: PoolerConfig = field(default_factory=lambda: PoolerConfig(output_size=14))
+    loss_weight: float = 1.0
+    # training images with fewer visible keypoints (all instances together) are skipped (Detectron2: 1)
+    min_keypoints_per_image: int = 1
+    # names, COCO-style skeleton (1-based index pairs) and OKS sigmas; empty = from the dataset / COCO's
+    keypoint_names: list[str] = field(default_factory=list)
+    skeleton: list[list[int]] = field(default_factory=list)
+    oks_sigmas: list[float] = field(default_factory=list)
+
+
+@dataclass
 class ModelConfig:
     """The whole network."""
 
@@ -145,6 +164,7 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    keypoint_head: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
 
 
 @dataclass
@@ -200,6 +220,14 @@ class SolverConfig:
     eval_period: int = 0  # 0 = only at the end (when data.val is set)
     log_period: int = 20
     seed: int = 0
+    # Distributed training (torchrun, docs/distributed.md): ims_per_batch is the total over all processes.
+    # > 0: the number of processes this config was written for; another number of processes scales
+    # ims_per_batch and base_lr by (processes / reference_world_size) and max_iter, steps, warm-up and
+    # the periods inversely (the linear rule; Detectron2's SOLVER.REFERENCE_WORLD_SIZE). 0 = off.
+    reference_world_size: int = 0
+    sync_bn: bool = False  # several processes: BatchNorm layers (norm=bn) become SyncBatchNorm (CUDA only)
+    dist_timeout_minutes: float = 30.0  # a collective operation waiting longer than this fails the job
+    dist_heartbeat_timeout: float = 60.0  # seconds without a heartbeat after which a process counts as dead
 
 
 @dataclass
@@ -504,6 +532,8 @@ _CHOICES = {
     "model.box_head.type": ("2fc", "4conv1fc", "res5"),
     "model.box_head.pooler.type": ("roialign", "roipool"),
     "model.mask_head.pooler.type": ("roialign", "roipool"),
+    "model.keypoint_head.pooler.type": ("roialign", "roipool"),
+    "model.keypoint_head.norm": ("", "bn", "gn"),
     "model.input_format": ("RGB", "BGR"),
     "model.mask_head.paste": ("torchvision", "detectron2"),
     "input.resize": ("tensor", "pil"),
@@ -548,5 +578,24 @@ def validate(cfg: Config) -> None:
         )
     if len(m.pixel_mean) != 3 or len(m.pixel_std) != 3:
         raise ConfigError("config keys 'model.pixel_mean'/'model.pixel_std' need 3 values each")
+    kp = m.keypoint_head
+    if kp.enabled:
+        if kp.num_keypoints < 1:
+            raise ConfigError(f"config key 'model.keypoint_head.num_keypoints' must be >= 1, got {kp.num_keypoints}")
+        if m.backbone.kind == "c4":
+            raise ConfigError("config: model.keypoint_head needs model.backbone.kind=fpn (no C4 keypoint head)")
+        for key, values in (("keypoint_names", kp.keypoint_names), ("oks_sigmas", kp.oks_sigmas)):
+            if values and len(values) != kp.num_keypoints:
+                raise ConfigError(f"config key 'model.keypoint_head.{key}' has {len(values)} entries but "
+                                  f"model.keypoint_head.num_keypoints = {kp.num_keypoints}")
+        if any(len(e) != 2 or not all(1 <= i <= kp.num_keypoints for i in e) for e in kp.skeleton):
+            raise ConfigError("config key 'model.keypoint_head.skeleton' needs [a, b] pairs of keypoint "
+                              f"numbers in 1..{kp.num_keypoints} (COCO's 1-based convention)")
     if m.backbone.kind == "fpn" and len(m.anchors.sizes) != 5:
         raise ConfigError("config key 'model.anchors.sizes' needs 5 lists (P2..P6) for FPN")
+    s = cfg.solver
+    if s.reference_world_size < 0:
+        raise ConfigError(f"config key 'solver.reference_world_size' must be >= 0 (0 = off), got {s.reference_world_size}")
+    for key in ("dist_timeout_minutes", "dist_heartbeat_timeout"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"config key 'solver.{key}' must be > 0, got {getattr(s, key)}")

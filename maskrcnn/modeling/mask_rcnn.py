@@ -81,7 +81,13 @@ def as_image_tensor(image: ImageLike, max_pixels: int | None = None) -> Tensor:
 
 
 # Target entries that hold one row per instance (filtered together with `boxes`).
-INSTANCE_KEYS = ("boxes", "labels", "masks", "iscrowd", "area")
+INSTANCE_KEYS = ("boxes", "labels", "masks", "iscrowd", "area", "keypoints")
+
+
+def scale_keypoints(keypoints: Tensor, scale_y: Tensor | float, scale_x: Tensor | float) -> Tensor:
+    """Return keypoints [N, K, 3] with x multiplied by `scale_x` and y by `scale_y` (visibility kept)."""
+    factors = torch.stack([torch.as_tensor(scale_x), torch.as_tensor(scale_y), torch.ones(())]).to(keypoints)
+    return keypoints * factors
 
 
 def drop_empty_instances(target: dict[str, Any], min_size: float = 1e-5) -> dict[str, Any]:
@@ -126,6 +132,7 @@ class MaskRCNN(nn.Module):
             m.box_head, m.mask_head, m.num_classes, self.backbone.out_channels, self.backbone.strides,
             res5=self.backbone.res5 if c4 else None,
             res5_channels=getattr(self.backbone, "res5_channels", 0),
+            keypoint_cfg=m.keypoint_head,
         )
         self.channels_last = m.channels_last
         if self.channels_last:  # conv weights in NHWC; their outputs follow (see forward)
@@ -189,6 +196,8 @@ class MaskRCNN(nn.Module):
             out["masks"] = masks.to(torch.uint8)
         elif "masks" in target:
             out["masks"] = target["masks"].new_zeros((0, *new))
+        if "keypoints" in target:
+            out["keypoints"] = scale_keypoints(target["keypoints"].float(), scale_y, scale_x)
         return out
 
     def postprocess(
@@ -206,6 +215,9 @@ class MaskRCNN(nn.Module):
             if "mask_probs" in det:
                 paste = paste_masks_grid_sample if self.cfg.model.mask_head.paste == "detectron2" else paste_masks
                 out["masks"] = paste(det["mask_probs"][keep], out["boxes"], oh, ow, self.cfg.model.mask_head.threshold)
+            if "keypoints" in det:
+                out["keypoints"] = scale_keypoints(det["keypoints"][keep], scale_y, scale_x)
+                out["keypoint_scores"] = det["keypoint_scores"][keep]
             results.append(out)
         return results
 

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, roi_align
 
-from maskrcnn.config import BoxHeadConfig, MaskHeadConfig
+from maskrcnn.config import BoxHeadConfig, KeypointHeadConfig, MaskHeadConfig
 from maskrcnn.modeling.backbone import ConvNorm, norm_factory
+from maskrcnn.modeling.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from maskrcnn.modeling.matcher import Matcher, sample_balanced
 from maskrcnn.modeling.poolers import RoIPooler
 from maskrcnn.modeling.rpn import label_with_crowd, non_crowd, smooth_l1, target_crowd
@@ -131,8 +132,10 @@ class RoIHeads(nn.Module):
     """Box and mask branches on top of pooled RoI features."""
 
     def __init__(self, box_cfg: BoxHeadConfig, mask_cfg: MaskHeadConfig, num_classes: int,
-                 channels: int, strides: list[int], res5: nn.Module | None = None, res5_channels: int = 0):
+                 channels: int, strides: list[int], res5: nn.Module | None = None, res5_channels: int = 0,
+                 keypoint_cfg: KeypointHeadConfig | None = None):
         super().__init__()
+        self.keypoint_cfg = keypoint_cfg if keypoint_cfg is not None else KeypointHeadConfig()
         self.cfg = box_cfg
         self.mask_cfg = mask_cfg
         self.num_classes = num_classes
@@ -161,6 +164,10 @@ class RoIHeads(nn.Module):
             else:
                 self.mask_pooler = RoIPooler(mask_cfg.pooler, pool_strides)
                 self.mask_head = MaskHead(channels, mask_cfg.num_convs, mask_cfg.conv_dim, outputs, mask_cfg.norm)
+        if self.keypoint_cfg.enabled:
+            kp = self.keypoint_cfg
+            self.keypoint_pooler = RoIPooler(kp.pooler, pool_strides)
+            self.keypoint_head = KeypointHead(channels, kp.num_keypoints, kp.num_convs, kp.conv_dim, kp.norm)
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -216,6 +223,8 @@ class RoIHeads(nn.Module):
         losses["loss_box_reg"] = smooth_l1(deltas, regression_targets, self.cfg.smooth_l1_beta) / max(1, labels.numel())
         if self.mask_cfg.enabled:
             losses["loss_mask"] = self.mask_loss(features, sampled, targets, res5)
+        if self.keypoint_cfg.enabled:
+            losses["loss_keypoint"] = self.keypoint_loss(features, sampled, targets) * self.keypoint_cfg.loss_weight
         return losses
 
     def mask_loss(self, features: list[Tensor], sampled: list[SampledRoIs], targets: list[dict[str, Tensor]],
@@ -242,6 +251,39 @@ class RoIHeads(nn.Module):
         logits = select_class(mask_logits, labels)
         return F.binary_cross_entropy_with_logits(logits, torch.cat(pos_targets).to(logits.dtype))
 
+    def keypoint_loss(self, features: list[Tensor], sampled: list[SampledRoIs],
+                      targets: list[dict[str, Tensor]]) -> Tensor:
+        """Return the heat-map cross-entropy over the labelled keypoints inside positive RoIs.
+
+        Only positive RoIs with at least one such keypoint run the head (as Detectron2 selects them);
+        the others would add nothing to the loss.
+        """
+        boxes, indices, valids = [], [], []
+        size = self.keypoint_size
+        for s, target in zip(sampled, targets):
+            if "keypoints" not in target:
+                raise ValueError("the keypoint head needs targets with 'keypoints' [N, K, 3]")
+            gt_keypoints = target["keypoints"][~target_crowd(target).bool()]
+            positive = torch.nonzero(s.labels > 0).squeeze(1)
+            if positive.numel() == 0 or len(gt_keypoints) == 0:
+                continue
+            index, valid = keypoint_targets(gt_keypoints[s.gt_index[positive]].to(s.boxes.dtype),
+                                            s.boxes[positive], size)
+            useful = valid.any(dim=1)
+            boxes.append(s.boxes[positive][useful])
+            indices.append(index[useful])
+            valids.append(valid[useful])
+        if sum(len(b) for b in boxes) == 0:
+            # No labelled keypoint inside a positive RoI: a zero that still touches the head's parameters.
+            return sum(p.sum() for p in self.keypoint_head.parameters()) * 0.0
+        logits = self.keypoint_head(self.keypoint_pooler(features, boxes))
+        return keypoint_loss(logits, torch.cat(indices), torch.cat(valids))
+
+    @property
+    def keypoint_size(self) -> int:
+        """Side of the keypoint heat-maps: 4x the pooled grid (deconvolution 2x, then bilinear 2x)."""
+        return 4 * self.keypoint_cfg.pooler.output_size
+
     # ---- inference ----------------------------------------------------------------------------
 
     def detect(self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]):
@@ -258,6 +300,8 @@ class RoIHeads(nn.Module):
             start = stop
         if self.mask_cfg.enabled:
             self.predict_masks(features, detections)
+        if self.keypoint_cfg.enabled:
+            self.predict_keypoints(features, detections)
         return detections
 
     def select_detections(self, boxes: Tensor, scores: Tensor, height: int, width: int) -> dict[str, Tensor]:
@@ -288,3 +332,18 @@ class RoIHeads(nn.Module):
         probs = select_class(mask_logits.float(), labels).sigmoid()
         for d, p in zip(detections, probs.split([len(b) for b in boxes])):
             d["mask_probs"] = p
+
+    def predict_keypoints(self, features: list[Tensor], detections: list[dict[str, Tensor]]) -> None:
+        """Add `keypoints` [D, K, 3] (x, y, 1 in resized-image pixels) and `keypoint_scores` [D, K]."""
+        boxes = [d["boxes"] for d in detections]
+        k = self.keypoint_cfg.num_keypoints
+        if sum(len(b) for b in boxes) == 0:
+            for d in detections:
+                d["keypoints"] = d["boxes"].new_zeros((0, k, 3))
+                d["keypoint_scores"] = d["boxes"].new_zeros((0, k))
+            return
+        logits = self.keypoint_head(self.keypoint_pooler(features, boxes))
+        keypoints, scores = heatmaps_to_keypoints(logits, torch.cat(boxes))
+        sizes = [len(b) for b in boxes]
+        for d, kp, sc in zip(detections, keypoints.split(sizes), scores.split(sizes)):
+            d["keypoints"], d["keypoint_scores"] = kp, sc

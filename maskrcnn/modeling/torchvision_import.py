@@ -1,4 +1,4 @@
-"""Reads torchvision Mask R-CNN state dicts (v1 and v2) into our module names.
+"""Reads torchvision Mask R-CNN (v1 and v2) and Keypoint R-CNN state dicts into our module names.
 
 The mechanism is shared with other importers (Detectron2): an ordered list of (regex, replacement)
 rules, the first matching rule renames the key; a replacement may be a function of the match.
@@ -29,7 +29,7 @@ def rename_key(key: str, rules: Rules) -> str | None:
 
 
 # (torchvision name pattern, our name) — applied in order, first match wins.
-_RULES: list[tuple[str, str]] = [
+_RULES: list[tuple[str, Replacement]] = [
     (r"^backbone\.body\.", "backbone.trunk."),
     (r"^backbone\.fpn\.inner_blocks\.(\d+)\.0\.", r"backbone.fpn.lateral.\1.conv."),
     (r"^backbone\.fpn\.inner_blocks\.(\d+)\.1\.", r"backbone.fpn.lateral.\1.norm."),
@@ -55,6 +55,9 @@ _RULES: list[tuple[str, str]] = [
     (r"^roi_heads\.mask_head\.(\d+)\.1\.", r"roi_heads.mask_head.convs.\1.norm."),
     (r"^roi_heads\.mask_predictor\.conv5_mask\.", "roi_heads.mask_head.deconv."),
     (r"^roi_heads\.mask_predictor\.mask_fcn_logits\.", "roi_heads.mask_head.predictor."),
+    # Keypoint R-CNN: a Sequential of (conv, ReLU) pairs, so conv i sits at index 2i; then the deconv.
+    (r"^roi_heads\.keypoint_head\.(\d+)\.", lambda m: f"roi_heads.keypoint_head.convs.{int(m.group(1)) // 2}.conv."),
+    (r"^roi_heads\.keypoint_predictor\.kps_score_lowres\.", "roi_heads.keypoint_head.deconv."),
 ]
 _COMPILED = compile_rules(_RULES)
 _OLD_MASK_CONV = re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d)\.(weight|bias)$")  # torchvision < 0.13

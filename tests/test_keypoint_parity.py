@@ -1,0 +1,103 @@
+"""Our network, given torchvision Keypoint R-CNN weights, returns torchvision's boxes, scores and keypoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.detection import keypointrcnn_resnet50_fpn
+from torchvision.models.detection.roi_heads import heatmaps_to_keypoints as torchvision_heatmaps_to_keypoints
+
+from maskrcnn.config import load_config
+from maskrcnn.engine.compare import Tolerances, detection_differences, match_detections
+from maskrcnn.modeling import build_model, import_state_dict
+from maskrcnn.modeling.keypoint_head import heatmaps_to_keypoints
+
+MIN_SIZE, MAX_SIZE = 320, 512  # smaller than the preset's 800 px, so the test stays quick
+# As tests/test_torchvision_parity.py: the CPU fast path (channels-last, folded BN) sums in another order.
+FAST_PATH = Tolerances(box=0.05, score=1e-4, mask_iou=0.99)
+FAST_PATH_MATCHED = 0.98
+# Keypoint scores (heat-map logits, up to ~80 on these weights) agree to 1e-4 of the largest one.
+KEYPOINT_SCORE_RTOL = 1e-4
+
+
+def decisive_torchvision_model():
+    """Return a seeded torchvision Keypoint R-CNN (person + background) that detects dozens of boxes."""
+    torch.manual_seed(0)
+    model = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2).eval()
+    with torch.no_grad():
+        # Random weights give person scores near the 0.05 threshold; lift them so ~30-50 boxes pass.
+        model.roi_heads.box_predictor.cls_score.bias[1] += 2.0
+    model.transform.min_size = (MIN_SIZE,)
+    model.transform.max_size = MAX_SIZE
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_pair(tmp_path_factory):
+    reference = decisive_torchvision_model()
+    path = tmp_path_factory.mktemp("weights") / "keypointrcnn.pth"
+    torch.save(reference.state_dict(), path)
+    cfg = load_config("torchvision-keypoint-r50-fpn",
+                      [f"input.min_size_test={MIN_SIZE}", f"input.max_size_test={MAX_SIZE}"])
+    ours = build_model(cfg)
+    result = ours.load_state_dict(import_state_dict(ours, torch.load(path, weights_only=True)), strict=False)
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    assert not result.missing_keys and not unexpected
+    return reference, ours
+
+
+def assert_same_keypoint_detections(expected: dict, actual: dict, tol: Tolerances = FAST_PATH,
+                                    min_matched: float = FAST_PATH_MATCHED, score_rtol: float = KEYPOINT_SCORE_RTOL):
+    assert len(expected["boxes"]) >= 10, "the test weights should give detections"
+    assert detection_differences(expected, actual, tol, min_matched) == []
+    partner = match_detections(expected, actual, tol)
+    matched = partner >= 0
+    e_kp, a_kp = expected["keypoints"][matched], actual["keypoints"][partner[matched]]
+    assert a_kp.shape[1:] == (17, 3)
+    # Keypoints within the same tolerance as boxes (an arg-max that moved would be a pixel or more off).
+    assert float((e_kp[..., :2] - a_kp[..., :2]).abs().max()) <= tol.box
+    assert torch.equal(a_kp[..., 2], torch.ones_like(a_kp[..., 2]))
+    e_sc, a_sc = expected["keypoints_scores"][matched], actual["keypoint_scores"][partner[matched]]
+    assert float((a_sc - e_sc).abs().max()) <= score_rtol * float(e_sc.abs().max())
+
+
+@pytest.mark.parametrize("size", [(300, 400), (257, 189)])
+def test_keypoints_match_torchvision(model_pair, size):
+    reference, ours = model_pair
+    torch.manual_seed(sum(size))
+    image = torch.rand(3, *size)
+    with torch.no_grad():
+        expected, actual = reference([image])[0], ours([image])[0]
+    assert_same_keypoint_detections(expected, actual)
+    # Keypoints live in input-image pixels, as boxes do (boxes under a pixel wide decode as one pixel wide).
+    assert float(actual["keypoints"][..., 0].max()) <= size[1] + 1 and float(actual["keypoints"][..., 1].max()) <= size[0] + 1
+
+
+def test_plain_layout_is_bit_identical_to_torchvision(model_pair):
+    """Without channels-last and BN folding, boxes and keypoints are exactly torchvision's."""
+    reference, fast = model_pair
+    cfg = fast.cfg.clone()
+    cfg.model.channels_last = False
+    cfg.model.backbone.fold_frozen_bn = False
+    plain = build_model(cfg).eval()
+    plain.load_state_dict(fast.state_dict())
+    torch.manual_seed(11)
+    images = [torch.rand(3, 300, 400), torch.rand(3, 350, 200)]
+    with torch.no_grad():
+        expected, actual = reference(images), plain(images)
+    for e, a in zip(expected, actual):
+        # Keypoint scores: our bicubic resize is a matrix product, summing in another order (~1e-6).
+        assert_same_keypoint_detections(e, a, Tolerances(box=0.0, score=0.0, mask_iou=1.0), 1.0, score_rtol=1e-5)
+
+
+def test_heatmap_decoding_matches_torchvision():
+    """Batched bicubic arg-max decoding equals torchvision's per-box loop, boxes of any size."""
+    torch.manual_seed(0)
+    maps = torch.nn.functional.avg_pool2d(torch.randn(40, 5, 56, 56), 5, 1, 2) * 3
+    corner = torch.rand(40, 2) * 300
+    boxes = torch.cat([corner, corner + torch.rand(40, 2) * 300 + 0.3], dim=1)
+    boxes[0, 2:] = boxes[0, :2] + 0.5  # below one pixel: clamped to one
+    expected, expected_scores = torchvision_heatmaps_to_keypoints(maps, boxes)
+    keypoints, scores = heatmaps_to_keypoints(maps, boxes)
+    assert torch.equal(keypoints, expected)
+    assert torch.allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
