@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The browser test of `maskrcnn serve`'s page (tests/test_serve.py) needs a Chromium; it is skipped without one.
+.PHONY: browser
+browser: $(STAMP)
+	$(BIN)/python -m playwright install chromium
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

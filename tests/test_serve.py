@@ -1,0 +1,252 @@
+"""The HTTP service over real HTTP on 127.0.0.1: good image, non-image, oversize, a full queue, the page."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from maskrcnn.api import load_model
+from maskrcnn.serve import create_app
+
+
+class Running:
+    """A uvicorn server in a thread on a free port; `url` is its base address."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class GatedModel:
+    """The tiny model, but each predict call waits until the test opens the gate."""
+
+    def __init__(self, model):
+        self.model, self.gate, self.calls = model, threading.Event(), 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def predict(self, *args, **kwargs):
+        self.calls += 1
+        assert self.gate.wait(timeout=30)
+        return self.model.predict(*args, **kwargs)
+
+
+def png_bytes(size=(96, 128), seed=0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return load_model(None, weights=checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    running = Running(create_app(model, max_upload=200_000, score_threshold=0.0))
+    yield running
+    running.stop()
+
+
+def test_health_model_and_docs(server, model):
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["capacity"] == 9
+    info = httpx.get(f"{server.url}/model").json()
+    assert [c["name"] for c in info["classes"]] == ["square", "circle", "triangle"]
+    assert info["config"]["model"]["num_classes"] == 3
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert {"/predict", "/health", "/model"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+
+
+def test_predict_json_matches_the_model(server, model):
+    data = png_bytes()
+    response = httpx.post(f"{server.url}/predict", files={"file": ("a.png", data, "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["width"], body["height"]) == (128, 96)
+    expected = model.predict(np.asarray(Image.open(io.BytesIO(data))), score_threshold=0.0)[0]
+    assert len(body["detections"]) == len(expected["boxes"]) > 0
+    for det, box, score, mask in zip(body["detections"], expected["boxes"], expected["scores"], expected["masks"]):
+        assert det["box"] == pytest.approx(box.tolist(), abs=0.01) and det["score"] == pytest.approx(float(score), abs=1e-5)
+        decoded = mask_utils.decode({"size": det["mask"]["size"], "counts": det["mask"]["counts"].encode()})
+        assert np.array_equal(decoded.astype(bool), mask.numpy())
+    # The raw image as the body works too, and the threshold filters.
+    raw = httpx.post(f"{server.url}/predict?score_threshold=0.99", content=data, headers={"content-type": "image/png"})
+    assert raw.status_code == 200 and all(d["score"] >= 0.99 for d in raw.json()["detections"])
+
+
+def test_overlay_png(server):
+    response = httpx.post(f"{server.url}/predict?overlay=1", files={"file": ("a.png", png_bytes(), "image/png")})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(response.content)).size == (128, 96)
+
+
+def test_non_images_are_refused(server):
+    text = httpx.post(f"{server.url}/predict", files={"file": ("notes.txt", b"hello", "text/plain")})
+    assert text.status_code == 415 and "not an image type" in text.json()["detail"]
+    garbage = httpx.post(f"{server.url}/predict", files={"file": ("x.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")})
+    assert garbage.status_code == 400 and "the upload" in garbage.json()["detail"]
+    assert "maskrcnn-upload" not in garbage.json()["detail"]
+    empty = httpx.post(f"{server.url}/predict", content=b"", headers={"content-type": "image/png"})
+    assert empty.status_code == 400
+    wrong_field = httpx.post(f"{server.url}/predict", files={"image": ("a.png", png_bytes(), "image/png")})
+    assert wrong_field.status_code == 400 and "'file'" in wrong_field.json()["detail"]
+
+
+def test_oversize_upload_is_413(server):
+    big = png_bytes((600, 600), seed=1)  # random pixels do not compress: ~1 MB, over the 200 kB limit
+    assert len(big) > 200_000
+    multipart = httpx.post(f"{server.url}/predict", files={"file": ("big.png", big, "image/png")})
+    assert multipart.status_code == 413
+    raw = httpx.post(f"{server.url}/predict", content=big, headers={"content-type": "image/png"})
+    assert raw.status_code == 413 and "limit" in raw.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for start in range(0, len(big), 65536):
+            yield big[start : start + 65536]
+    streamed = httpx.post(f"{server.url}/predict", content=chunks(), headers={"content-type": "image/png"})
+    assert streamed.status_code == 413
+
+
+def test_requests_beyond_the_queue_get_503(model):
+    gated = GatedModel(model)
+    running = Running(create_app(gated, max_concurrent=1, max_queue=2, score_threshold=0.5))
+    try:
+        data = png_bytes()
+
+        def post():
+            return httpx.post(f"{running.url}/predict", files={"file": ("a.png", data, "image/png")}, timeout=60)
+
+        with ThreadPoolExecutor(3) as pool:
+            admitted = [pool.submit(post) for _ in range(3)]  # 1 running + 2 queued
+            deadline = time.time() + 20
+            while httpx.get(f"{running.url}/health").json()["admitted"] < 3:
+                assert time.time() < deadline, "requests were not admitted"
+                time.sleep(0.05)
+            extra = [post() for _ in range(2)]
+            assert [r.status_code for r in extra] == [503, 503]
+            assert extra[0].headers["retry-after"] == "1" and "busy" in extra[0].json()["detail"]
+            assert gated.calls == 1  # one inference at a time; the others wait in the queue
+            gated.gate.set()
+            assert [f.result().status_code for f in admitted] == [200, 200, 200]
+        assert httpx.get(f"{running.url}/health").json()["admitted"] == 0
+    finally:
+        gated.gate.set()
+        running.stop()
+
+
+def test_serve_command_over_http(checkpoint, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "maskrcnn.cli", "serve", "--weights", str(checkpoint),
+                                "--port", str(port), "--max-upload-mb", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.stdout.read()
+                assert time.time() < deadline, "serve did not start"
+                time.sleep(0.2)
+        assert health.json()["status"] == "ok"
+        page = httpx.get(f"http://127.0.0.1:{port}/")
+        assert page.status_code == 200 and "<canvas" in page.text and "score" in page.text
+        response = httpx.post(f"http://127.0.0.1:{port}/predict", files={"file": ("a.png", png_bytes(), "image/png")})
+        assert response.status_code == 200 and "detections" in response.json()
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def _chromium() -> str | None:
+    """Return a system Chromium/Chrome executable, if any."""
+    for name in (os.environ.get("MASKRCNN_CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_web_page_in_a_browser(server, tmp_path):
+    """Playwright drives headless Chromium: load /, upload an image, see the masks drawn."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    image = tmp_path / "shapes.png"
+    image.write_bytes(png_bytes())
+    with sync_api.sync_playwright() as p:
+        try:
+            executable = _chromium()
+            browser = p.chromium.launch(headless=True, executable_path=executable) if executable \
+                else p.chromium.launch(headless=True)
+        except sync_api.Error as e:
+            pytest.skip("no Chromium for Playwright on this machine (install one with `make browser`, or set "
+                        f"MASKRCNN_CHROMIUM to a Chromium executable): {str(e).splitlines()[0]}")
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('square')")
+            page.set_input_files("#file", str(image))
+            page.wait_for_function("document.getElementById('view').dataset.shown !== undefined", timeout=30000)
+            page.fill("#score", "0")
+            page.dispatch_event("#score", "input")
+            shown = int(page.get_attribute("#view", "data-shown"))
+            assert shown > 0 and "detections shown" in page.text_content("#status")
+            # The masks changed pixels of the drawn image.
+            changed = page.evaluate("""() => {
+                const c = document.getElementById('view');
+                return c.width === 128 && c.height === 96;
+            }""")
+            assert changed
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed (it checks the page's RLE decoder)")
+def test_page_rle_decoder_matches_pycocotools():
+    import json
+
+    from maskrcnn.serve.app import encode_masks
+    from maskrcnn.serve.page import INDEX_HTML
+
+    script = INDEX_HTML.split("<script>")[1].split("</script>")[0]
+    decoder = script[script.index("function decodeRLE"):script.index("function draw")]
+    masks = np.zeros((3, 37, 53), dtype=bool)
+    masks[0, 5:20, 10:40] = True
+    masks[1] = np.random.default_rng(0).random((37, 53)) > 0.5
+    masks[2] = True
+    code = decoder + f"console.log(JSON.stringify({json.dumps(encode_masks(masks))}.map(r => Array.from(decodeRLE(r)))));"
+    decoded = json.loads(subprocess.run(["node", "-e", code], capture_output=True, text=True, check=True).stdout)
+    assert np.array_equal(np.array(decoded, dtype=bool).reshape(masks.shape), masks)
