@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
-HELP = "train a model: maskrcnn train --config C [--resume] [--weights FILE] [--out DIR] [KEY=VALUE ...]"
+HELP = ("train a model: maskrcnn train --config C [--resume] [--weights FILE] [--out DIR] [KEY=VALUE ...]; "
+        "on several GPUs or machines: torchrun --nproc-per-node N -m maskrcnn.cli train ... (docs/distributed.md)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,12 +31,14 @@ class _TqdmHandler(logging.Handler):
 
 
 def _setup_logging() -> None:
+    # Under torchrun only rank 0 logs progress; the other ranks report warnings and errors, marked.
+    rank = int(os.environ.get("RANK", "0"))
     root = logging.getLogger()
     if not root.handlers:
         handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
         root.addHandler(handler)
-        root.setLevel(logging.INFO)
+        root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,5 +51,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         cfg.output_dir = args.out
     out = train(cfg, resume=args.resume, weights=args.weights)
-    print(f"outputs in {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"outputs in {out}")
     return 0

@@ -6,6 +6,13 @@ runs under a torch seed derived from (seed, iteration, position). Resuming at it
 the index stream N batches without loading any image, so it yields exactly what an uninterrupted
 run would have, whatever `num_workers` is.
 
+Distributed training (`world_size` > 1): `batch_size` is the global batch. Every process builds the
+same global stream and takes its own contiguous slice of each global batch (rank r of W gets
+positions r*B/W .. (r+1)*B/W - 1), with the item seeds of those global positions. So the processes
+see disjoint images (within an epoch every image goes to exactly one of them), every global batch
+still comes from one aspect-ratio group, resuming works as above, and W processes together load
+exactly the images and augmentations that one process with the whole batch would.
+
 The train stream survives two kinds of data faults without stopping the run: an image that cannot
 be read (it is reported once, and a replacement drawn from the item's own seed takes its place, so
 batches keep their size and stay deterministic) and a worker process that dies (the loader is
@@ -56,17 +63,28 @@ def aspect_ratio_groups(dataset: Dataset) -> np.ndarray:
 
 
 class GroupedBatchSampler:
-    """Infinite stream of index batches, each from one aspect-ratio group, starting at `start_iter`."""
+    """Infinite stream of index batches, each from one aspect-ratio group, starting at `start_iter`.
 
-    def __init__(self, groups: np.ndarray, batch_size: int, seed: int = 0, start_iter: int = 0) -> None:
+    With `world_size` > 1, `batch_size` is the global batch and this process yields its slice
+    (`rank`) of every global batch (see the module docstring).
+    """
+
+    def __init__(self, groups: np.ndarray, batch_size: int, seed: int = 0, start_iter: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
         if len(groups) == 0:
             raise ValueError("cannot sample batches from an empty dataset")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        if batch_size % world_size:
+            raise ValueError(f"the global batch {batch_size} does not split evenly over {world_size} processes")
         self.groups = np.asarray(groups, dtype=np.int64)
         self.batch_size = batch_size
         self.seed = seed
         self.start_iter = start_iter
+        self.rank = rank
+        self.world_size = world_size
 
     def index_batches(self) -> Iterator[list[int]]:
         """Yield batches of dataset indices from iteration 0, forever."""
@@ -87,8 +105,10 @@ class GroupedBatchSampler:
         for _ in range(self.start_iter):  # replay indices only: no image is read
             next(batches)
         iteration = self.start_iter
+        per_rank = self.batch_size // self.world_size
+        first = self.rank * per_rank
         for batch in batches:
-            yield [(i, _item_seed(self.seed, iteration, k)) for k, i in enumerate(batch)]
+            yield [(batch[k], _item_seed(self.seed, iteration, k)) for k in range(first, first + per_rank)]
             iteration += 1
 
 
@@ -288,11 +308,15 @@ def build_train_loader(
     start_iter: int = 0,
     max_bad_images: int = 50,
     max_worker_restarts: int = 5,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TrainStream:
     """Return an infinite iterator of (images, targets) batches, deterministic for (seed, start_iter).
 
     Unreadable images are reported and replaced, dead workers restarted (see `TrainStream`); past
     the limits it raises `DataError`. Call `.close()` when done to stop worker processes at once.
+    With `world_size` > 1, `batch_size` is the global batch and each batch holds this `rank`'s
+    `batch_size // world_size` images of it (a disjoint slice; see the module docstring).
     """
     groups = aspect_ratio_groups(dataset) if aspect_ratio_grouping else np.zeros(len(dataset), np.int64)
     items = _SeededItems(dataset)
@@ -300,7 +324,8 @@ def build_train_loader(
     def make_loader(start: int) -> DataLoader:
         return DataLoader(
             items,
-            batch_sampler=GroupedBatchSampler(groups, batch_size, seed=seed, start_iter=start),
+            batch_sampler=GroupedBatchSampler(groups, batch_size, seed=seed, start_iter=start, rank=rank,
+                                              world_size=world_size),
             num_workers=num_workers,
             collate_fn=_collate_train,
             worker_init_fn=_ignore_sigint if num_workers > 0 else None,

@@ -7,6 +7,12 @@ Layout of a run directory (`cfg.output_dir`):
     checkpoints/model_XXXXXXX.pth, model_final.pth
     eval/iter_XXXXXXX/, eval/final/   evaluator outputs (when data.val is set)
     loss_curve.png
+
+Under torchrun (docs/distributed.md) every process runs this loop on its slice of each global batch
+(`solver.ims_per_batch` is the total) with DistributedDataParallel averaging the gradients; only
+rank 0 logs, draws the progress bar and writes files. Decisions that must be the same everywhere
+(stop on a signal, on the time budget, on unreadable data, on a non-finite loss) are taken from
+values all-reduced across the processes, so every rank leaves the loop at the same iteration.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from maskrcnn import distributed as du
 from maskrcnn.checkpoint import (
     TMP_SUFFIX,
     latest_checkpoint,
@@ -126,6 +133,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rank_seed(seed: int, rank: int, iteration: int) -> int:
+    """Return the global-RNG seed of a rank > 0 (RoI sampling differs between ranks, reproducibly)."""
+    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint32)[0])
+
+
+def apply_reference_world_size(cfg: Config, world_size: int) -> None:
+    """Scale batch, LR and schedule from solver.reference_world_size processes to `world_size` (linear rule).
+
+    As Detectron2's `auto_scale_workers`: the per-process batch stays, so the global batch and the
+    LR grow with the number of processes while max_iter, steps, warm-up and the checkpoint and
+    evaluation periods shrink; reference_world_size becomes `world_size`, so the saved config.yaml
+    describes the run as it ran and resuming it with the same number of processes changes nothing.
+    """
+    s = cfg.solver
+    ref = s.reference_world_size
+    if ref <= 0 or ref == world_size:
+        return
+    if s.ims_per_batch % ref:
+        raise UserError(f"solver.ims_per_batch={s.ims_per_batch} does not split over solver.reference_world_size="
+                        f"{ref} processes; give a multiple of {ref}")
+    scale = world_size / ref
+    old = (s.ims_per_batch, s.base_lr, s.max_iter)
+    s.ims_per_batch = s.ims_per_batch // ref * world_size
+    s.base_lr = s.base_lr * scale
+    s.max_iter = max(1, round(s.max_iter / scale))
+    s.warmup_iters = round(s.warmup_iters / scale)
+    s.steps = [round(x / scale) for x in s.steps]
+    s.checkpoint_period = max(1, round(s.checkpoint_period / scale))
+    if s.eval_period > 0:
+        s.eval_period = max(1, round(s.eval_period / scale))
+    s.reference_world_size = world_size
+    log.info("solver.reference_world_size=%d, running on %d process(es): ims_per_batch %d -> %d, base_lr %g -> %g, "
+             "max_iter %d -> %d (steps, warm-up and periods scaled too)", ref, world_size, old[0], s.ims_per_batch,
+             old[1], s.base_lr, old[2], s.max_iter)
 
 
 def _to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
@@ -282,12 +325,20 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        self.device = resolve_device(cfg.device)
+        s = cfg.solver
+        # Joins torchrun's process group when launched by it (a no-op otherwise, or when joined already).
+        self.device = du.setup(resolve_device(cfg.device), s.dist_timeout_minutes, s.dist_heartbeat_timeout)
+        self.rank, self.world_size = du.get_rank(), du.get_world_size()
+        self.main = self.rank == 0
         self.dtype = amp_dtype(cfg.solver.amp, self.device)
         if cfg.solver.nonfinite not in ("stop", "skip"):
             raise UserError(f"config key 'solver.nonfinite' = {cfg.solver.nonfinite!r} is not one of ['stop', 'skip']")
+        apply_reference_world_size(cfg, self.world_size)
+        if s.ims_per_batch % self.world_size:
+            raise UserError(f"solver.ims_per_batch={s.ims_per_batch} is the total batch of all {self.world_size} "
+                            f"processes and must be a multiple of {self.world_size}")
 
-        resume_from = self._prepare_output_dir(resume)
+        resume_from = self._agreed_resume_path(resume)
         seed_all(cfg.solver.seed)
         self.dataset = build_train_dataset(cfg)
         sync_classes(cfg, self.dataset.class_names, self.dataset.category_ids)
@@ -304,6 +355,8 @@ class Trainer:
                 log.info("model initialised from %s%s", weights, note)
         elif weights:
             log.info("--weights ignored: resuming from %s", resume_from)
+        if s.sync_bn and self.world_size > 1:
+            self._convert_sync_bn()
 
         self.optimizer = build_optimizer(self.model, cfg.solver)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.solver)
@@ -315,11 +368,49 @@ class Trainer:
         self.nonfinite_in_a_row = 0  # solver.nonfinite=skip: consecutive skipped updates
         self.nonfinite_skipped = 0  # ... and all of them in this session
         self.val_dataset: Any = None  # built at the first evaluation
+        rank_rng_restored = False
         if resume_from is not None:
-            self._restore(resume_from)
-        cfg.save(self.out / "config.yaml")
+            rank_rng_restored = self._restore(resume_from)
+        self.train_model: nn.Module = self.model  # what the loop calls: the model, or DDP around it
+        if self.world_size > 1:
+            if not rank_rng_restored and self.rank > 0:
+                seed_all(_rank_seed(s.seed, self.rank, self.iteration))
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Broadcasts rank 0's parameters and buffers, then averages gradients during backward.
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.main:
+            cfg.save(self.out / "config.yaml")
 
     # -- setup --
+
+    def _agreed_resume_path(self, resume: bool) -> Path | None:
+        """Return the checkpoint to resume from: rank 0 prepares the run directory and decides for all."""
+        if self.world_size == 1:
+            return self._prepare_output_dir(resume)
+        outcome: tuple[Path | None, Exception | None] = (None, None)
+        if self.main:
+            try:
+                outcome = (self._prepare_output_dir(resume), None)
+            except UserError as e:
+                outcome = (None, e)
+        path, error = du.broadcast_object(outcome)
+        if error is not None:
+            raise du.on_all_ranks(error)
+        return path
+
+    def _convert_sync_bn(self) -> None:
+        """Turn the model's BatchNorm layers into SyncBatchNorm (statistics over all processes' images)."""
+        if self.device.type != "cuda":
+            raise UserError("solver.sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); "
+                            "train on the CPU with solver.sync_bn=false, or use GroupNorm (model.backbone.norm=gn)")
+        count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        if count == 0:
+            log.info("solver.sync_bn: the model has no (trainable) BatchNorm layers; nothing to synchronise")
+            return
+        self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        log.info("solver.sync_bn: %d BatchNorm layers synchronised across %d processes", count, self.world_size)
 
     def _prepare_output_dir(self, resume: bool) -> Path | None:
         """Create the run directory, clear temp files of killed saves; return the checkpoint to resume."""
@@ -346,8 +437,16 @@ class Trainer:
             log.warning("--resume: no checkpoint in %s yet; starting from scratch", self.ckpt_dir)
         return path
 
-    def _restore(self, path: Path) -> None:
-        """Load model, optimizer, scheduler, scaler, RNG and progress counters from `path`."""
+    def _restore(self, path: Path) -> bool:
+        """Load model, optimizer, scheduler, scaler, RNG and progress counters from `path`.
+
+        Returns True when the checkpoint held this rank's own RNG state (a distributed run with
+        the same number of processes); every rank loads the same file, the one rank 0 chose.
+        """
+        if not path.is_file():
+            raise TrainingError(
+                f"rank {self.rank} cannot read '{path}', the checkpoint rank 0 resumes from; with several "
+                "machines, output_dir must be on a filesystem they all share")
         state = load_checkpoint(path)
         try:
             self.model.load_state_dict(state["model"])
@@ -364,17 +463,21 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        set_rng_state(state["rng"])
+        rank_states = state.get("rng_ranks") or []
+        own = len(rank_states) == self.world_size
+        set_rng_state(rank_states[self.rank] if own else state["rng"])
         self.last_checkpoint = path
         self.saved_iteration = self.iteration
         if self.scheduler.lr_lambdas[0].base_max_iter != self.cfg.solver.max_iter:
             # solver.max_iter changed on resume (e.g. to extend a run): follow the new config.
             self.scheduler.lr_lambdas[0] = WarmupSchedule(self.cfg.solver)
         log.info("resumed from %s at iteration %d", path, self.iteration)
+        return own
 
     # -- checkpoints --
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self, rank_rngs: list[Any] | None = None) -> dict[str, Any]:
+        extra = {"rng_ranks": rank_rngs, "world_size": self.world_size} if rank_rngs else {}
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -384,6 +487,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
+            **extra,
         }
 
     def _last_good(self) -> str:
@@ -399,8 +503,13 @@ class Trainer:
         behind and stops the run with a TrainingError: continuing would only pile up unsaved work.
         """
         name = "model_final.pth" if final else f"model_{self.iteration:07d}.pth"
+        # Distributed: every rank gets here at the same iteration; rank 0 writes, with every rank's RNG.
+        rank_rngs = du.gather_object(rng_state()) if self.world_size > 1 else None
+        if not self.main:
+            self.last_checkpoint, self.saved_iteration = self.ckpt_dir / name, self.iteration
+            return self.ckpt_dir / name
         try:
-            path = save_checkpoint(self.ckpt_dir / name, self._state())
+            path = save_checkpoint(self.ckpt_dir / name, self._state(rank_rngs))
         except OSError as e:
             reason = e.strerror or str(e) or type(e).__name__
             full = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
@@ -418,8 +527,11 @@ class Trainer:
 
     # -- evaluation --
 
-    def evaluate(self, tag: str, metrics: MetricsWriter) -> dict[str, Any] | None:
-        """Evaluate on `cfg.data.val` into eval/<tag>/ and log the metrics (None without a val set)."""
+    def evaluate(self, tag: str, metrics: MetricsWriter | None) -> dict[str, Any] | None:
+        """Evaluate on `cfg.data.val` into eval/<tag>/ and log the metrics (None without a val set).
+
+        Distributed: every rank predicts its share of the images; rank 0 scores and writes them.
+        """
         if not self.cfg.data.val:
             return None
         try:
@@ -435,8 +547,10 @@ class Trainer:
                                            max_pixels=self.cfg.input.max_pixels)
         # Full precision: evaluation numbers should not depend on the training-time AMP setting.
         result = evaluate(self.model, self.val_dataset, self.out / "eval" / tag,
-                          max_images=self.cfg.test.max_images, progress=sys.stderr.isatty())
+                          max_images=self.cfg.test.max_images, progress=sys.stderr.isatty() and self.main)
         self.model.train()
+        if metrics is None:  # ranks > 0: rank 0 logs
+            return result
         numbers = _flatten_numbers(result)
         metrics.write({"iter": self.iteration, "eval": result}, {f"val/{k}": v for k, v in numbers.items()})
         summary = ", ".join(f"{k} {v:.1f}" for k, v in numbers.items() if k.count("/") <= 1 and "AP" in k)
@@ -479,12 +593,13 @@ class Trainer:
                             "solver.max_nonfinite_skips=%d; %d in this run)", what, iteration, detail,
                             self.nonfinite_in_a_row, s.max_nonfinite_skips, self.nonfinite_skipped)
                 return
-            raise TrainingError(
+            raise du.on_all_ranks(TrainingError(
                 f"{what} at iteration {iteration}: {detail}; {self.nonfinite_in_a_row} updates in a row skipped, more "
                 f"than solver.max_nonfinite_skips={s.max_nonfinite_skips}; training stopped and {self._last_good()}. "
                 + advice
-            )
-        raise TrainingError(f"{what} at iteration {iteration}: {detail}; training stopped and {self._last_good()}. {advice}")
+            ))
+        raise du.on_all_ranks(TrainingError(f"{what} at iteration {iteration}: {detail}; training stopped and "
+                                            f"{self._last_good()}. {advice}"))
 
     def _first_nonfinite_grad(self) -> str:
         """Return the name of the first parameter whose gradient holds a NaN or inf."""
@@ -506,9 +621,14 @@ class Trainer:
         images = [im.to(self.device, non_blocking=True) for im in images]
         targets = _to_device(targets, self.device)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            losses = self.model(images, targets)
+            losses = self.train_model(images, targets)
         total = sum(losses.values())
-        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+        loss_values = torch.stack([v.detach().float() for v in losses.values()])
+        if self.world_size > 1:
+            # The mean over ranks (what DDP's averaged gradients descend): every rank logs and checks
+            # the same numbers, so a non-finite loss anywhere stops or skips the step everywhere.
+            loss_values = du.all_reduce_sum(loss_values) / self.world_size
+        values = dict(zip(losses, loss_values.tolist()))
         values["loss"] = sum(values.values())
         if s.nonfinite == "skip":
             values["nonfinite_skipped"] = float(self.nonfinite_skipped)
@@ -562,7 +682,7 @@ class Trainer:
 
         cfg, s = self.cfg, self.cfg.solver
         schedule: WarmupSchedule = self.scheduler.lr_lambdas[0]
-        metrics = MetricsWriter(self.out, self.iteration)
+        metrics = MetricsWriter(self.out, self.iteration) if self.main else None
         loader = build_train_loader(
             self.dataset,
             batch_size=s.ims_per_batch,
@@ -572,32 +692,49 @@ class Trainer:
             start_iter=self.iteration,
             max_bad_images=cfg.data.max_bad_images,
             max_worker_restarts=cfg.data.max_worker_restarts,
+            rank=self.rank,
+            world_size=self.world_size,
         )
+        where = str(self.device)
+        if self.world_size > 1:
+            where = (f"{self.world_size} processes ({torch.distributed.get_backend()}, {self.device.type}), "
+                     f"{s.ims_per_batch // self.world_size} of the {s.ims_per_batch} images of a batch each")
         log.info("training %s on %s for %d iterations (from %d), output %s",
-                 type(self.model).__name__, self.device, schedule.max_iter, self.iteration, self.out)
-        self.model.train()
-        interactive = sys.stderr.isatty()
+                 type(self.model).__name__, where, schedule.max_iter, self.iteration, self.out)
+        self.train_model.train()
+        interactive = sys.stderr.isatty() and self.main
         bar = tqdm(total=schedule.max_iter, initial=self.iteration, desc="train", unit="it",
                    dynamic_ncols=True, disable=not interactive)
         smooth: deque[dict[str, float]] = deque(maxlen=20)  # progress-bar medians
         window: list[dict[str, float]] = []  # everything since the last log line
         start_iter, session_start = self.iteration, time.perf_counter()
         seconds_before = self.train_seconds
-        mark: tuple[int, float] | None = None  # (iteration, time) the speed for the budget is measured from
+        mark: tuple[int, float] | None = None  # (iteration, train_seconds) the budget's speed is measured from
         stopped_by = None
         try:
             with _stop_on_signals() as stop:
                 while self.iteration < schedule.max_iter:
                     t0 = time.perf_counter()
+                    data_error = None
                     try:
                         images, targets = next(loader)
                     except DataError as e:
-                        self._stop_for_data(e)
+                        if self.world_size == 1:
+                            self._stop_for_data(e)
+                        data_error = e
+                    if self.world_size > 1:
+                        signum, agreed_seconds = self._agree(stop["signal"], data_error,
+                                                             seconds_before + time.perf_counter() - session_start)
+                        if signum:
+                            stopped_by = signal.Signals(signum).name
+                            break
                     data_time = time.perf_counter() - t0
                     values = self._step(images, targets)
                     self.iteration += 1
                     now = time.perf_counter()
-                    self.train_seconds = seconds_before + (now - session_start)
+                    # Distributed: rank 0's clock, as of this iteration's start, so all ranks decide alike.
+                    self.train_seconds = (agreed_seconds if self.world_size > 1
+                                          else seconds_before + (now - session_start))
                     values.update(time=now - t0, data_time=data_time, lr=self.optimizer.param_groups[0]["lr"])
                     smooth.append(values)
                     window.append(values)
@@ -606,13 +743,13 @@ class Trainer:
                     # Wall time between marks includes checkpoints and evaluations, as it should.
                     done_here = self.iteration - start_iter
                     if done_here == 2:
-                        mark = (self.iteration, now)
+                        mark = (self.iteration, self.train_seconds)
                     elif s.max_minutes > 0 and mark is not None and (
                         done_here == 2 + TIMED_ITERS
                         or (done_here > 2 + TIMED_ITERS and self.iteration % s.log_period == 0)
                     ):
-                        self._fit_schedule_to_budget((now - mark[1]) / (self.iteration - mark[0]))
-                        mark = (self.iteration, now)
+                        self._fit_schedule_to_budget((self.train_seconds - mark[1]) / (self.iteration - mark[0]))
+                        mark = (self.iteration, self.train_seconds)
                         bar.total = schedule.max_iter
                     sec_per_iter = (now - session_start) / done_here
                     eta = sec_per_iter * (schedule.max_iter - self.iteration)
@@ -620,14 +757,15 @@ class Trainer:
                     bar.update(1)
 
                     if self.iteration % s.log_period == 0 or self.iteration in (1, schedule.max_iter):
-                        self._log(metrics, window, sec_per_iter, eta, say=not interactive)
+                        if metrics is not None:
+                            self._log(metrics, window, sec_per_iter, eta, say=not interactive)
                         window = []
                     finished = self.iteration >= schedule.max_iter
                     if not finished and s.max_minutes > 0 and self.train_seconds >= s.max_minutes * 60:
                         log.info("solver.max_minutes=%g reached at iteration %d", s.max_minutes, self.iteration)
                         schedule.rescale(self.iteration)  # the run, as saved, is complete
                         break
-                    if stop["signal"]:
+                    if stop["signal"] and self.world_size == 1:  # distributed: agreed on at the next start
                         stopped_by = stop["signal"]
                         break
                     if not finished and self.iteration % s.checkpoint_period == 0:
@@ -635,14 +773,14 @@ class Trainer:
                     if not finished and s.eval_period > 0 and self.iteration % s.eval_period == 0:
                         self.evaluate(f"iter_{self.iteration:07d}", metrics)
             bar.close()
-            if window:  # stopped between log periods: the last iterations still belong in the curve
+            if window and metrics is not None:  # stopped between log periods: the last iterations still count
                 self._log(metrics, window, sec_per_iter, 0.0, say=not interactive)
             if stopped_by:
                 loader.close()
                 path = self.save()
                 log.warning("stopped by %s at iteration %d; saved %s; continue with --resume",
                             stopped_by, self.iteration, path)
-                raise TrainingInterrupted(stopped_by, path)
+                raise du.on_all_ranks(TrainingInterrupted(stopped_by, path))
             path = self.save(final=True)
             log.info("saved %s (iteration %d, %s of training)", path, self.iteration,
                      _format_seconds(self.train_seconds))
@@ -650,19 +788,41 @@ class Trainer:
         finally:
             loader.close()
             bar.close()
-            metrics.close()
-            self._plot()
+            if metrics is not None:
+                metrics.close()
+                self._plot()
         return self.out
+
+    def _agree(self, signal_name: str | None, data_error: Exception | None, seconds: float) -> tuple[int, float]:
+        """Return (signal number or 0, rank 0's training seconds), the same on every rank.
+
+        One small all-reduce (max) before each step: a SIGINT/SIGTERM that reached any rank stops
+        all of them before this step, and an unreadable batch on any rank stops them all with a
+        checkpoint and every failing rank's message (DataError), instead of leaving the others
+        waiting in the gradient all-reduce.
+        """
+        flags = torch.tensor([float(signal.Signals[signal_name]) if signal_name else 0.0,
+                              1.0 if data_error is not None else 0.0,
+                              seconds if self.main else 0.0], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        signum, data_failed, agreed_seconds = flags.tolist()
+        if data_failed:
+            messages = du.all_gather_object(str(data_error) if data_error is not None else None)
+            text = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+            from maskrcnn.data.loader import DataError
+
+            self._stop_for_data(DataError(text))
+        return int(signum), agreed_seconds
 
     def _stop_for_data(self, error: Exception) -> None:
         """Save the (healthy) model and raise TrainingError: the data cannot be loaded any further."""
         where = self._last_good()
         if self.iteration > self.saved_iteration:
             where = f"saved {self.save()} (iteration {self.iteration})"
-        raise TrainingError(
+        raise du.on_all_ranks(TrainingError(
             f"{error}; training stopped at iteration {self.iteration} and {where}; continue with --resume "
             "once the data is fixed"
-        )
+        ))
 
     def _log(self, metrics: MetricsWriter, window: list, sec_per_iter: float, eta: float, say: bool) -> None:
         """Write the window's mean losses to metrics.jsonl/TensorBoard (and stdout when no bar is shown)."""
@@ -702,4 +862,7 @@ def train(cfg: Config, resume: bool = False, weights: str | None = None) -> Path
     `weights` initialises the whole model from a checkpoint or state dict for fine-tuning
     (class-dependent layers are re-initialised when the number of classes differs).
     """
-    return Trainer(cfg, resume=resume, weights=weights).run()
+    s = cfg.solver
+    # Under torchrun: join the process group, and make a failure here end the other ranks too.
+    with du.session(resolve_device(cfg.device), s.dist_timeout_minutes, s.dist_heartbeat_timeout):
+        return Trainer(cfg, resume=resume, weights=weights).run()
