@@ -238,7 +238,7 @@ def test_web_page_in_a_browser(server, tmp_path):
 def test_page_rle_decoder_matches_pycocotools():
     import json
 
-    from maskrcnn.serve.app import encode_masks
+    from maskrcnn.serve.records import encode_masks
     from maskrcnn.serve.page import INDEX_HTML
 
     script = INDEX_HTML.split("<script>")[1].split("</script>")[0]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from maskrcnn.errors import ImageReadError, UserError
+from maskrcnn.video import VIDEO_SUFFIXES
 
 HELP = "Detect and segment objects in images; write overlay PNGs and predictions.json (COCO results)."
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
@@ -16,7 +17,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the predict command's arguments."""
-    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (and KEY=VALUE overrides)")
+    p.add_argument("inputs", nargs="+",
+                   help="image or video files, folders or glob patterns (and KEY=VALUE overrides)")
     p.add_argument("--config", "--preset", dest="config", default=None,
                    help="preset name or YAML file (default: the config stored in --weights)")
     p.add_argument("--weights", default=None, help="our checkpoint or a torchvision Mask R-CNN state dict")
@@ -25,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
                    help="pytorch, or onnxruntime (CPU) with --weights a file from `maskrcnn export --format onnx`")
+    p.add_argument("--every", type=int, default=1, metavar="N",
+                   help="videos: run on every N-th frame only (default: 1, every frame)")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -45,7 +49,7 @@ def expand_inputs(items: list[str]) -> list[Path]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES))
         elif glob.has_magic(item):
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
             if not matches:
@@ -83,6 +87,24 @@ def load_backend(args: argparse.Namespace, overrides: list[str]):
     return OnnxMaskRCNN(args.weights)
 
 
+def predict_videos(model, videos: list[Path], out: Path, score_threshold: float, every: int,
+                   ids: list[int]) -> list[Path]:
+    """Run the model over each video (annotated .mp4 + .jsonl per video); return those that failed."""
+    from maskrcnn.video import predict_video
+
+    failed = []
+    for path in videos:
+        try:
+            summary = predict_video(model, path, out, score_threshold, every, ids)
+        except UserError as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            failed.append(path)
+            continue
+        print(f"{path}: {summary['frames']} frame(s) in {summary['seconds']:.1f} s ({summary['fps']:.2f} frames/s); "
+              f"wrote {summary['video']} and {summary['jsonl']}")
+    return failed
+
+
 def run(args: argparse.Namespace) -> int:
     """Predict every image; a bad image is reported and skipped; exit 1 if any failed."""
     from tqdm import tqdm
@@ -97,11 +119,16 @@ def run(args: argparse.Namespace) -> int:
     files = expand_inputs(items)
     if not files:
         raise UserError("no images to predict: give image files, folders or glob patterns")
+    if args.every < 1:
+        raise UserError(f"--every {args.every} must be at least 1")
     model = load_backend(args, overrides)
     ids = category_ids(model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    videos = [f for f in files if f.suffix.lower() in VIDEO_SUFFIXES]
+    files = [f for f in files if f not in videos]
     results, failed, used = [], [], set()
+    failed += predict_videos(model, videos, out, args.score_threshold, args.every, ids)
     max_pixels = model.cfg.input.max_pixels
     for image_id, path in enumerate(tqdm(files, desc="predict", unit="img", disable=len(files) < 2), start=1):
         try:
@@ -118,9 +145,10 @@ def run(args: argparse.Namespace) -> int:
         overlay = draw_instances(image, output, model.class_names, args.score_threshold)
         with atomic_path(out / overlay_name(path, used)) as tmp:
             overlay.save(tmp, format="PNG")
-    write_predictions(results, out / "predictions.json")
-    done = len(files) - len(failed)
-    print(f"predicted {done} image(s), {len(results)} detection(s); overlays and predictions.json in {out}")
+    if files or not videos:
+        write_predictions(results, out / "predictions.json")
+        done = len(files) - len([f for f in failed if f not in videos])
+        print(f"predicted {done} image(s), {len(results)} detection(s); overlays and predictions.json in {out}")
     if failed:
         shown = ", ".join(str(f) for f in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
         print(f"{len(failed)} image(s) failed (each reported above): {shown}", file=sys.stderr)

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from maskrcnn.errors import ImageReadError
 from maskrcnn.serve.page import INDEX_HTML
+from maskrcnn.serve.records import detection_records
 
 DEFAULT_MAX_UPLOAD = 20 * 2**20
 # Room for the multipart envelope (boundaries, headers) around an image at the size limit.
@@ -36,16 +37,6 @@ UPLOAD_SCHEMA = {
         "image/*": {"schema": {"type": "string", "format": "binary"}},
     },
 }
-
-
-def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
-    """Return COCO compressed RLEs ({"size": [h, w], "counts": str}) of N×H×W boolean masks."""
-    from pycocotools import mask as mask_utils
-
-    if len(masks) == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
 class Gate:
@@ -203,16 +194,6 @@ def create_app(model: Any, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_concurre
 
 
 def detections_json(output: dict[str, Any], size: tuple[int, int], ids: list[int], seconds: float) -> dict[str, Any]:
-    """Return the /predict JSON: image size, inference time, and one entry per detection."""
-    masks = encode_masks(output["masks"].numpy()) if "masks" in output else []
-    detections = []
-    for i in range(len(output["boxes"])):
-        label = int(output["labels"][i])
-        entry = {"box": [round(float(v), 2) for v in output["boxes"][i]], "label": label,
-                 "category_id": ids[label - 1] if 1 <= label <= len(ids) else label,
-                 "name": output["names"][i], "score": round(float(output["scores"][i]), 5)}
-        if masks:
-            entry["mask"] = masks[i]
-        detections.append(entry)
+    """Return the /predict JSON: image size, inference time, and one record per detection."""
     return {"width": int(size[1]), "height": int(size[0]), "inference_ms": round(seconds * 1000, 1),
-            "box_format": "xyxy pixels", "mask_format": "COCO RLE", "detections": detections}
+            "box_format": "xyxy pixels", "mask_format": "COCO RLE", "detections": detection_records(output, ids)}

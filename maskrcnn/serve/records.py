@@ -1,0 +1,33 @@
+"""Detections as JSON-ready records (xyxy boxes, COCO RLE masks): shared by the service and video output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
+    """Return COCO compressed RLEs ({"size": [h, w], "counts": str}) of N×H×W boolean masks."""
+    from pycocotools import mask as mask_utils
+
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def detection_records(output: dict[str, Any], ids: list[int]) -> list[dict[str, Any]]:
+    """Return one record per detection: box (xyxy px), label (1..K), category_id, name, score, mask (RLE)."""
+    masks = encode_masks(np.asarray(output["masks"])) if "masks" in output else []
+    names = output.get("names") or [f"class {int(i)}" for i in output["labels"]]
+    records = []
+    for i in range(len(output["boxes"])):
+        label = int(output["labels"][i])
+        entry = {"box": [round(float(v), 2) for v in output["boxes"][i]], "label": label,
+                 "category_id": ids[label - 1] if 1 <= label <= len(ids) else label,
+                 "name": names[i], "score": round(float(output["scores"][i]), 5)}
+        if masks:
+            entry["mask"] = masks[i]
+        records.append(entry)
+    return records
