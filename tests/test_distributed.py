@@ -197,3 +197,142 @@ def test_torchrun_training_matches_one_process_with_the_global_batch(shapes, tmp
           f"{scale.max():.3g}; a step moves them by up to {moved.tolist()})")
     assert torch.all(diff <= 1e-5), diff
     assert abs(ranks[0][0]["loss"] - single[0]["loss"]) < 1e-4  # rank 0 logs the mean over ranks
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+
+
+def _launch(args: list[str], rank: int, port: int, **env: str) -> subprocess.Popen:
+    """Start rank `rank` of 2 the way torchrun would (its environment variables), without torchrun."""
+    env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), **env)
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _ground_truth_from(predictions: list[dict], val_json: Path, out: Path, per_image: int = 3) -> Path:
+    """Write a COCO file whose objects are some of `predictions` (boxes and RLE masks): AP well above 0."""
+    data = json.loads(val_json.read_text())
+    annotations = []
+    for image in data["images"]:
+        mine = sorted((p for p in predictions if p["image_id"] == image["id"]), key=lambda p: -p["score"])
+        for p in mine[:per_image]:
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": p["category_id"],
+                                "bbox": p["bbox"], "area": p["bbox"][2] * p["bbox"][3], "iscrowd": 0,
+                                "segmentation": p["segmentation"]})
+    data["annotations"] = annotations
+    out.write_text(json.dumps(data))
+    return out
+
+
+def test_eval_on_two_processes_equals_one(shapes, checkpoint, tmp_path):
+    from maskrcnn.cli import main
+
+    ann, images = shapes["val"]  # 5 images: rank 0 predicts images 0, 2, 4 and rank 1 images 1, 3
+    command = ["eval", "--weights", str(checkpoint), "--device", "cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run (OMP_NUM_THREADS=1): the same kernels, the same bits
+    try:
+        # An untrained model scores 0 AP on the shapes; ground truth made of some of its own detections
+        # gives numbers that can actually differ (true and false positives, several categories).
+        assert main([*command, "--data", f"{ann}:{images}", "--out", str(tmp_path / "first")]) == 0
+        ann = _ground_truth_from(json.loads((tmp_path / "first" / "predictions.json").read_text()), ann,
+                                 tmp_path / "val_from_predictions.json")
+        command += ["--data", f"{ann}:{images}"]
+        assert main([*command, "--out", str(tmp_path / "single")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    port = _free_port()
+    procs = [_launch([sys.executable, "-m", "maskrcnn.cli", *command, "--out", str(tmp_path / "dist")], r, port)
+             for r in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "bbox AP" in logs[0] and "bbox AP" not in logs[1]  # rank 0 prints the tables
+
+    single = json.loads((tmp_path / "single" / "predictions.json").read_text())
+    dist = json.loads((tmp_path / "dist" / "predictions.json").read_text())
+    assert len({r["image_id"] for r in single}) == 5 and dist == single
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("single", "dist")]
+    print("eval, 1 and 2 processes: bbox AP", metrics[0]["bbox"]["AP"], metrics[1]["bbox"]["AP"],
+          "segm AP", metrics[0]["segm"]["AP"], metrics[1]["segm"]["AP"])
+    assert metrics[1] == metrics[0] and 10 < metrics[0]["bbox"]["AP"] < 100 and 10 < metrics[0]["segm"]["AP"] < 100
+
+
+# ---- failures -----------------------------------------------------------------------------------------
+
+
+def fault_main() -> int:
+    """Worker entry point that raises on rank FAULT_RANK at iteration FAULT_ITER, then trains through the CLI."""
+    from maskrcnn.engine import trainer
+
+    original = trainer.Trainer._step
+
+    def step(self, images, targets):
+        if self.rank == int(os.environ["FAULT_RANK"]) and self.iteration + 1 == int(os.environ["FAULT_ITER"]):
+            raise RuntimeError(f"injected fault at iteration {self.iteration + 1}")
+        return original(self, images, targets)
+
+    trainer.Trainer._step = step
+    from maskrcnn.cli import main
+
+    return main(sys.argv[1:])
+
+
+def _wait_for_training(out: Path, procs: list[subprocess.Popen], iterations: int = 2) -> None:
+    deadline = time.monotonic() + 90
+    metrics = out / "metrics.jsonl"
+    while not (metrics.is_file() and metrics.read_text().count('"iter"') >= iterations):
+        bad = [p for p in procs if p.poll() is not None]
+        if bad:
+            pytest.fail(f"a rank exited early ({bad[0].returncode}):\n{bad[0].stdout.read()}")
+        if time.monotonic() > deadline:
+            pytest.fail("training did not start within 90 s")
+        time.sleep(0.1)
+
+
+def test_killed_rank_ends_the_other_with_its_name(shapes, tmp_path):
+    config = _config(tmp_path, shapes, max_iter=10_000, heartbeat=5)
+    out = tmp_path / "run"
+    port = _free_port()
+    procs = [_launch([sys.executable, "-m", "maskrcnn.cli", "train", "--config", str(config), "--out", str(out)],
+                     r, port) for r in (0, 1)]
+    try:
+        _wait_for_training(out, procs)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        log = procs[0].communicate(timeout=60)[0]
+        took = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    print(f"rank 0 ended {took:.1f} s after rank 1 was killed")
+    assert procs[0].returncode == 1, log[-3000:]
+    assert "rank 1 failed: stopped responding (no heartbeat for" in log and "stopping rank 0 too" in log, log[-3000:]
+    assert took < 5 + 15  # the heartbeat timeout plus a few checks, not the 30-minute collective timeout
+
+
+def test_failing_rank_ends_the_other_naming_its_error(shapes, tmp_path):
+    config = _config(tmp_path, shapes, max_iter=10_000)  # heartbeat 60 s: the failure is posted, not timed out
+    driver = tmp_path / "fault.py"
+    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport test_distributed as t\n"
+                      "sys.exit(t.fault_main())\n")
+    out = tmp_path / "run"
+    port = _free_port()
+    procs = [_launch([sys.executable, str(driver), "train", "--config", str(config), "--out", str(out)], r, port,
+                     FAULT_RANK="1", FAULT_ITER="3") for r in (0, 1)]
+    t0 = time.monotonic()
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    print(f"both ranks ended {time.monotonic() - t0:.1f} s after the start")
+    assert procs[1].returncode == 1 and "RuntimeError: injected fault at iteration 3" in logs[1], logs[1][-3000:]
+    assert procs[0].returncode == 1, logs[0][-3000:]
+    assert "rank 1 failed: RuntimeError: injected fault at iteration 3; stopping rank 0 too" in logs[0], logs[0][-3000:]

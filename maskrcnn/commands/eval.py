@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,14 @@ def _run_model(args: argparse.Namespace, cfg: Any, spec: str, out: Path) -> dict
     # Every image counts: images without annotations still score their false positives.
     dataset = CocoDataset(ann, image_dir, filter_empty=False, train=False, max_pixels=cfg.input.max_pixels)
     ids = label_to_category(cfg, dataset)  # before the (slow) model load, so mistakes show at once
-    device = resolve_device(args.device or cfg.device)
-    model = load_model(cfg, args.weights, device=str(device))
-    max_images = cfg.test.max_images if args.max_images is None else args.max_images
-    return evaluate(model, dataset, out, max_images=max_images, progress=True, category_ids=ids)
+    from maskrcnn import distributed as du
+
+    s = cfg.solver
+    # Under torchrun every rank predicts its share of the images and rank 0 scores them (docs/distributed.md).
+    with du.session(resolve_device(args.device or cfg.device), s.dist_timeout_minutes, s.dist_heartbeat_timeout) as device:
+        model = load_model(cfg, args.weights, device=str(device))
+        max_images = cfg.test.max_images if args.max_images is None else args.max_images
+        return evaluate(model, dataset, out, max_images=max_images, progress=True, category_ids=ids)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         metrics = _run_model(args, cfg, spec, out)
         written = ["predictions.json", "metrics.json", "pr_curve.png"]
+        if os.environ.get("RANK", "0") != "0":
+            return 0  # distributed: rank 0 prints the tables
 
     print(format_metrics(metrics))
     print()

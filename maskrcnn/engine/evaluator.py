@@ -29,7 +29,12 @@ from maskrcnn.errors import UserError
 
 # Order and names of COCOeval.stats for boxes and masks.
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
-IOU_TYPES = ("bbox", "segm")
+# For keypoints (OKS instead of IoU, 20 detections per image, no small objects).
+KEYPOINT_STAT_NAMES = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
+IOU_TYPES = ("bbox", "segm", "keypoints")
+# Per-keypoint OKS sigmas for a keypoint count other than COCO's 17 (whose own sigmas pycocotools has):
+# one value for every keypoint, about the mean of COCO's.
+DEFAULT_OKS_SIGMA = 0.07
 
 
 # ---- model output -> COCO results -----------------------------------------------------------------
@@ -67,12 +72,23 @@ def predictions_to_coco(output: dict, image_id: int, category_ids: list[int]) ->
         for rle in rles:
             rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON-serialisable
 
+    keypoints = None
+    if output.get("keypoints") is not None:
+        # COCO keypoints are integer pixel indices, ours continuous coordinates (a pixel's centre at
+        # i + 0.5): subtract the 0.5 the dataset added (as Detectron2 does); visibility written as 1.
+        kp = output["keypoints"].detach().float().cpu().clone()
+        kp[..., :2] -= 0.5
+        kp[..., 2] = 1.0
+        keypoints = kp.flatten(1).tolist()
+
     results = []
     for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
         r = {"image_id": int(image_id), "category_id": int(category_ids[label - 1]), "bbox": box,
              "score": float(score)}
         if rles is not None:
             r["segmentation"] = rles[i]
+        if keypoints is not None:
+            r["keypoints"] = keypoints[i]
         results.append(r)
     return results
 
@@ -113,7 +129,9 @@ def _results_for(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
     if iou_type == "segm":
         # Drop the box so loadRes takes each detection's area from its mask, as torchvision's and
         # Detectron2's evaluators do; otherwise APs/m/l for masks would bin by box area.
-        anns = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+        anns = [{k: v for k, v in r.items() if k not in ("bbox", "keypoints")} for r in results]
+    elif iou_type == "keypoints":
+        anns = [{k: v for k, v in r.items() if k != "segmentation"} for r in results if "keypoints" in r]
     else:
         anns = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
     if not anns:
@@ -155,8 +173,29 @@ def _per_category_ap(ev: COCOeval, coco_gt: COCO) -> dict[str, float]:
     return out
 
 
-def _run_cocoeval(coco_gt: COCO, coco_dt: COCO, iou_type: str, image_ids: list[int] | None) -> COCOeval:
+def _num_gt_keypoints(coco_gt: COCO) -> int:
+    """Return the keypoint count of the ground truth's keypoint categories (0 when it has none)."""
+    counts = [len(c["keypoints"]) for c in coco_gt.dataset.get("categories", []) if c.get("keypoints")]
+    return max(counts, default=0)
+
+
+def _prepare_keypoint_gt(coco_gt: COCO) -> None:
+    """Fill `num_keypoints` (COCOeval reads it) where a ground-truth annotation lacks it."""
+    for ann in coco_gt.anns.values():
+        if "num_keypoints" not in ann:
+            values = ann.get("keypoints") or []
+            ann["num_keypoints"] = sum(1 for v in values[2::3] if v > 0)
+
+
+def _run_cocoeval(coco_gt: COCO, coco_dt: COCO, iou_type: str, image_ids: list[int] | None,
+                  kpt_oks_sigmas: list[float] | None = None) -> COCOeval:
     ev = COCOeval(coco_gt, coco_dt, iou_type)
+    if iou_type == "keypoints":
+        num = _num_gt_keypoints(coco_gt)
+        if kpt_oks_sigmas:
+            ev.params.kpt_oks_sigmas = np.asarray(kpt_oks_sigmas, dtype=np.float64)
+        elif num != len(ev.params.kpt_oks_sigmas):  # pycocotools' defaults are COCO's 17
+            ev.params.kpt_oks_sigmas = np.full(num, DEFAULT_OKS_SIGMA)
     if image_ids is not None:
         # Sorted, as COCOeval's default is: the order feeds the stable sort of tied scores.
         ev.params.imgIds = sorted(set(int(i) for i in image_ids))
@@ -173,16 +212,20 @@ def evaluate_results(
     out_dir: Path | str | None = None,
     iou_types: Iterable[str] = IOU_TYPES,
     image_ids: list[int] | None = None,
+    kpt_oks_sigmas: list[float] | None = None,
 ) -> dict[str, Any]:
     """Score COCO results against ground truth; write metrics.json and pr_curve.png when out_dir is set.
 
     `image_ids` restricts evaluation to the images that were actually run (e.g. with --max-images).
+    Keypoint AP (OKS) is scored when the results carry `keypoints` and the ground truth has keypoint
+    categories; `kpt_oks_sigmas` defaults to COCO's for 17 keypoints, else DEFAULT_OKS_SIGMA each.
     """
     if not isinstance(coco_gt, COCO):
         coco_gt = load_coco_gt(coco_gt)
     if not isinstance(results, list):
         results = load_results(results)
     has_masks = any("segmentation" in r for r in results)
+    has_keypoints = any("keypoints" in r for r in results) and _num_gt_keypoints(coco_gt) > 0
     metrics: dict[str, Any] = {}
     per_category: dict[str, dict[str, float]] = {}
     evals: dict[str, COCOeval] = {}
@@ -191,8 +234,13 @@ def evaluate_results(
             raise ValueError(f"unsupported iou type {iou_type!r}; expected one of {IOU_TYPES}")
         if iou_type == "segm" and results and not has_masks:
             continue  # a box-only detector: nothing to score for masks
-        ev = _run_cocoeval(coco_gt, _results_for(coco_gt, results, iou_type), iou_type, image_ids)
-        metrics[iou_type] = {name: _percent(v) for name, v in zip(STAT_NAMES, ev.stats)}
+        if iou_type == "keypoints":
+            if not has_keypoints:
+                continue  # no keypoint head, or no keypoint ground truth
+            _prepare_keypoint_gt(coco_gt)
+        ev = _run_cocoeval(coco_gt, _results_for(coco_gt, results, iou_type), iou_type, image_ids, kpt_oks_sigmas)
+        names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+        metrics[iou_type] = {name: _percent(v) for name, v in zip(names, ev.stats)}
         per_category[iou_type] = _per_category_ap(ev, coco_gt)
         evals[iou_type] = ev
     metrics["per_category"] = per_category
@@ -245,7 +293,7 @@ def plot_pr_curves(evals: dict[str, COCOeval], out_png: Path) -> None:
                   ("IoU=0.50:0.95", mean_iou)]
         for label, prec in curves:
             ax.plot(rec, prec, label=label)
-        ax.set_title({"bbox": "boxes", "segm": "masks"}[iou_type])
+        ax.set_title({"bbox": "boxes", "segm": "masks", "keypoints": "keypoints (OKS)"}[iou_type])
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
         ax.set_xlim(0, 1)
@@ -272,7 +320,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         return "(no metrics)"
     header = f"{'':<8}" + "".join(f"{t:>9}" for t in types)
     lines = [header]
-    for name in STAT_NAMES:
+    for name in STAT_NAMES + [n for n in KEYPOINT_STAT_NAMES if n not in STAT_NAMES and "keypoints" in types]:
         lines.append(f"{name:<8}" + "".join(f"{_fmt(metrics[t].get(name)):>9}" for t in types))
     per_cat = metrics.get("per_category", {})
     names = list(dict.fromkeys(n for t in types for n in per_cat.get(t, {})))
@@ -304,31 +352,45 @@ def evaluate(
     """Run `model` over `dataset`, write predictions.json, and return (and write) COCO metrics.
 
     `category_ids[label - 1]` names each label's dataset category (default: `dataset.category_ids`).
+    Under torch.distributed every rank calls this with the same arguments: rank r predicts images
+    r, r+W, r+2W, ... of the first `max_images`; rank 0 gathers the detections back into dataset
+    order (so predictions.json and the numbers equal a single process's), writes the files and
+    scores them once; every rank returns the metrics.
     """
     from torch.utils.data import Subset
     from tqdm import tqdm
 
+    from maskrcnn import distributed as du
     from maskrcnn.data.loader import build_test_loader
 
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
-    loader = build_test_loader(dataset if n == len(dataset) else Subset(dataset, range(n)))
+    rank, world = du.get_rank(), du.get_world_size()
+    shard = range(rank, n, world)
+    loader = build_test_loader(dataset if len(shard) == len(dataset) else Subset(dataset, shard))
     category_ids = list(dataset.category_ids if category_ids is None else category_ids)
     device = _model_device(model)
     was_training = model.training
     model.eval()
-    results: list[dict] = []
-    image_ids: list[int] = []
+    per_image: list[tuple[int, list[dict]]] = []  # (image id, its detections) in shard order
     try:
         with torch.no_grad():
-            for images, targets in tqdm(loader, total=n, desc="eval", unit="img", disable=not progress,
-                                        dynamic_ncols=True):
+            for images, targets in tqdm(loader, total=len(shard), desc="eval", unit="img",
+                                        disable=not progress or rank != 0, dynamic_ncols=True):
                 outputs = model([im.to(device) for im in images])
                 for output, target in zip(outputs, targets):
                     image_id = int(target["image_id"])
-                    image_ids.append(image_id)
-                    results.extend(predictions_to_coco(output, image_id, category_ids))
+                    per_image.append((image_id, predictions_to_coco(output, image_id, category_ids)))
     finally:
         model.train(was_training)  # periodic evaluation during training must not leave eval mode on
+    if world > 1:
+        shards = du.gather_object(per_image)
+        if rank != 0:
+            return du.broadcast_object(None)
+        # Interleave the shards back: dataset position i was rank i % W's (i // W)-th image.
+        per_image = [shards[i % world][i // world] for i in range(n)]
+    image_ids = [image_id for image_id, _ in per_image]
+    results = [r for _, detections in per_image for r in detections]
     if out_dir is not None:
         write_predictions(results, Path(out_dir) / "predictions.json")
-    return evaluate_results(dataset.coco, results, out_dir, image_ids=image_ids)
+    metrics = evaluate_results(dataset.coco, results, out_dir, image_ids=image_ids)
+    return du.broadcast_object(metrics) if world > 1 else metrics
