@@ -19,6 +19,9 @@ PALETTE = np.array([
     [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
 ], dtype=np.float32)
 MASK_ALPHA = 0.5
+# COCO's person skeleton (1-based keypoint pairs), drawn when a 17-keypoint output names no skeleton.
+COCO_SKELETON = [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8], [7, 9],
+                 [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7]]
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -40,8 +43,13 @@ def draw_instances(
     output: dict,
     class_names: list[str] | None = None,
     score_threshold: float = 0.5,
+    skeleton: list[list[int]] | None = None,
 ) -> Image.Image:
-    """Draw translucent masks, box outlines and "name 0.93" labels for detections above the threshold."""
+    """Draw translucent masks, box outlines and "name 0.93" labels for detections above the threshold.
+
+    Keypoints (`keypoints` [D,K,3]) are drawn as dots joined by the `skeleton` (1-based pairs, COCO's
+    convention; COCO's person skeleton by default when K = 17).
+    """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
@@ -73,6 +81,9 @@ def draw_instances(
     pil = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
 
     draw = ImageDraw.Draw(pil)
+    keypoints = output.get("keypoints")
+    if keypoints is not None and len(keep):
+        _draw_keypoints(draw, _to_numpy(keypoints).reshape(len(scores), -1, 3)[keep], colours, skeleton)
     font = ImageFont.load_default()
     for box, label, score, c in zip(boxes, labels, scores[keep], colours):
         colour = tuple(int(v) for v in c)
@@ -89,6 +100,22 @@ def draw_instances(
         draw.rectangle([tx, ty, tx + tw + 4, ty + th + 4], fill=colour)
         draw.text((tx + 2 - left, ty + 2 - top), text, fill=(255, 255, 255), font=font)
     return pil
+
+
+def _draw_keypoints(draw: ImageDraw.ImageDraw, keypoints: np.ndarray, colours: np.ndarray,
+                    skeleton: list[list[int]] | None) -> None:
+    """Draw each instance's skeleton in its colour and its keypoints as white-ringed dots."""
+    k = keypoints.shape[1]
+    if skeleton is None:
+        skeleton = COCO_SKELETON if k == 17 else []
+    for points, c in zip(keypoints, colours):
+        colour = tuple(int(v) for v in c)
+        for a, b in skeleton:
+            if 1 <= a <= k and 1 <= b <= k and points[a - 1, 2] > 0 and points[b - 1, 2] > 0:
+                draw.line([tuple(points[a - 1, :2]), tuple(points[b - 1, :2])], fill=colour, width=2)
+        for x, y, v in points:
+            if v > 0:
+                draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=colour, outline=(255, 255, 255))
 
 
 def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -7,7 +7,7 @@ import time
 
 from maskrcnn.data.shapes import make_shapes
 
-HELP = "Write a synthetic COCO-format dataset of squares, circles and triangles."
+HELP = "Write a synthetic COCO-format dataset of squares, circles and triangles (or stick figures with keypoints)."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,15 +17,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", type=int, default=100, help="number of validation images (default 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same dataset")
     p.add_argument("--size", type=int, default=None, help="fixed square image side in pixels (default: each side random in 160..256)")
-    p.add_argument("--max-shapes", type=int, default=4, help="at most this many shapes per image (default 4)")
+    p.add_argument("--max-shapes", type=int, default=None,
+                   help="at most this many shapes (or figures) per image (default 4, with --keypoints 3)")
+    p.add_argument("--keypoints", action="store_true",
+                   help="write stick figures with COCO's 17 person keypoints instead (train with --config figures)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the dataset and print the data specs to train and evaluate on it."""
     start = time.perf_counter()
     size = args.size if args.size is not None else (160, 256)
-    splits = make_shapes(args.out, args.train, args.val, seed=args.seed, image_size=size, max_shapes=args.max_shapes)
+    if args.keypoints:
+        from maskrcnn.data.figures import make_figures
+
+        splits = make_figures(args.out, args.train, args.val, seed=args.seed, image_size=size,
+                              max_figures=3 if args.max_shapes is None else args.max_shapes)
+    else:
+        splits = make_shapes(args.out, args.train, args.val, seed=args.seed, image_size=size,
+                             max_shapes=4 if args.max_shapes is None else args.max_shapes)
     print(f"wrote {args.train} train and {args.val} val images to {args.out} in {time.perf_counter() - start:.1f}s")
     (train_json, train_dir), (val_json, val_dir) = splits["train"], splits["val"]
-    print(f"use: data.train=[{train_json}:{train_dir}] data.val={val_json}:{val_dir}")
+    preset = "--config figures " if args.keypoints else ""
+    print(f"use: {preset}data.train=[{train_json}:{train_dir}] data.val={val_json}:{val_dir}")
     return 0

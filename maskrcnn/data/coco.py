@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import ConcatDataset, Dataset
 
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS, image_to_tensor, read_image
-from maskrcnn.data.transforms import hflip
+from maskrcnn.data.transforms import hflip, keypoint_flip_map
 from maskrcnn.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,10 @@ class CocoDataset(Dataset):
         train: bool = False,
         flip_prob: float = 0.0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_keypoints: int = 1,
     ) -> None:
+        """`min_keypoints`: with `filter_empty` and `train`, a keypoint dataset's images with fewer
+        labelled keypoints (all instances together) are left out, as Detectron2 does."""
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.train = train
@@ -78,8 +81,16 @@ class CocoDataset(Dataset):
         self.category_ids: list[int] = [int(c["id"]) for c in categories]
         self.class_names: list[str] = [str(c["name"]) for c in categories]
         label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        # Person-keypoints files: each keypoint category names its K keypoints and a skeleton.
+        with_keypoints = [c for c in categories if isinstance(c.get("keypoints"), list) and c["keypoints"]]
+        self.keypoint_names: list[str] = [str(n) for n in with_keypoints[0]["keypoints"]] if with_keypoints else []
+        skeleton = (with_keypoints[0].get("skeleton") or []) if with_keypoints else []
+        self.skeleton: list[list[int]] = [[int(a), int(b)] for a, b in skeleton]  # 1-based, as COCO's
+        self.num_keypoints = len(self.keypoint_names)
+        self.keypoint_flip_map: list[int] = keypoint_flip_map(self.keypoint_names)
 
         self.skipped: Counter[str] = Counter()
+        self.bad_keypoints = 0
         self.boxes_from_masks = 0
         by_image: dict[int, list[dict[str, Any]]] = {int(img["id"]): [] for img in data["images"]}
         for ann in data["annotations"]:
@@ -94,12 +105,18 @@ class CocoDataset(Dataset):
             records = by_image[int(img["id"])]
             if filter_empty and not any(r["iscrowd"] == 0 for r in records):
                 continue
+            if filter_empty and train and self.num_keypoints and sum(
+                    int((r["keypoints"][:, 2] > 0).sum()) for r in records if r["iscrowd"] == 0) < min_keypoints:
+                continue
             self._images.append(img)
             self._records.append(records)
         self.image_ids: list[int] = [int(img["id"]) for img in self._images]
         self.image_sizes: list[tuple[int, int]] = [(int(i["height"]), int(i["width"])) for i in self._images]
 
         self._report(len(data["annotations"]), len(data["images"]))
+        if self.bad_keypoints:
+            logger.warning(f"{self.ann_file}: {self.bad_keypoints} annotations have malformed keypoints (not "
+                           f"{3 * self.num_keypoints} finite numbers); they are used without keypoints")
         if not self._images:
             what = "no images" if not data["images"] else "no image with a usable (non-crowd) annotation"
             raise UserError(f"annotation file '{self.ann_file}' has {what}; check its images and annotations")
@@ -129,9 +146,13 @@ class CocoDataset(Dataset):
             "image_id": int(info["id"]),
             "file_name": str(path),
         }
+        if self.num_keypoints:
+            target["keypoints"] = torch.from_numpy(
+                np.stack([r["keypoints"] for r in records]) if records else np.zeros((0, self.num_keypoints, 3))
+            ).float()
         tensor = image_to_tensor(image)
         if self.train and self.flip_prob > 0 and torch.rand(()).item() < self.flip_prob:
-            tensor, target = hflip(tensor, target)
+            tensor, target = hflip(tensor, target, self.keypoint_flip_map)
         return tensor, target
 
     def __repr__(self) -> str:
@@ -148,7 +169,32 @@ class CocoDataset(Dataset):
         if reason is not None:
             self.skipped[reason] += 1
             return None
-        return {"box": box, "label": label_of[ann["category_id"]], "iscrowd": int(ann["iscrowd"]), "segmentation": seg}
+        record = {"box": box, "label": label_of[ann["category_id"]], "iscrowd": int(ann["iscrowd"]), "segmentation": seg}
+        if self.num_keypoints:
+            record["keypoints"] = self._prepare_keypoints(ann.get("keypoints"))
+        return record
+
+    def _prepare_keypoints(self, values: Any) -> np.ndarray:
+        """Return [K, 3] float32 (x, y, visibility) keypoints; unlabelled (v = 0) ones all zero.
+
+        COCO stores integer pixel indices; +0.5 moves them to pixel centres in the model's continuous
+        coordinates (as Detectron2 does; the evaluator subtracts it again). An annotation without
+        keypoints has none labelled; malformed ones are counted and dropped the same way.
+        """
+        k = self.num_keypoints
+        out = np.zeros((k, 3), dtype=np.float32)
+        if values is None or (isinstance(values, list) and not values):
+            return out
+        if (not isinstance(values, list) or len(values) != 3 * k
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                or not all(math.isfinite(v) for v in values)):
+            self.bad_keypoints += 1
+            return out
+        points = np.asarray(values, dtype=np.float32).reshape(k, 3)
+        labelled = points[:, 2] > 0
+        out[labelled, :2] = points[labelled, :2] + 0.5
+        out[labelled, 2] = points[labelled, 2]
+        return out
 
     def _prepare_box(
         self, bbox: Any, mask_box: list[float], h: int, w: int
@@ -456,6 +502,10 @@ class ConcatCocoDataset(ConcatDataset):
         self.class_names: list[str] = list(datasets[0].class_names)
         self.category_ids: list[int] = list(datasets[0].category_ids)
         self.image_sizes: list[tuple[int, int]] = [s for d in datasets for s in d.image_sizes]
+        self.keypoint_names: list[str] = list(datasets[0].keypoint_names)
+        self.skeleton: list[list[int]] = list(datasets[0].skeleton)
+        self.num_keypoints: int = datasets[0].num_keypoints
+        self.keypoint_flip_map: list[int] = list(datasets[0].keypoint_flip_map)
 
 
 def concat_datasets(datasets: Sequence[CocoDataset]) -> CocoDataset | ConcatCocoDataset:
@@ -466,7 +516,8 @@ def concat_datasets(datasets: Sequence[CocoDataset]) -> CocoDataset | ConcatCoco
         return datasets[0]
     first = datasets[0]
     for d in datasets[1:]:
-        if d.category_ids != first.category_ids or d.class_names != first.class_names:
+        if (d.category_ids != first.category_ids or d.class_names != first.class_names
+                or d.keypoint_names != first.keypoint_names):
             raise UserError(
                 f"'{d.ann_file}' and '{first.ann_file}' have different categories; datasets trained "
                 "together must share the same category ids and names"
