@@ -392,5 +392,7 @@ def evaluate(
     results = [r for _, detections in per_image for r in detections]
     if out_dir is not None:
         write_predictions(results, Path(out_dir) / "predictions.json")
-    metrics = evaluate_results(dataset.coco, results, out_dir, image_ids=image_ids)
+    sigmas = getattr(getattr(getattr(model, "cfg", None), "model", None), "keypoint_head", None)
+    metrics = evaluate_results(dataset.coco, results, out_dir, image_ids=image_ids,
+                               kpt_oks_sigmas=list(sigmas.oks_sigmas) if sigmas is not None else None)
     return du.broadcast_object(metrics) if world > 1 else metrics

@@ -223,6 +223,7 @@ def build_train_dataset(cfg: Config) -> Any:
         train=True,
         flip_prob=cfg.input.horizontal_flip,
         max_pixels=cfg.input.max_pixels,
+        min_keypoints=cfg.model.keypoint_head.min_keypoints_per_image if cfg.model.keypoint_head.enabled else 0,
     )
 
 
