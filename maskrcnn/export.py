@@ -199,11 +199,13 @@ def model_metadata(model: MaskRCNN) -> dict[str, str]:
 
 
 def export_onnx(model: MaskRCNN, out: str | os.PathLike, example_size: tuple[int, int] = (480, 640),
-                opset: int = OPSET, dynamo: bool = False) -> Path:
+                opset: int = OPSET) -> Path:
     """Write `model` as an ONNX file (dynamic image height and width) and return its path.
 
-    The legacy (TorchScript-trace) exporter is the default: torchvision registers its ONNX symbolics
-    for `nms`, `roi_align` and `roi_pool` there. `dynamo=True` uses torch.export instead.
+    Uses torch.onnx's TorchScript-trace exporter (`dynamo=False`), where torchvision registers the ONNX
+    symbolics of `nms`, `roi_align` and `roi_pool`. The torch.export-based exporter (`dynamo=True`)
+    cannot trace this wrapper: it refuses `torch._shape_as_tensor`, and the data-dependent sizes
+    (proposals after NMS, RoIs per level) would need unbacked-size hints throughout (docs/deploy.md).
     """
     import onnx
 
@@ -213,14 +215,9 @@ def export_onnx(model: MaskRCNN, out: str | os.PathLike, example_size: tuple[int
     example = torch.rand(3, *example_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
-        if dynamo:
-            height, width = torch.export.Dim("height", min=2), torch.export.Dim("width", min=2)
-            torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"], output_names=OUTPUT_NAMES,
-                              opset_version=opset, dynamo=True, external_data=False,
-                              dynamic_shapes=({1: height, 2: width},))
-        else:
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
             torch.onnx.export(
                 wrapper, (example,), str(tmp), input_names=["image"], output_names=OUTPUT_NAMES,
                 opset_version=opset, dynamo=False,
@@ -228,12 +225,14 @@ def export_onnx(model: MaskRCNN, out: str | os.PathLike, example_size: tuple[int
                               "scores": {0: "detections"}, "labels": {0: "detections"},
                               "mask_probs": {0: "detections"}},
             )
-    proto = onnx.load(str(tmp))
-    for key, value in model_metadata(model).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, out)
+        proto = onnx.load(str(tmp))
+        for key, value in model_metadata(model).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -20,8 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default: onnx)")
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, at least 17 (default: 17)")
-    p.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy",
-                   help="torch.onnx exporter: legacy (TorchScript trace, default) or dynamo (torch.export)")
     p.add_argument("--check", action="store_true",
                    help="after writing, run the file in ONNX Runtime and compare with PyTorch on random images")
 
@@ -38,11 +36,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.config, args.weights, list(args.overrides))
     start = time.perf_counter()
     try:
-        path = export_onnx(model, args.out, opset=args.opset, dynamo=args.exporter == "dynamo")
+        path = export_onnx(model, args.out, opset=args.opset)
     except UserError:
         raise
     except Exception as e:  # the exporters raise many kinds; one line names the failing step
-        raise UserError(f"ONNX export ({args.exporter} exporter) failed: {type(e).__name__}: "
+        raise UserError(f"ONNX export failed: {type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     size_mb = path.stat().st_size / 2**20
     print(f"wrote {path} ({size_mb:.1f} MB, opset {args.opset}, {time.perf_counter() - start:.1f} s); "
