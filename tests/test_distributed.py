@@ -82,6 +82,48 @@ def _config(tmp_path: Path, shapes, max_iter: int, heartbeat: float = 60) -> Pat
     return path
 
 
+# ---- in-process pieces ----------------------------------------------------------------------------
+
+
+def test_sampler_slices_each_global_batch_between_ranks():
+    import numpy as np
+
+    from maskrcnn.data.loader import GroupedBatchSampler
+
+    groups = np.array([0, 1, 0, 0, 1, 1, 0, 1, 0, 0, 1, 0])  # landscape and portrait images
+
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    whole = take(GroupedBatchSampler(groups, 4, seed=3, start_iter=5), 12)
+    ranks = [take(GroupedBatchSampler(groups, 4, seed=3, start_iter=5, rank=r, world_size=2), 12) for r in (0, 1)]
+    for k, batch in enumerate(whole):
+        assert ranks[0][k] + ranks[1][k] == batch  # the same images and augmentation seeds, split in two
+        assert len({int(groups[i]) for i, _ in batch}) == 1  # one aspect-ratio group per global batch
+    with pytest.raises(ValueError, match="does not split evenly"):
+        GroupedBatchSampler(groups, 3, rank=0, world_size=2)
+
+
+def test_reference_world_size_scales_batch_lr_and_schedule():
+    from maskrcnn.config import load_config
+    from maskrcnn.engine.trainer import apply_reference_world_size
+
+    cfg = load_config(None, ["solver.reference_world_size=8", "solver.eval_period=5000"])
+    apply_reference_world_size(cfg, 16)
+    s = cfg.solver
+    assert (s.ims_per_batch, s.base_lr, s.max_iter, s.steps, s.warmup_iters) == (32, 0.04, 45000, [30000, 40000], 500)
+    assert (s.checkpoint_period, s.eval_period, s.reference_world_size) == (2500, 2500, 16)
+    apply_reference_world_size(cfg, 16)  # already scaled (e.g. on resume): unchanged
+    assert s.ims_per_batch == 32 and s.max_iter == 45000
+    cfg = load_config(None, ["solver.reference_world_size=8"])
+    apply_reference_world_size(cfg, 4)
+    assert (cfg.solver.ims_per_batch, cfg.solver.base_lr, cfg.solver.max_iter) == (8, 0.01, 180000)
+    cfg = load_config(None, [])  # 0 = off: the config as written
+    apply_reference_world_size(cfg, 16)
+    assert (cfg.solver.ims_per_batch, cfg.solver.base_lr) == (16, 0.02)
+
+
 # ---- recording what each rank does (installed in the worker processes and in the reference run) ----
 
 
@@ -316,23 +358,39 @@ def test_killed_rank_ends_the_other_with_its_name(shapes, tmp_path):
     assert took < 5 + 15  # the heartbeat timeout plus a few checks, not the 30-minute collective timeout
 
 
-def test_failing_rank_ends_the_other_naming_its_error(shapes, tmp_path):
-    config = _config(tmp_path, shapes, max_iter=10_000)  # heartbeat 60 s: the failure is posted, not timed out
+def test_failing_rank_ends_the_other_naming_its_error_then_both_resume(shapes, tmp_path):
+    config = _config(tmp_path, shapes, max_iter=4)  # heartbeat 60 s: the failure is posted, not timed out
     driver = tmp_path / "fault.py"
     driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport test_distributed as t\n"
                       "sys.exit(t.fault_main())\n")
     out = tmp_path / "run"
-    port = _free_port()
-    procs = [_launch([sys.executable, str(driver), "train", "--config", str(config), "--out", str(out)], r, port,
-                     FAULT_RANK="1", FAULT_ITER="3") for r in (0, 1)]
-    t0 = time.monotonic()
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    print(f"both ranks ended {time.monotonic() - t0:.1f} s after the start")
-    assert procs[1].returncode == 1 and "RuntimeError: injected fault at iteration 3" in logs[1], logs[1][-3000:]
-    assert procs[0].returncode == 1, logs[0][-3000:]
+
+    def run_both(*extra: str, fault_iter: int) -> tuple[list[int], list[str], float]:
+        port = _free_port()
+        command = [sys.executable, str(driver), "train", "--config", str(config), "--out", str(out),
+                   "solver.checkpoint_period=2", *extra]
+        procs = [_launch(command, r, port, FAULT_RANK="1", FAULT_ITER=str(fault_iter)) for r in (0, 1)]
+        t0 = time.monotonic()
+        try:
+            logs = [p.communicate(timeout=120)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        return [p.returncode for p in procs], logs, time.monotonic() - t0
+
+    status, logs, took = run_both(fault_iter=3)
+    print(f"both ranks ended {took:.1f} s after the start")
+    assert status[1] == 1 and "RuntimeError: injected fault at iteration 3" in logs[1], logs[1][-3000:]
+    assert status[0] == 1, logs[0][-3000:]
     assert "rank 1 failed: RuntimeError: injected fault at iteration 3; stopping rank 0 too" in logs[0], logs[0][-3000:]
+
+    # Both resume from the checkpoint rank 0 wrote at iteration 2, each with its own RNG state.
+    state = torch.load(out / "checkpoints" / "model_0000002.pth", weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+    assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
+    status, logs, _ = run_both("--resume", fault_iter=0)
+    assert status == [0, 0], logs
+    assert "resumed from" in logs[0] and "model_0000002.pth at iteration 2" in logs[0]
+    assert "resumed" not in logs[1]  # ranks > 0 log warnings only
+    assert torch.load(out / "checkpoints" / "model_final.pth", weights_only=False)["iteration"] == 4
