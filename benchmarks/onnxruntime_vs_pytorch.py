@@ -1,0 +1,145 @@
+"""ONNX Runtime (CPU, the file `maskrcnn export` writes) against PyTorch FP32 and BF16 autocast, same weights.
+
+For each model: export once, then time one image end to end (input tensor → boxes, scores, labels and
+pasted masks) for PyTorch FP32, PyTorch BF16 autocast and ONNX Runtime FP32, runs interleaved so that
+machine noise hits all alike. Agreement with PyTorch FP32 is counted with the parity tests' tolerances
+(boxes 0.05 px, scores 1e-4, mask IoU 0.99). Weights are random and seeded; the torchvision preset's
+classifier is scaled by 0.5 so that 100 detections survive, as with a trained model.
+
+    .venv/bin/python benchmarks/onnxruntime_vs_pytorch.py [--runs 5] [--models torchvision-r50-fpn,shapes]
+        [--json out.json] [--markdown out.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from maskrcnn.config import load_config
+from maskrcnn.engine.compare import Tolerances, agreement_summary
+from maskrcnn.export import PARITY_TOLERANCES, OnnxMaskRCNN, export_onnx
+from maskrcnn.modeling import build_model
+
+SIZES = {"torchvision-r50-fpn": (800, 1067), "shapes": (128, 171)}
+
+
+def seeded_model(name: str):
+    """Return a seeded random model of the preset, tuned so that it keeps many detections."""
+    torch.manual_seed(0)
+    model = build_model(load_config(name)).eval()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.class_logits.weight.mul_(0.5 if name != "shapes" else 50.0)
+        model.roi_heads.mask_head.predictor.weight.normal_(std=0.05)
+        model.roi_heads.mask_head.predictor.bias.fill_(0.3)
+    return model
+
+
+def measure(calls: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict[str, list[float]]:
+    """Return seconds per run for each call, the calls interleaved run by run."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def bench_model(name: str, runs: int, warmup: int, threads: int) -> list[dict[str, Any]]:
+    """Return one row per backend for the preset `name`."""
+    model = seeded_model(name)
+    size = SIZES.get(name, (800, 1067))
+    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = export_onnx(model, Path(tmp) / f"{name}.onnx")
+        export_s = time.perf_counter() - start
+        file_mb = path.stat().st_size / 2**20
+        onnx_model = OnnxMaskRCNN(path, threads=threads)
+
+        def pytorch_fp32():
+            with torch.inference_mode():
+                return model([image])[0]
+
+        def pytorch_bf16():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return model([image])[0]
+
+        def onnxruntime():
+            return onnx_model([image])[0]
+
+        calls = {"PyTorch FP32": pytorch_fp32, "PyTorch BF16 autocast": pytorch_bf16, "ONNX Runtime FP32": onnxruntime}
+        reference = pytorch_fp32()
+        outputs = {label: call() for label, call in calls.items()}
+        times = measure(calls, runs, warmup)
+    rows = []
+    base = statistics.median(times["PyTorch FP32"])
+    for label, values in times.items():
+        agree = agreement_summary(reference, outputs[label], Tolerances(**PARITY_TOLERANCES))
+        rows.append({"model": name, "size": f"{size[0]}x{size[1]}", "backend": label,
+                     "median_s": statistics.median(values), "min_s": min(values),
+                     "speed_vs_fp32": base / statistics.median(values),
+                     "detections": agree["actual"], "agree_with_fp32": f"{agree['matched']}/{agree['expected']}",
+                     "export_s": export_s if label.startswith("ONNX") else None,
+                     "file_mb": file_mb if label.startswith("ONNX") else None})
+    return rows
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """Return the versions and machine the numbers were taken on."""
+    import onnxruntime
+
+    return {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "cpu": platform.processor() or platform.machine(),
+            "threads": threads}
+
+
+def markdown(rows: list[dict[str, Any]], env: dict[str, Any], runs: int) -> str:
+    """Return the result table as Markdown."""
+    lines = [f"Measured {env['date']}: torch {env['torch']}, onnxruntime {env['onnxruntime']}, "
+             f"{env['threads']} threads, median of {runs} runs (one image, input tensor to pasted masks).", "",
+             "| model | image | backend | median s | min s | vs PyTorch FP32 | detections | agree with FP32 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['size']} | {r['backend']} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
+                     f"{r['speed_vs_fp32']:.2f}x | {r['detections']} | {r['agree_with_fp32']} |")
+    exports = [r for r in rows if r["export_s"] is not None]
+    lines.append("")
+    lines.extend(f"- {r['model']}: export {r['export_s']:.1f} s, file {r['file_mb']:.1f} MB" for r in exports)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="torchvision-r50-fpn,shapes", help="comma-separated presets")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", default=None, help="write the rows and environment as JSON here")
+    parser.add_argument("--markdown", default=None, help="write the Markdown table here")
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    rows = [row for name in args.models.split(",") for row in bench_model(name, args.runs, args.warmup, threads)]
+    env = environment(threads)
+    table = markdown(rows, env, args.runs)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
