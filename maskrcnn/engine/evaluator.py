@@ -318,17 +318,18 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     types = [t for t in IOU_TYPES if t in metrics]
     if not types:
         return "(no metrics)"
-    header = f"{'':<8}" + "".join(f"{t:>9}" for t in types)
+    col = 14 if "keypoints" in types else 9  # room for "keypoints AP"
+    header = f"{'':<8}" + "".join(f"{t:>{col}}" for t in types)
     lines = [header]
     for name in STAT_NAMES + [n for n in KEYPOINT_STAT_NAMES if n not in STAT_NAMES and "keypoints" in types]:
-        lines.append(f"{name:<8}" + "".join(f"{_fmt(metrics[t].get(name)):>9}" for t in types))
+        lines.append(f"{name:<8}" + "".join(f"{_fmt(metrics[t].get(name)):>{col}}" for t in types))
     per_cat = metrics.get("per_category", {})
     names = list(dict.fromkeys(n for t in types for n in per_cat.get(t, {})))
     if names:
         width = max(8, max(len(n) for n in names) + 2)
-        lines += ["", f"{'category':<{width}}" + "".join(f"{t + ' AP':>9}" for t in types)]
+        lines += ["", f"{'category':<{width}}" + "".join(f"{t + ' AP':>{col}}" for t in types)]
         for n in names:
-            lines.append(f"{n:<{width}}" + "".join(f"{_fmt(per_cat.get(t, {}).get(n)):>9}" for t in types))
+            lines.append(f"{n:<{width}}" + "".join(f"{_fmt(per_cat.get(t, {}).get(n)):>{col}}" for t in types))
     return "\n".join(lines)
 
 
