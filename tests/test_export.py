@@ -111,6 +111,8 @@ def test_unsupported_parts_are_named():
     model = tiny_model(["input.resize=pil"])
     with pytest.raises(ExportError, match="input.resize=pil"):
         ExportableMaskRCNN(model)
+    with pytest.raises(ExportError, match="model.keypoint_head"):
+        ExportableMaskRCNN(tiny_model(["model.keypoint_head.enabled=true"]))
 
 
 def test_cli_export_then_predict_with_onnxruntime(tmp_path, capsys):
