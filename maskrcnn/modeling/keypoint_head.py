@@ -116,7 +116,8 @@ def resize_bicubic(maps: Tensor, out_h: Tensor, out_w: Tensor) -> Tensor:
     m = maps.shape[-1]
     rows = bicubic_matrix(out_h, m, int(out_h.max()))[:, None]  # [N, 1, H, m]
     cols = bicubic_matrix(out_w, m, int(out_w.max()))[:, None]  # [N, 1, W, m]
-    return rows @ (maps @ cols.transpose(-1, -2))
+    with torch.autocast(maps.device.type, enabled=False):  # float32 even under autocast: arg-max ties otherwise
+        return rows @ (maps.float() @ cols.transpose(-1, -2))
 
 
 def heatmaps_to_keypoints(maps: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
