@@ -101,3 +101,22 @@ def test_heatmap_decoding_matches_torchvision():
     keypoints, scores = heatmaps_to_keypoints(maps, boxes)
     assert torch.equal(keypoints, expected)
     assert torch.allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_keypoint_loss_matches_torchvision():
+    """Targets (cell of each labelled keypoint inside its RoI) and the loss equal torchvision's."""
+    from torchvision.models.detection.roi_heads import keypointrcnn_loss
+
+    from maskrcnn.modeling.keypoint_head import keypoint_loss, keypoint_targets
+
+    torch.manual_seed(0)
+    corner = torch.rand(30, 2) * 100
+    proposals = torch.cat([corner, corner + torch.rand(30, 2) * 80 + 1], dim=1)
+    gt = torch.cat([torch.rand(4, 17, 2) * 180, torch.randint(0, 3, (4, 17, 1)).float()], dim=2)
+    matched = torch.randint(0, 4, (30,))
+    gt[0, 0, :2] = proposals[matched == 0][0, 2:] if (matched == 0).any() else gt[0, 0, :2]  # a far-edge point
+    logits = torch.randn(30, 17, 56, 56)
+    expected = keypointrcnn_loss(logits, [proposals], [gt], [matched])
+    index, valid = keypoint_targets(gt[matched], proposals, 56)
+    assert valid.sum() > 20
+    assert torch.allclose(keypoint_loss(logits, index, valid), expected, rtol=1e-6, atol=1e-6)
