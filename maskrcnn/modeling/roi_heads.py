@@ -264,6 +264,9 @@ class RoIHeads(nn.Module):
             if "keypoints" not in target:
                 raise ValueError("the keypoint head needs targets with 'keypoints' [N, K, 3]")
             gt_keypoints = target["keypoints"][~target_crowd(target).bool()]
+            if gt_keypoints.shape[1] != self.keypoint_cfg.num_keypoints:
+                raise ValueError(f"targets have {gt_keypoints.shape[1]} keypoints per instance but "
+                                 f"model.keypoint_head.num_keypoints = {self.keypoint_cfg.num_keypoints}")
             positive = torch.nonzero(s.labels > 0).squeeze(1)
             if positive.numel() == 0 or len(gt_keypoints) == 0:
                 continue
