@@ -19,7 +19,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -263,9 +263,21 @@ class OnnxMaskRCNN:
         self.path = path
         self.device = torch.device("cpu")
 
+    training = False  # always in inference mode; what the evaluator reads and restores
+
     def eval(self) -> "OnnxMaskRCNN":
         """Return self (an ONNX model is always in inference mode)."""
         return self
+
+    def train(self, mode: bool = True) -> "OnnxMaskRCNN":
+        """An exported model cannot train; `train(False)` is accepted, as `eval()`."""
+        if mode:
+            raise UserError("an ONNX model cannot be trained; train the PyTorch checkpoint instead")
+        return self
+
+    def parameters(self) -> Iterator[Tensor]:
+        """No PyTorch parameters: the weights live in the ONNX file."""
+        return iter(())
 
     def label_name(self, label: int) -> str:
         """Return the class name of a contiguous label (1..K), or 'class N' when names are unknown."""

@@ -145,6 +145,28 @@ def test_cli_export_then_predict_with_onnxruntime(tmp_path, capsys):
         assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 0.05
 
 
+
+def test_eval_with_onnxruntime_matches_pytorch(tmp_path, shapes, capsys):
+    model = tiny_model()
+    ckpt = tmp_path / "model.pth"
+    save_checkpoint(ckpt, {"model": model.state_dict(), "config": model.cfg.to_dict(), "iteration": 0})
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", "--weights", str(ckpt), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    ann, images = shapes["val"]
+    metrics = {}
+    for backend, weights in (("pytorch", ckpt), ("onnxruntime", onnx_path)):
+        out = tmp_path / f"eval-{backend}"
+        assert main(["eval", "--weights", str(weights), "--backend", backend, "--data", f"{ann}:{images}",
+                     "--out", str(out)]) == 0
+        metrics[backend] = json.loads((out / "metrics.json").read_text())
+        assert len(json.loads((out / "predictions.json").read_text())) > 0
+    for iou_type in ("bbox", "segm"):
+        assert abs(metrics["pytorch"][iou_type]["AP"] - metrics["onnxruntime"][iou_type]["AP"]) < 0.1
+    assert main(["eval", "--weights", str(onnx_path), "--backend", "onnxruntime", "--data", f"{ann}:{images}",
+                 "model.num_classes=5"]) == 2
+    assert "uses the config stored in the .onnx file" in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from PIL import Image
 

@@ -14,6 +14,8 @@ HELP = ("evaluate box and mask AP on a COCO-format set: maskrcnn eval --config C
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from maskrcnn.commands.predict import add_backend_argument
+
     """Add the eval command's options."""
     p.add_argument("--config", "-c", default=None,
                    help="preset name or YAML file (default: the config stored in --weights)")
@@ -27,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=None, metavar="N",
                    help="evaluate only the first N images (default: test.max_images; 0 = all)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the config's device)")
+    add_backend_argument(p)
     p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.mask_head.threshold=0.4")
 
 
@@ -84,8 +87,8 @@ def _short(ids: list[int], limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(ids) > limit else ''}] ({len(ids)})"
 
 
-def _run_model(args: argparse.Namespace, cfg: Any, spec: str, out: Path) -> dict:
-    """Build the dataset and model, then run the evaluator."""
+def _run_model(args: argparse.Namespace, cfg: Any, spec: str, out: Path, onnx_model: Any = None) -> dict:
+    """Build the dataset and model (or take the ONNX Runtime one), then run the evaluator."""
     from maskrcnn.api import load_model
     from maskrcnn.data.coco import CocoDataset, parse_data_spec
     from maskrcnn.engine.evaluator import evaluate
@@ -101,13 +104,15 @@ def _run_model(args: argparse.Namespace, cfg: Any, spec: str, out: Path) -> dict
     # Every image counts: images without annotations still score their false positives.
     dataset = CocoDataset(ann, image_dir, filter_empty=False, train=False, max_pixels=cfg.input.max_pixels)
     ids = label_to_category(cfg, dataset)  # before the (slow) model load, so mistakes show at once
+    max_images = cfg.test.max_images if args.max_images is None else args.max_images
+    if onnx_model is not None:
+        return evaluate(onnx_model, dataset, out, max_images=max_images, progress=True, category_ids=ids)
     from maskrcnn import distributed as du
 
     s = cfg.solver
     # Under torchrun every rank predicts its share of the images and rank 0 scores them (docs/distributed.md).
     with du.session(resolve_device(args.device or cfg.device), s.dist_timeout_minutes, s.dist_heartbeat_timeout) as device:
         model = load_model(cfg, args.weights, device=str(device))
-        max_images = cfg.test.max_images if args.max_images is None else args.max_images
         return evaluate(model, dataset, out, max_images=max_images, progress=True, category_ids=ids)
 
 
@@ -117,7 +122,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.predictions and args.weights:
         raise UserError("give either --weights (run the model) or --predictions (score a results file), not both")
-    cfg = _load_cfg(args)
+    onnx_model = None
+    if args.backend == "onnxruntime":  # the exported file carries its config
+        from maskrcnn.commands.predict import load_backend
+
+        args.device = args.device or "cpu"
+        onnx_model = load_backend(args, list(args.opts))
+        cfg = onnx_model.cfg
+    else:
+        cfg = _load_cfg(args)
     spec = args.data or cfg.data.val
     if not spec:
         raise UserError("no evaluation data: pass --data ANN.json:IMAGE_DIR or set data.val in the config")
@@ -134,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = evaluate_results(gt_file, args.predictions, out)
         written = ["metrics.json", "pr_curve.png"]
     else:
-        metrics = _run_model(args, cfg, spec, out)
+        metrics = _run_model(args, cfg, spec, out, onnx_model)
         written = ["predictions.json", "metrics.json", "pr_curve.png"]
         if os.environ.get("RANK", "0") != "0":
             return 0  # distributed: rank 0 prints the tables

@@ -25,8 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
-                   help="pytorch, or onnxruntime (CPU) with --weights a file from `maskrcnn export --format onnx`")
+    add_backend_argument(p)
     p.add_argument("--every", type=int, default=1, metavar="N",
                    help="videos: run on every N-th frame only (default: 1, every frame)")
 
@@ -67,6 +66,12 @@ def overlay_name(path: Path, used: set[str]) -> str:
         name, n = f"{path.stem}_{n}.png", n + 1
     used.add(name)
     return name
+
+
+def add_backend_argument(p: argparse.ArgumentParser) -> None:
+    """`--backend pytorch|onnxruntime`, shared by predict and eval."""
+    p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
+                   help="pytorch, or onnxruntime (CPU) with --weights a file from `maskrcnn export --format onnx`")
 
 
 def load_backend(args: argparse.Namespace, overrides: list[str]):
