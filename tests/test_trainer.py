@@ -95,3 +95,24 @@ def test_time_budget_shortens_schedule(cfg):
     schedule = state["scheduler"]["lr_lambdas"][0]
     assert 12 <= state["iteration"] < 100_000
     assert schedule["max_iter"] == state["iteration"]
+
+
+def test_time_budget_never_raises_the_learning_rate_again(cfg, monkeypatch):
+    """Iterations that speed up mid-run must not stretch the schedule (the cosine LR would climb back)."""
+    import time
+
+    def slow_then_fast(call: int) -> float:
+        time.sleep(0.08 if call < 24 else 0.002)
+        return 1.0
+
+    monkeypatch.setattr(_FakeModel, "hook", slow_then_fast)
+    cfg.solver.max_iter = 100_000
+    cfg.solver.schedule = "cosine"
+    cfg.solver.max_minutes = 0.05  # 3 s
+    cfg.solver.log_period = 1
+    cfg.solver.checkpoint_period = 1_000_000
+    out = train(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "lr" in r and r["iter"] > cfg.solver.warmup_iters]
+    assert len(lrs) > 20
+    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:])), lrs

@@ -364,6 +364,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.iteration = 0
         self.train_seconds = 0.0  # summed over resumed runs, for solver.max_minutes
+        self.budget_fitted = False  # solver.max_minutes: the schedule has been fitted once this session
         self.last_checkpoint: Path | None = None
         self.saved_iteration = 0  # the iteration last_checkpoint holds
         self.nonfinite_in_a_row = 0  # solver.nonfinite=skip: consecutive skipped updates
@@ -564,12 +565,17 @@ class Trainer:
         """Set max_iter (and the schedule with it) to what fits in solver.max_minutes at this speed.
 
         Called again every log period with the recent speed, because iterations slow down as the RPN
-        learns to propose more foreground RoIs; never beyond the configured solver.max_iter.
+        learns to propose more foreground RoIs; never beyond the configured solver.max_iter. After the
+        first fit the schedule only shrinks: growing it would raise the learning rate again mid-run
+        (a cosine or step schedule read at the same iteration over a longer run).
         """
         schedule: WarmupSchedule = self.scheduler.lr_lambdas[0]
         remaining = max(0.0, self.cfg.solver.max_minutes * 60 - self.train_seconds)
         fits = self.iteration + int(remaining * BUDGET_MARGIN / max(sec_per_iter, 1e-6))
         new = max(self.iteration + 1, min(fits, schedule.base_max_iter))
+        if self.budget_fitted:
+            new = min(new, schedule.max_iter)
+        self.budget_fitted = True
         if new == schedule.max_iter:
             return
         # The first fit and large corrections are worth a line; small drifts are not.
