@@ -11,16 +11,13 @@ visible figure, and a category with `keypoints` names and a 1-based `skeleton`.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 
-from maskrcnn.config import atomic_write_text
-from maskrcnn.data.shapes import _background, _contrasting_colour
+from maskrcnn.data.shapes import _background, _contrasting_colour, mask_annotation, write_dataset
 from maskrcnn.errors import UserError
 
 KEYPOINT_NAMES = [
@@ -51,50 +48,21 @@ def make_figures(
         raise UserError(f"image size {image_size!r} is invalid for figures; use a side of at least 64 pixels")
     if num_train < 0 or num_val < 0 or max_figures < 1:
         raise UserError("make-shapes --keypoints needs --train/--val >= 0 and --max-shapes >= 1")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output '{out}' exists and is not a directory")
-    result = {}
-    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
-        image_dir = out / split
-        try:
-            image_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create '{image_dir}': {e.strerror}") from None
-        images, annotations = [], []
-        for index in range(count):
-            rng = np.random.default_rng([seed, split_index, index, 7])
-            h, w = (int(v) for v in rng.integers(sides[0], sides[1] + 1, size=2))
-            pixels, figures = render_figures(rng, h, w, max_figures)
-            image_id = index + 1
-            file_name = f"{image_id:06d}.png"
-            Image.fromarray(pixels).save(image_dir / file_name, compress_level=1)
-            images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
-            for mask, keypoints in figures:
-                annotations.append(_annotation(len(annotations) + 1, image_id, mask, keypoints))
-        ann_file = out / f"{split}.json"
-        data = {"info": {"description": f"synthetic stick figures, seed {seed}"}, "images": images,
-                "annotations": annotations, "categories": CATEGORIES}
-        atomic_write_text(ann_file, json.dumps(data, separators=(",", ":")))
-        result[split] = (ann_file, image_dir)
-    return result
+
+    def render(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[dict]]:
+        pixels, figures = render_figures(rng, h, w, max_figures)
+        return pixels, [_annotation(mask, keypoints) for mask, keypoints in figures]
+
+    return write_dataset(out_dir, num_train, num_val, seed, sides, render, CATEGORIES,
+                         "synthetic stick figures", seed_key=(7,))
 
 
-def _annotation(ann_id: int, image_id: int, mask: np.ndarray, keypoints: np.ndarray) -> dict:
+def _annotation(mask: np.ndarray, keypoints: np.ndarray) -> dict:
     """Return a COCO person-keypoints annotation (integer-pixel keypoints, as COCO stores them)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     flat = []
     for x, y, v in keypoints.tolist():
         flat += [int(np.floor(x)), int(np.floor(y)), int(v)] if v > 0 else [0, 0, 0]
-    return {
-        "id": ann_id, "image_id": image_id, "category_id": 1,
-        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-        "area": float(mask_utils.area(rle)),
-        "iscrowd": 0,
-        "keypoints": flat,
-        "num_keypoints": int((keypoints[:, 2] > 0).sum()),
-    }
+    return mask_annotation(mask, 1, keypoints=flat, num_keypoints=int((keypoints[:, 2] > 0).sum()))
 
 
 def _rotate(v: np.ndarray, angle: float) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -50,6 +50,24 @@ def make_shapes(
         raise UserError(f"image size {image_size!r} is invalid; use a side of at least 32 pixels (--size 32 or more) or a (min, max) range")
     if num_train < 0 or num_val < 0 or max_shapes < 1:
         raise UserError("make-shapes needs --train/--val >= 0 and --max-shapes >= 1")
+
+    def render(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        pixels, shapes = render_image(rng, h, w, max_shapes, shape_size)
+        return pixels, [mask_annotation(mask, category_id) for category_id, mask in shapes]
+
+    return write_dataset(out_dir, num_train, num_val, seed, sides, render, CATEGORIES, "synthetic shapes")
+
+
+def write_dataset(
+    out_dir: str | os.PathLike, num_train: int, num_val: int, seed: int, sides: tuple[int, int],
+    render: Callable[[np.random.Generator, int, int], tuple[np.ndarray, list[dict[str, Any]]]],
+    categories: list[dict[str, Any]], description: str, seed_key: tuple[int, ...] = (),
+) -> dict[str, tuple[Path, Path]]:
+    """Render train/val images of random sizes in `sides` and write them with their COCO JSON.
+
+    `render(rng, h, w)` returns the pixels and the image's annotations (without ids). One generator
+    per image: a split's images do not depend on how many the other split has.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a directory")
@@ -62,35 +80,33 @@ def make_shapes(
             raise UserError(f"cannot create '{image_dir}': {e.strerror}") from None
         images, annotations = [], []
         for index in range(count):
-            # One generator per image: a split's images do not depend on how many the other split has.
-            rng = np.random.default_rng([seed, split_index, index])
+            rng = np.random.default_rng([seed, split_index, index, *seed_key])
             h, w = (int(v) for v in rng.integers(sides[0], sides[1] + 1, size=2))
-            pixels, shapes = render_image(rng, h, w, max_shapes, shape_size)
+            pixels, objects = render(rng, h, w)
             image_id = index + 1
             file_name = f"{image_id:06d}.png"
             Image.fromarray(pixels).save(image_dir / file_name, compress_level=1)
             images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
-            for category_id, mask in shapes:
-                annotations.append(_annotation(len(annotations) + 1, image_id, category_id, mask))
+            for obj in objects:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, **obj})
         ann_file = out / f"{split}.json"
-        data = {"info": {"description": f"synthetic shapes, seed {seed}"}, "images": images,
-                "annotations": annotations, "categories": CATEGORIES}
+        data = {"info": {"description": f"{description}, seed {seed}"}, "images": images,
+                "annotations": annotations, "categories": categories}
         atomic_write_text(ann_file, json.dumps(data, separators=(",", ":")))
         result[split] = (ann_file, image_dir)
     return result
 
 
-def _annotation(ann_id: int, image_id: int, category_id: int, mask: np.ndarray) -> dict[str, Any]:
-    """Return a COCO annotation with a compressed-RLE mask, and bbox and area from that mask."""
+def mask_annotation(mask: np.ndarray, category_id: int, **extra: Any) -> dict[str, Any]:
+    """Return a COCO annotation (no ids) with a compressed-RLE mask, and bbox and area from that mask."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {
-        "id": ann_id,
-        "image_id": image_id,
         "category_id": category_id,
         "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
         "bbox": [float(v) for v in mask_utils.toBbox(rle)],
         "area": float(mask_utils.area(rle)),
         "iscrowd": 0,
+        **extra,
     }
 
 
