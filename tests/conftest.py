@@ -45,3 +45,13 @@ def quick_run_config(shapes, output_dir, extra: list[str] = ()):
         "solver.ims_per_batch=2", "solver.max_iter=6", "solver.checkpoint_period=2",
         "solver.warmup_iters=2", "solver.base_lr=0.01", "solver.log_period=2", *extra,
     ])
+
+
+def plain_layout_copy(model):
+    """The same model and weights without the CPU fast path (NCHW, BN after conv): torchvision's sums."""
+    cfg = model.cfg.clone()
+    cfg.model.channels_last = False
+    cfg.model.backbone.fold_frozen_bn = False
+    plain = build_model(cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    return plain

@@ -11,6 +11,7 @@ from maskrcnn.config import load_config
 from maskrcnn.engine.compare import Tolerances, detection_differences, match_detections
 from maskrcnn.modeling import build_model, import_state_dict
 from maskrcnn.modeling.keypoint_head import heatmaps_to_keypoints
+from conftest import plain_layout_copy
 
 MIN_SIZE, MAX_SIZE = 320, 512  # smaller than the preset's 800 px, so the test stays quick
 # As tests/test_torchvision_parity.py: the CPU fast path (channels-last, folded BN) sums in another order.
@@ -76,11 +77,7 @@ def test_keypoints_match_torchvision(model_pair, size):
 def test_plain_layout_is_bit_identical_to_torchvision(model_pair):
     """Without channels-last and BN folding, boxes and keypoints are exactly torchvision's."""
     reference, fast = model_pair
-    cfg = fast.cfg.clone()
-    cfg.model.channels_last = False
-    cfg.model.backbone.fold_frozen_bn = False
-    plain = build_model(cfg).eval()
-    plain.load_state_dict(fast.state_dict())
+    plain = plain_layout_copy(fast)
     torch.manual_seed(11)
     images = [torch.rand(3, 300, 400), torch.rand(3, 350, 200)]
     with torch.no_grad():

@@ -9,6 +9,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet5
 from maskrcnn.config import load_config
 from maskrcnn.engine.compare import Tolerances, detection_differences
 from maskrcnn.modeling import build_model, import_state_dict
+from conftest import plain_layout_copy
 
 # Smaller than the presets' 800 px so the test stays quick; the resize rule itself is exercised.
 MIN_SIZE, MAX_SIZE = 320, 512
@@ -81,11 +82,7 @@ def test_batch_of_two_sizes_matches_torchvision(model_pair):
 def test_plain_layout_is_bit_identical_to_torchvision(model_pair):
     """Without channels-last and BN folding, ours computes exactly torchvision's sums."""
     reference, fast = model_pair
-    cfg = fast.cfg.clone()
-    cfg.model.channels_last = False
-    cfg.model.backbone.fold_frozen_bn = False
-    plain = build_model(cfg).eval()
-    plain.load_state_dict(fast.state_dict())
+    plain = plain_layout_copy(fast)
     torch.manual_seed(11)
     image = torch.rand(3, 300, 400)
     with torch.no_grad():
