@@ -54,6 +54,16 @@ device: cpu
 """
 
 
+def _wait_for_all(procs: list, timeout: float = 120) -> list[str]:
+    """Return each process's output once all have ended; kill any still running on the way out."""
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -286,12 +296,7 @@ def test_eval_on_two_processes_equals_one(shapes, checkpoint, tmp_path):
     port = _free_port()
     procs = [_launch([sys.executable, "-m", "maskrcnn.cli", *command, "--out", str(tmp_path / "dist")], r, port)
              for r in (0, 1)]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    logs = _wait_for_all(procs)
     assert [p.returncode for p in procs] == [0, 0], logs
     assert "bbox AP" in logs[0] and "bbox AP" not in logs[1]  # rank 0 prints the tables
 
@@ -371,12 +376,7 @@ def test_failing_rank_ends_the_other_naming_its_error_then_both_resume(shapes, t
                    "solver.checkpoint_period=2", *extra]
         procs = [_launch(command, r, port, FAULT_RANK="1", FAULT_ITER=str(fault_iter)) for r in (0, 1)]
         t0 = time.monotonic()
-        try:
-            logs = [p.communicate(timeout=120)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+        logs = _wait_for_all(procs)
         return [p.returncode for p in procs], logs, time.monotonic() - t0
 
     status, logs, took = run_both(fault_iter=3)
