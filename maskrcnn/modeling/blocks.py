@@ -21,8 +21,7 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     """Return norm(conv(x)), as a single convolution when `norm` is a frozen BatchNorm."""
     if not isinstance(norm, FrozenBatchNorm2d):
         return norm(conv(x))
-    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-    shift = norm.bias - norm.running_mean * scale
+    scale, shift = norm.scale_and_shift()
     if conv.bias is not None:
         shift = shift + conv.bias * scale
     return conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), shift)
