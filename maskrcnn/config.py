@@ -38,7 +38,9 @@ class BackboneConfig:
     norm: str = "frozen_bn"  # frozen_bn | bn | gn
     gn_groups: int = 32
     trainable_stages: int = 3  # how many of res5, res4, res3, res2, stem train (0..5)
-    kind: str = "fpn"  # fpn | c4
+    # fpn | c4 (res2..res4 at stride 16, res5 as the RoI head) | c5 (res5 at stride 32, FPN-style heads:
+    # the paper's Table 2d backbone, where the res5 head cannot apply)
+    kind: str = "fpn"
     fpn_channels: int = 256
     fpn_norm: str = ""  # "" | gn  (torchvision v2 uses BatchNorm in FPN: "bn")
     weights: str = ""  # optional ImageNet state-dict file for the trunk (torchvision layout)
@@ -115,9 +117,16 @@ class BoxHeadConfig:
 
 @dataclass
 class MaskHeadConfig:
-    """Mask branch: a small FCN over RoIAligned features, per-class sigmoid masks."""
+    """Mask branch: a small FCN over RoIAligned features, per-class sigmoid masks.
+
+    `type`, `loss` and `class_agnostic` switch to the alternatives the paper ablates (Table 2b, 2e).
+    """
 
     enabled: bool = True
+    type: str = "fcn"  # fcn (convs + deconvolution) | mlp (fully connected layers, the paper's Table 2e)
+    loss: str = "sigmoid"  # sigmoid (per-class binary masks) | softmax (one multinomial across classes)
+    num_fcs: int = 2  # mlp: hidden fully connected layers
+    fc_dim: int = 1024  # mlp: their width
     num_convs: int = 4
     conv_dim: int = 256
     norm: str = ""  # "" | bn | gn
@@ -527,7 +536,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 
 _CHOICES = {
     "model.backbone.norm": ("frozen_bn", "bn", "gn"),
-    "model.backbone.kind": ("fpn", "c4"),
+    "model.backbone.kind": ("fpn", "c4", "c5"),
     "model.backbone.depth": (18, 34, 50, 101, 152),
     "model.box_head.type": ("2fc", "4conv1fc", "res5"),
     "model.box_head.pooler.type": ("roialign", "roipool"),
@@ -536,6 +545,8 @@ _CHOICES = {
     "model.keypoint_head.norm": ("", "bn", "gn"),
     "model.input_format": ("RGB", "BGR"),
     "model.mask_head.paste": ("torchvision", "detectron2"),
+    "model.mask_head.type": ("fcn", "mlp"),
+    "model.mask_head.loss": ("sigmoid", "softmax"),
     "input.resize": ("tensor", "pil"),
     "solver.optimizer": ("sgd", "adamw"),
     "solver.schedule": ("step", "cosine"),
@@ -568,8 +579,11 @@ def validate(cfg: Config) -> None:
         )
     if m.backbone.kind == "c4" and m.box_head.type != "res5":
         raise ConfigError("config: model.backbone.kind=c4 needs model.box_head.type=res5")
-    if m.backbone.kind == "fpn" and m.box_head.type == "res5":
+    if m.backbone.kind != "c4" and m.box_head.type == "res5":
         raise ConfigError("config: model.box_head.type=res5 needs model.backbone.kind=c4")
+    if m.mask_head.loss == "softmax" and m.mask_head.class_agnostic:
+        raise ConfigError("config: model.mask_head.loss=softmax needs class-specific masks "
+                          "(model.mask_head.class_agnostic=false): a softmax needs classes to compete")
     if not 0 <= m.backbone.trainable_stages <= 5:
         raise ConfigError("config key 'model.backbone.trainable_stages' must be in 0..5")
     if m.category_ids and len(m.category_ids) != m.num_classes:
@@ -582,8 +596,8 @@ def validate(cfg: Config) -> None:
     if kp.enabled:
         if kp.num_keypoints < 1:
             raise ConfigError(f"config key 'model.keypoint_head.num_keypoints' must be >= 1, got {kp.num_keypoints}")
-        if m.backbone.kind == "c4":
-            raise ConfigError("config: model.keypoint_head needs model.backbone.kind=fpn (no C4 keypoint head)")
+        if m.backbone.kind != "fpn":
+            raise ConfigError("config: model.keypoint_head needs model.backbone.kind=fpn (no C4/C5 keypoint head)")
         for key, values in (("keypoint_names", kp.keypoint_names), ("oks_sigmas", kp.oks_sigmas)):
             if values and len(values) != kp.num_keypoints:
                 raise ConfigError(f"config key 'model.keypoint_head.{key}' has {len(values)} entries but "

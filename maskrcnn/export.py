@@ -30,6 +30,7 @@ from torchvision.ops import batched_nms, roi_align, roi_pool
 from maskrcnn.errors import UserError
 from maskrcnn.modeling.mask_rcnn import MaskRCNN
 from maskrcnn.modeling.poolers import RoIPooler, assign_levels
+from maskrcnn.modeling.roi_heads import mask_probabilities
 
 OPSET = 17
 OUTPUT_NAMES = ["boxes", "scores", "labels", "mask_probs"]
@@ -171,11 +172,8 @@ class ExportableMaskRCNN(nn.Module):
             pooled = heads.box_head.features(self.pool(heads.box_pooler, features, _with_spare_box(boxes)))
         else:
             pooled = self.pool(heads.mask_pooler, features, _with_spare_box(boxes))
-        mask_logits = heads.mask_head(pooled)[:-1].float()
-        if mask_logits.shape[1] > 1:  # the predicted class's channel
-            index = labels[:, None, None, None].expand(-1, 1, mask_logits.shape[2], mask_logits.shape[3])
-            mask_logits = mask_logits.gather(1, index)
-        return boxes, scores, labels, mask_logits[:, 0].sigmoid()
+        masks = mask_probabilities(heads.mask_head(pooled)[:-1], labels, heads.mask_cfg.loss)
+        return boxes, scores, labels, masks
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return boxes (xyxy, input pixels), scores, labels (1..K) and [D, M, M] mask probabilities."""

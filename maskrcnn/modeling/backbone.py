@@ -129,7 +129,7 @@ class FPN(nn.Module):
 
 
 class Backbone(nn.Module):
-    """Trunk + FPN (features P2..P6, strides 4..64) or C4 (one feature map, stride 16).
+    """Trunk + FPN (features P2..P6, strides 4..64), C4 (res4, stride 16) or C5 (res5, stride 32).
 
     For C4 the trunk's res5 stage is not run here: the RoI head owns it (`self.res5`).
     """
@@ -146,14 +146,17 @@ class Backbone(nn.Module):
             self.fpn = FPN(channels, cfg.fpn_channels, cfg.fpn_norm)
             self.strides = [4, 8, 16, 32, 64]
             self.out_channels = cfg.fpn_channels
-        else:
+        elif cfg.kind == "c4":
             self.strides = [16]
             self.out_channels = channels[2]
             self.res5_channels = channels[3]
+        else:  # c5
+            self.strides = [32]
+            self.out_channels = channels[3]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = run_stem(self.trunk, x, self.fold_frozen_bn)
-        stages = STAGES if self.kind == "fpn" else STAGES[:3]
+        stages = STAGES[:3] if self.kind == "c4" else STAGES
         features = []
         for name in stages:
             x = getattr(self.trunk, name)(x)

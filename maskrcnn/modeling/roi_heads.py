@@ -112,6 +112,33 @@ class MaskHead(nn.Module):
         return self.predictor(F.relu(self.deconv(self.convs(x))))
 
 
+class MLPMaskHead(nn.Module):
+    """The paper's fc mask head (Table 2e): fully connected layers, the last one giving m×m logits per class.
+
+    It sees the whole RoI at once but keeps no spatial layout: every output pixel has its own weights.
+    """
+
+    def __init__(self, in_channels: int, in_size: int, num_fcs: int, fc_dim: int, num_outputs: int, mask_size: int):
+        super().__init__()
+        self.hidden = FCBoxHead(in_channels, in_size, 0, 0, num_fcs, fc_dim)
+        self.predictor = nn.Linear(fc_dim, num_outputs * mask_size * mask_size)
+        nn.init.normal_(self.predictor.weight, std=0.001)  # small initial logits, as the FCN's predictor
+        nn.init.zeros_(self.predictor.bias)
+        self.mask_size = mask_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.predictor(self.hidden(x)).view(len(x), -1, self.mask_size, self.mask_size)
+
+
+def build_mask_head(cfg: MaskHeadConfig, in_channels: int, in_size: int, num_convs: int, num_classes: int,
+                    norm: str) -> nn.Module:
+    """Return the FCN or MLP mask head for `in_size`² RoI features; its masks are 2·in_size pixels square."""
+    outputs = 1 if cfg.class_agnostic else num_classes + 1
+    if cfg.type == "mlp":
+        return MLPMaskHead(in_channels, in_size, cfg.num_fcs, cfg.fc_dim, outputs, 2 * in_size)
+    return MaskHead(in_channels, num_convs, cfg.conv_dim, outputs, norm)
+
+
 def mask_targets(gt_masks: Tensor, matched_gt: Tensor, boxes: Tensor, size: int) -> Tensor:
     """Return [P, size, size] binary targets: each RoI's GT mask resampled into the RoI (RoIAlign)."""
     if boxes.numel() == 0:
@@ -125,7 +152,30 @@ def select_class(per_class: Tensor, labels: Tensor) -> Tensor:
     """Return per_class[i, labels[i]] (or channel 0 when there is a single, class-agnostic channel)."""
     if per_class.shape[1] == 1:
         return per_class[:, 0]
-    return per_class[torch.arange(len(labels), device=labels.device), labels]
+    index = labels.view(-1, *[1] * (per_class.dim() - 1)).expand(-1, 1, *per_class.shape[2:])
+    return per_class.gather(1, index)[:, 0]  # a gather, so that ONNX export reads it too
+
+
+def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor, kind: str) -> Tensor:
+    """Return the mask loss of positive RoIs with class `labels` and binary m×m `targets`.
+
+    sigmoid (the paper's choice): per-pixel binary cross-entropy on the GT class's channel only, so
+    classes never compete. softmax: a per-pixel multinomial over all K+1 channels, whose target is
+    the GT class inside the mask and background (channel 0) outside: every class's logits get gradients.
+    """
+    if kind == "softmax":
+        pixel_classes = torch.where(targets > 0.5, labels[:, None, None], 0)
+        return F.cross_entropy(mask_logits, pixel_classes)
+    logits = select_class(mask_logits, labels)
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+
+
+def mask_probabilities(mask_logits: Tensor, labels: Tensor, kind: str) -> Tensor:
+    """Return [D, m, m] foreground probabilities of each detection's class (sigmoid, or softmax across classes)."""
+    mask_logits = mask_logits.float()
+    if kind == "softmax":
+        return select_class(mask_logits.softmax(dim=1), labels)
+    return select_class(mask_logits, labels).sigmoid()
 
 
 class RoIHeads(nn.Module):
@@ -157,13 +207,13 @@ class RoIHeads(nn.Module):
         pooled = box_cfg.pooler.output_size // 2 if self.shares_res5 else mask_cfg.pooler.output_size
         self.mask_size = 2 * pooled
         if mask_cfg.enabled:
-            outputs = 1 if mask_cfg.class_agnostic else num_classes + 1
             if self.shares_res5:
                 # C4: the mask head runs on the res5 features the box head already computed.
-                self.mask_head = MaskHead(res5_channels, 0, mask_cfg.conv_dim, outputs)
+                self.mask_head = build_mask_head(mask_cfg, res5_channels, pooled, 0, num_classes, "")
             else:
                 self.mask_pooler = RoIPooler(mask_cfg.pooler, pool_strides)
-                self.mask_head = MaskHead(channels, mask_cfg.num_convs, mask_cfg.conv_dim, outputs, mask_cfg.norm)
+                self.mask_head = build_mask_head(mask_cfg, channels, pooled, mask_cfg.num_convs, num_classes,
+                                                 mask_cfg.norm)
         if self.keypoint_cfg.enabled:
             kp = self.keypoint_cfg
             self.keypoint_pooler = RoIPooler(kp.pooler, pool_strides)
@@ -229,7 +279,7 @@ class RoIHeads(nn.Module):
 
     def mask_loss(self, features: list[Tensor], sampled: list[SampledRoIs], targets: list[dict[str, Tensor]],
                   res5: Tensor | None) -> Tensor:
-        """Return the mean per-pixel BCE of the GT class's mask channel, over positive RoIs only."""
+        """Return the mean per-pixel mask loss over positive RoIs only (BCE of the GT class's channel)."""
         pos_boxes, pos_labels, pos_targets, pos_rows = [], [], [], []
         offset = 0
         for s, target in zip(sampled, targets):
@@ -248,8 +298,7 @@ class RoIHeads(nn.Module):
             mask_logits = self.mask_head(res5[torch.cat(pos_rows)])
         else:
             mask_logits = self.mask_head(self.mask_pooler(features, pos_boxes))
-        logits = select_class(mask_logits, labels)
-        return F.binary_cross_entropy_with_logits(logits, torch.cat(pos_targets).to(logits.dtype))
+        return mask_loss(mask_logits, labels, torch.cat(pos_targets), self.mask_cfg.loss)
 
     def keypoint_loss(self, features: list[Tensor], sampled: list[SampledRoIs],
                       targets: list[dict[str, Tensor]]) -> Tensor:
@@ -332,7 +381,7 @@ class RoIHeads(nn.Module):
         else:
             mask_logits = self.mask_head(self.mask_pooler(features, boxes))
         labels = torch.cat([d["labels"] for d in detections])
-        probs = select_class(mask_logits.float(), labels).sigmoid()
+        probs = mask_probabilities(mask_logits, labels, self.mask_cfg.loss)
         for d, p in zip(detections, probs.split([len(b) for b in boxes])):
             d["mask_probs"] = p
 
