@@ -1,16 +1,22 @@
-"""Synthetic shapes: deterministic, valid COCO, masks consistent with boxes, occlusion makes masks disjoint."""
+"""Synthetic shapes: deterministic, valid COCO, masks consistent with boxes, occlusion makes masks disjoint;
+the fine style's rings have holes, crosses thin arms and stars five sharp points."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 from maskrcnn.cli import main
 from maskrcnn.data.coco import CocoDataset
-from maskrcnn.data.shapes import MIN_VISIBLE_PIXELS, make_shapes, render_image
+from maskrcnn.data.shapes import (
+    CROSS, MIN_STROKE, MIN_VISIBLE_PIXELS, RING, STAR, _shape_mask, make_shapes, render_image, shape_categories,
+)
 from maskrcnn.errors import UserError
 
 # pycocotools' decode trips a harmless NumPy 2 DeprecationWarning
@@ -103,3 +109,106 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "data.train=" in out and (tmp_path / "val.json").exists()
     assert main(["make-shapes", "--out", str(tmp_path), "--size", "4"]) == 2
+    assert main(["make-shapes", "--out", str(tmp_path / "fine"), "--train", "1", "--val", "1", "--size", "64",
+                 "--style", "fine"]) == 0
+    assert "model.class_names=[ring,cross,star]" in capsys.readouterr().out
+    assert json.loads((tmp_path / "fine" / "val.json").read_text())["categories"] == shape_categories("fine")
+    assert main(["make-shapes", "--out", str(tmp_path), "--keypoints", "--style", "fine"]) == 2
+
+
+# sha256 of train.json plus the decoded pixels of one image (not the PNG bytes, which depend on Pillow's
+# zlib) of a small basic dataset, computed before the fine style was added: it pins the basic style's
+# output, which the demo and the other tests rely on. Change it only on purpose.
+BASIC_DIGEST = "0f4449c459b7fdab3ce131e735d937eb636f38c3ba3e704d66b4f7e42c537910"
+
+
+def test_basic_style_output_is_pinned(tmp_path):
+    make_shapes(tmp_path, num_train=3, num_val=1, seed=11, image_size=(48, 80))
+    pixels = np.asarray(Image.open(tmp_path / "train" / "000002.png"))
+    assert hashlib.sha256((tmp_path / "train.json").read_bytes() + pixels.tobytes()).hexdigest() == BASIC_DIGEST
+
+
+@pytest.fixture(scope="module")
+def fine_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fine")
+    make_shapes(out, num_train=6, num_val=2, seed=3, image_size=96, style="fine")
+    return out
+
+
+def test_fine_style_writes_valid_coco(fine_dir):
+    coco = COCO(str(fine_dir / "train.json"))
+    cats = [(c["id"], c["name"], c["supercategory"]) for c in coco.loadCats(coco.getCatIds())]
+    assert cats == [(1, "ring", "shape"), (2, "cross", "shape"), (3, "star", "shape")]
+    assert coco.dataset["categories"] == shape_categories("fine")
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert {a["category_id"] for a in anns} == {RING, CROSS, STAR} and len(coco.getImgIds()) == 6
+    for ann in anns:
+        image = coco.imgs[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        assert ann["area"] == coco.annToMask(ann).sum() >= MIN_VISIBLE_PIXELS
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= image["width"] and y + h <= image["height"]
+    for image_id in coco.getImgIds():
+        masks = [coco.annToMask(a) for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))]
+        assert masks and np.stack(masks).sum(axis=0).max() <= 1
+
+
+def test_fine_style_deterministic_for_a_seed(fine_dir, tmp_path):
+    make_shapes(tmp_path / "same", num_train=6, num_val=2, seed=3, image_size=96, style="fine")
+    make_shapes(tmp_path / "other", num_train=6, num_val=2, seed=4, image_size=96, style="fine")
+    files = sorted(p.relative_to(fine_dir) for p in fine_dir.rglob("*") if p.is_file())
+    assert len(files) == 2 + 6 + 2
+    assert all((tmp_path / "same" / f).read_bytes() == (fine_dir / f).read_bytes() for f in files)
+    assert (tmp_path / "other" / "train.json").read_bytes() != (fine_dir / "train.json").read_bytes()
+
+
+def _offsets(side: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre offsets from the centre of the middle pixel of a side x side grid."""
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) + 0.5
+    return xx - (side // 2 + 0.5), yy - (side // 2 + 0.5)
+
+
+@pytest.mark.parametrize("size", [10, 24, 48])
+@pytest.mark.parametrize("proportion", [0.0, 0.5, 0.999])
+def test_ring_has_a_hole(size, proportion):
+    dx, dy = _offsets()
+    mask = _shape_mask(RING, dx, dy, size, 0.3, "fine", proportion)
+    c = dx.shape[0] // 2
+    assert not mask[c, c] and mask.sum() > 0
+    # thickness along a radius: 15..30% of the outer radius, never under MIN_STROKE pixels
+    band = int(mask[c, c:].sum())
+    assert max(0.15 * size / 2, MIN_STROKE) - 1 <= band <= max(0.30 * size / 2, MIN_STROKE) + 1
+
+
+@pytest.mark.parametrize("size", [10, 40])
+@pytest.mark.parametrize("proportion", [0.0, 0.999])
+def test_cross_is_thin(size, proportion):
+    dx, dy = _offsets()
+    c = dx.shape[0] // 2
+    upright = _shape_mask(CROSS, dx, dy, size, 0.0, "fine", proportion)
+    ys, xs = np.nonzero(upright)
+    assert upright[c, c] and 0 < upright.sum() < 0.5 * (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+    # arm width, across the upper arm halfway out: 15..25% of the size, never under MIN_STROKE pixels
+    arm = int(upright[c - size // 4].sum())
+    assert max(0.15 * size, MIN_STROKE) - 1 <= arm <= max(0.25 * size, MIN_STROKE) + 1
+    for angle in (0.4, np.pi / 4, 2.0):  # rotated, still well under its own bounding square
+        assert 0 < _shape_mask(CROSS, dx, dy, size, angle, "fine", proportion).sum() < 0.5 * size * size
+
+
+@pytest.mark.parametrize("angle", [0.0, 1.0, 2.5])
+def test_star_has_five_sharp_points(angle):
+    dx, dy = _offsets()
+    size = 48
+    mask = _shape_mask(STAR, dx, dy, size, angle, "fine")
+    assert 0 < mask.sum() < 0.6 * np.pi * (size / 2) ** 2
+    # a circle between the inner and outer radius crosses the five points: five runs inside the star
+    t = np.linspace(0, 2 * np.pi, 720, endpoint=False)
+    on_circle = _shape_mask(STAR, 0.7 * size / 2 * np.cos(t), 0.7 * size / 2 * np.sin(t), size, angle, "fine")
+    assert np.count_nonzero(on_circle != np.roll(on_circle, 1)) == 10
+
+
+def test_unknown_style(tmp_path):
+    with pytest.raises(UserError, match=r"'round'.*basic, fine"):
+        make_shapes(tmp_path / "out", 1, 1, style="round")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match="'round'"):
+        shape_categories("round")

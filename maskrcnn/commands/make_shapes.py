@@ -1,13 +1,15 @@
-"""`maskrcnn make-shapes`: write the synthetic squares/circles/triangles dataset."""
+"""`maskrcnn make-shapes`: write the synthetic shapes dataset (basic or fine geometry, or stick figures)."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-from maskrcnn.data.shapes import make_shapes
+from maskrcnn.data.shapes import STYLES, make_shapes, shape_categories
+from maskrcnn.errors import UserError
 
-HELP = "Write a synthetic COCO-format dataset of squares, circles and triangles (or stick figures with keypoints)."
+HELP = ("Write a synthetic COCO-format dataset of squares, circles and triangles (--style fine: thin rings, "
+        "crosses and stars; --keypoints: stick figures with keypoints).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None, help="fixed square image side in pixels (default: each side random in 160..256)")
     p.add_argument("--max-shapes", type=int, default=None,
                    help="at most this many shapes (or figures) per image (default 4, with --keypoints 3)")
+    p.add_argument("--style", choices=STYLES, default="basic",
+                   help="basic: squares, circles, triangles (default); fine: small rings, crosses and stars with "
+                        "thin parts and sharp corners, where a pixel of RoI misalignment costs mask AP (RoIAlign "
+                        "vs RoIPool)")
     p.add_argument("--keypoints", action="store_true",
                    help="write stick figures with COCO's 17 person keypoints instead (train with --config figures)")
 
@@ -27,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     """Write the dataset and print the data specs to train and evaluate on it."""
     start = time.perf_counter()
     size = args.size if args.size is not None else (160, 256)
+    extra = ""
+    if args.keypoints and args.style != "basic":
+        raise UserError("--style chooses the shapes; it does not apply to --keypoints")
     if args.keypoints:
         from maskrcnn.data.figures import make_figures
 
@@ -34,9 +43,11 @@ def run(args: argparse.Namespace) -> int:
                               max_figures=3 if args.max_shapes is None else args.max_shapes)
     else:
         splits = make_shapes(args.out, args.train, args.val, seed=args.seed, image_size=size,
-                             max_shapes=4 if args.max_shapes is None else args.max_shapes)
+                             max_shapes=4 if args.max_shapes is None else args.max_shapes, style=args.style)
+        if args.style != "basic":  # the shapes preset names the basic classes
+            extra = f" model.class_names=[{','.join(c['name'] for c in shape_categories(args.style))}]"
     print(f"wrote {args.train} train and {args.val} val images to {args.out} in {time.perf_counter() - start:.1f}s")
     (train_json, train_dir), (val_json, val_dir) = splits["train"], splits["val"]
     preset = "--config figures " if args.keypoints else ""
-    print(f"use: {preset}data.train=[{train_json}:{train_dir}] data.val={val_json}:{val_dir}")
+    print(f"use: {preset}data.train=[{train_json}:{train_dir}] data.val={val_json}:{val_dir}{extra}")
     return 0
