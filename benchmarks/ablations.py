@@ -1,0 +1,263 @@
+"""Re-run the Mask R-CNN paper's ablations (Table 2) on the machine at hand, several seeds per variant.
+
+Each variant is one set of config overrides on a base preset (`shapes` by default); every variant trains
+with the same data, iterations and seeds, then the real COCO evaluator scores it on the held-out split.
+By default the data is the built-in synthetic shapes in their "fine" style (thin rings, crosses,
+five-pointed stars, small objects), where a pixel of misalignment costs mask IoU.
+
+    .venv/bin/python benchmarks/ablations.py --out runs/ablations                # all variants, seeds 0 1 2
+    .venv/bin/python benchmarks/ablations.py --out runs/ablations --variants fpn/roipool c4/roialign
+    .venv/bin/python benchmarks/ablations.py --out runs/ablations --data train.json:images/ val.json:images/ \
+        --config R50-FPN-1x                                                       # a COCO-format set of yours
+    .venv/bin/python benchmarks/ablations.py --out runs/ablations --report ABLATIONS.md --chart docs/ablations.png
+
+Runs are separate `maskrcnn train` processes (a failed one is reported and the others go on); finished
+runs are kept, so re-running the command resumes. `--report` writes the table between the markers of
+the given Markdown file and the bar chart PNG, from whatever runs have finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from maskrcnn.config import atomic_path, atomic_write_text, load_config  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablated setting: config overrides, and the paper's numbers for the same choice (Table 2)."""
+
+    name: str
+    overrides: tuple[str, ...]
+    paper: str  # the paper's row: "setting: mask AP / AP50 / AP75"
+    paper_ap: float | None  # the paper's mask AP, for the chart
+
+
+# The shapes preset is R18-FPN; the C4/C5 rows swap the backbone for one feature map at stride 16 / 32.
+C4 = ("model.backbone.kind=c4", "model.box_head.type=res5", "model.box_head.pooler.output_size=14")
+C5 = ("model.backbone.kind=c5",)
+ROIPOOL = ("model.box_head.pooler.type=roipool", "model.mask_head.pooler.type=roipool")
+UNALIGNED = ("model.box_head.pooler.aligned=false", "model.mask_head.pooler.aligned=false")
+
+VARIANTS = [
+    Variant("fpn/baseline", (), "R-50-FPN, FCN head: 33.6 / 55.2 / 35.3 (2e)", 33.6),
+    Variant("fpn/roialign-unaligned", UNALIGNED, "(the paper's own RoIAlign had no half-pixel shift)", None),
+    Variant("fpn/roipool", ROIPOOL, "(RoIPool ablated on C4/C5 only)", None),
+    Variant("fpn/softmax", ("model.mask_head.loss=softmax",), "R-50-C4 softmax: 24.8 / 44.1 / 25.1 (2b)", 24.8),
+    Variant("fpn/class-agnostic", ("model.mask_head.class_agnostic=true",), "R-50-C4 agnostic: 29.7 (text, §4.2)", 29.7),
+    Variant("fpn/mlp", ("model.mask_head.type=mlp",), "R-50-FPN MLP 1024-1024: 31.5 / 53.7 / 32.8 (2e)", 31.5),
+    Variant("c4/roialign", C4, "R-50-C4 RoIAlign: 30.3 / 51.2 / 31.5 (2c)", 30.3),
+    Variant("c4/roipool", C4 + ROIPOOL, "R-50-C4 RoIPool: 26.9 / 48.8 / 26.4 (2c)", 26.9),
+    Variant("c5/roialign", C5, "R-50-C5 RoIAlign: 30.9 / 51.8 / 32.1 (2d)", 30.9),
+    Variant("c5/roipool", C5 + ROIPOOL, "R-50-C5 RoIPool: 23.6 / 46.5 / 21.6 (2d)", 23.6),
+]
+BY_NAME = {v.name: v for v in VARIANTS}
+MARK_START, MARK_END = "<!-- ablations:table:start -->", "<!-- ablations:table:end -->"
+
+
+def single_level_anchors(config: str | None, extra: list[str]) -> str:
+    """Return the override putting all of the preset's FPN anchor sizes on C4/C5's one feature map."""
+    sizes = [s for level in load_config(config, extra).model.anchors.sizes for s in level]
+    return f"model.anchors.sizes=[[{','.join(str(s) for s in sorted(set(sizes)))}]]"
+
+
+def variant_overrides(variant: Variant, config: str | None, extra: list[str]) -> list[str]:
+    """Return the full override list of one variant on top of the base preset and the common overrides."""
+    overrides = list(extra) + list(variant.overrides)
+    if variant.name.startswith(("c4/", "c5/")):
+        overrides.append(single_level_anchors(config, extra))
+    return overrides
+
+
+def ensure_data(out: Path, num_train: int, num_val: int) -> tuple[str, str, list[str]]:
+    """Return the train/val specs of the fine synthetic shapes (made once) and the class-name override."""
+    from maskrcnn.data.shapes import make_shapes, shape_categories
+
+    data = out / "data"
+    stamp = data / "params.json"
+    params = {"style": "fine", "train": num_train, "val": num_val, "seed": 0, "size": 128}
+    if not (stamp.exists() and json.loads(stamp.read_text()) == params):
+        print(f"making {num_train} + {num_val} fine-geometry shapes images in {data} ...", flush=True)
+        make_shapes(data, num_train, num_val, seed=0, image_size=128, style="fine")
+        atomic_write_text(stamp, json.dumps(params))
+    names = ",".join(c["name"] for c in shape_categories("fine"))
+    return (f"{data / 'train.json'}:{data / 'train'}", f"{data / 'val.json'}:{data / 'val'}",
+            [f"model.class_names=[{names}]"])
+
+
+def run_dir(out: Path, variant: str, seed: int) -> Path:
+    return out / "runs" / variant.replace("/", "-") / f"seed{seed}"
+
+
+def metrics_file(out: Path, variant: str, seed: int) -> Path:
+    return run_dir(out, variant, seed) / "eval" / "final" / "metrics.json"
+
+
+def train_one(out: Path, variant: Variant, seed: int, config: str | None, common: list[str],
+              threads: int) -> str:
+    """Train and evaluate one (variant, seed) in its own process; return a one-line outcome."""
+    if metrics_file(out, variant.name, seed).exists():
+        return f"{variant.name} seed {seed}: done before, kept"
+    directory = run_dir(out, variant.name, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "maskrcnn.cli", "train", "--out", str(directory)]
+    command += ["--config", config] if config else []
+    command += variant_overrides(variant, config, common) + [f"solver.seed={seed}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    start = time.perf_counter()
+    with open(directory / "log.txt", "w") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    minutes = (time.perf_counter() - start) / 60
+    if status != 0 or not metrics_file(out, variant.name, seed).exists():
+        return f"{variant.name} seed {seed}: FAILED (exit {status}) after {minutes:.1f} min, see {directory / 'log.txt'}"
+    segm = json.loads(metrics_file(out, variant.name, seed).read_text())["segm"]
+    return f"{variant.name} seed {seed}: mask AP {segm['AP']:.1f} in {minutes:.1f} min"
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+
+def collect(out: Path, variants: list[Variant], seeds: list[int]) -> dict[str, dict[str, list[float]]]:
+    """Return {variant: {metric: [value per finished seed]}} for mask AP/AP50/AP75 and box AP."""
+    results: dict[str, dict[str, list[float]]] = {}
+    for v in variants:
+        rows = [json.loads(metrics_file(out, v.name, s).read_text()) for s in seeds
+                if metrics_file(out, v.name, s).exists()]
+        if rows:
+            results[v.name] = {
+                "mask AP": [r["segm"]["AP"] for r in rows], "mask AP50": [r["segm"]["AP50"] for r in rows],
+                "mask AP75": [r["segm"]["AP75"] for r in rows], "box AP": [r["bbox"]["AP"] for r in rows],
+            }
+    return results
+
+
+def mean_spread(values: list[float]) -> str:
+    """Return "mean ± half-range" (the spread across seeds; just the value for one seed)."""
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
+
+
+def markdown_table(results: dict[str, dict[str, list[float]]]) -> str:
+    """Return the Markdown table of every finished variant beside the paper's row."""
+    lines = ["| variant | seeds | mask AP | AP50 | AP75 | box AP | paper (Table 2): mask AP / AP50 / AP75 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, metrics in results.items():
+        cells = [mean_spread(metrics[k]) for k in ("mask AP", "mask AP50", "mask AP75", "box AP")]
+        lines.append(f"| {name} | {len(metrics['mask AP'])} | " + " | ".join(cells) + f" | {BY_NAME[name].paper} |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, table: str, command: str) -> None:
+    """Replace the text between the table markers of `path` with the table and how it was made."""
+    text = path.read_text()
+    if MARK_START not in text or MARK_END not in text:
+        raise SystemExit(f"{path} has no '{MARK_START}' ... '{MARK_END}' markers to put the table between")
+    head, rest = text.split(MARK_START, 1)
+    _, tail = rest.split(MARK_END, 1)
+    made = f"Made by `{command}` on {time.strftime('%Y-%m-%d')}."
+    atomic_write_text(path, f"{head}{MARK_START}\n{table}\n\n{made}\n{MARK_END}{tail}")
+
+
+def bar_chart(results: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """Draw mask AP and AP75 per variant (bars: seed mean; dots: each seed) beside the paper's mask AP."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 4.5))
+    width = 0.27
+    for offset, (metric, colour) in enumerate((("mask AP", "tab:blue"), ("mask AP75", "tab:orange"))):
+        xs = [i + (offset - 1) * width for i in range(len(names))]
+        ax.bar(xs, [statistics.fmean(results[n][metric]) for n in names], width, color=colour, label=f"ours: {metric}")
+        for x, n in zip(xs, names):
+            ax.plot([x] * len(results[n][metric]), results[n][metric], "k.", markersize=4)
+    paper = [BY_NAME[n].paper_ap for n in names]
+    ax.bar([i + width for i, p in enumerate(paper) if p is not None], [p for p in paper if p is not None], width,
+           color="tab:gray", label="paper: mask AP (COCO, R-50)")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("AP (%)")
+    ax.set_title("Mask R-CNN ablations: ours on synthetic fine shapes (dots: seeds) vs the paper on COCO", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/ablations", help="folder for data, runs and results (default runs/ablations)")
+    p.add_argument("--variants", nargs="+", default=[v.name for v in VARIANTS], choices=list(BY_NAME), metavar="NAME",
+                   help=f"variants to run (default all: {', '.join(BY_NAME)})")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--iters", type=int, default=400, help="training iterations per run (default 400)")
+    p.add_argument("--config", default="shapes", help="base preset or YAML (default shapes)")
+    p.add_argument("--data", nargs=2, metavar=("TRAIN", "VAL"),
+                   help="COCO-format train and val specs (JSON:IMAGE_DIR) instead of the synthetic fine shapes")
+    p.add_argument("--train-images", type=int, default=1000, help="synthetic training images (default 1000)")
+    p.add_argument("--val-images", type=int, default=200, help="synthetic validation images (default 200)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--threads", type=int, default=0, help="threads per run (default: cores / jobs)")
+    p.add_argument("--report", metavar="MARKDOWN", help="only write the table into this file (between its markers)")
+    p.add_argument("--chart", metavar="PNG", help="with --report: also draw the bar chart here")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every variant")
+    args = p.parse_args()
+    out = Path(args.out)
+    variants = [BY_NAME[n] for n in args.variants]
+
+    if args.report:
+        results = collect(out, variants, args.seeds)
+        if not results:
+            raise SystemExit(f"no finished runs under {out / 'runs'} for these variants and seeds")
+        command = "python benchmarks/ablations.py " + " ".join(a for a in sys.argv[1:])
+        write_markdown(Path(args.report), markdown_table(results), command)
+        if args.chart:
+            bar_chart(results, Path(args.chart))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+        print(markdown_table(results))
+        return 0
+
+    if args.data:
+        train_spec, val_spec, names = args.data[0], args.data[1], []
+    else:
+        train_spec, val_spec, names = ensure_data(out, args.train_images, args.val_images)
+    common = [f"data.train=['{train_spec}']", f"data.val={val_spec}", *names,
+              f"solver.max_iter={args.iters}", "solver.max_minutes=0", f"solver.checkpoint_period={args.iters}",
+              *args.overrides]
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    jobs = [(v, s) for s in args.seeds for v in variants]  # seed-major: every variant gets seed 0 first
+    print(f"{len(jobs)} runs of {args.iters} iterations, {args.jobs} at a time with {threads} threads each", flush=True)
+    failed = 0
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for line in pool.map(lambda job: train_one(out, job[0], job[1], args.config, common, threads), jobs):
+            print(line, flush=True)
+            failed += "FAILED" in line
+    print(f"{len(jobs) - failed} of {len(jobs)} runs finished; table: --report ABLATIONS.md --chart docs/ablations.png")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
