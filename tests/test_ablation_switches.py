@@ -6,6 +6,7 @@ No training here: benchmarks/ablations.py trains the variants; these tests pin w
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -217,3 +218,49 @@ def test_every_ablation_variant_builds_and_runs_a_training_step():
     assert built["fpn/roipool"].roi_heads.mask_pooler.type == "roipool"
     assert built["fpn/roialign-unaligned"].roi_heads.box_pooler.aligned is False
     assert built["fpn/baseline"].roi_heads.box_pooler.aligned is True
+
+
+# ---- the benchmark's bookkeeping: a failed run is reported and the rest go on; the table from the runs --
+
+
+def _fake_run(ablations, out: Path, variant: str, seed: int, mask_ap: float) -> None:
+    path = ablations.metrics_file(out, variant, seed)
+    path.parent.mkdir(parents=True)
+    segm = {"AP": mask_ap, "AP50": mask_ap + 20, "AP75": mask_ap - 5}
+    path.write_text(json.dumps({"segm": segm, "bbox": {"AP": mask_ap + 3}}))
+
+
+def test_report_table_gives_mean_and_spread_of_the_finished_seeds(tmp_path):
+    ablations = _ablations_script()
+    _fake_run(ablations, tmp_path, "fpn/baseline", 0, 40.0)
+    _fake_run(ablations, tmp_path, "fpn/baseline", 2, 44.0)
+    _fake_run(ablations, tmp_path, "c4/roipool", 1, 30.0)
+    variants = [ablations.BY_NAME[n] for n in ("fpn/baseline", "fpn/softmax", "c4/roipool")]
+    results = ablations.collect(tmp_path, variants, [0, 1, 2])
+    assert list(results) == ["fpn/baseline", "c4/roipool"]  # softmax has no finished run
+    table = ablations.markdown_table(results).splitlines()
+    assert table[2].startswith("| fpn/baseline | 2 | 42.0 ± 2.0 | 62.0 ± 2.0 | 37.0 ± 2.0 | 45.0 ± 2.0 |")
+    assert table[3].startswith("| c4/roipool | 1 | 30.0 | 50.0 | 25.0 | 33.0 | R-50-C4 RoIPool")
+
+    page = tmp_path / "ABLATIONS.md"
+    page.write_text(f"intro\n{ablations.MARK_START}\nold table\n{ablations.MARK_END}\nreading\n")
+    ablations.write_markdown(page, "NEW TABLE", "python benchmarks/ablations.py --report")
+    text = page.read_text()
+    assert "old table" not in text and "NEW TABLE" in text
+    assert text.startswith("intro\n") and text.endswith("reading\n")
+    page.write_text("no markers")
+    with pytest.raises(SystemExit, match="markers"):
+        ablations.write_markdown(page, "NEW TABLE", "")
+
+
+def test_a_failing_run_is_reported_and_the_batch_goes_on(tmp_path, monkeypatch, capsys):
+    ablations = _ablations_script()
+    data = f"{tmp_path}/missing.json:{tmp_path}"
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--out", str(tmp_path), "--variants", "fpn/baseline",
+                                      "fpn/softmax", "--seeds", "0", "--data", data, data, "--jobs", "2"])
+    assert ablations.main() == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("FAILED (exit 2)" in line for line in lines) == 2
+    assert lines[-1].startswith("0 of 2 runs finished")
+    log = (ablations.run_dir(tmp_path, "fpn/softmax", 0) / "log.txt").read_text()
+    assert "model.mask_head.loss=softmax" in log and "missing.json" in log
