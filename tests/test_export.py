@@ -95,6 +95,18 @@ def test_variants(tmp_path, extra):
         assert len(out["boxes"]) == 0 and out["masks"].shape == (0, 64, 80)
 
 
+def test_ablated_heads(tmp_path):
+    """The paper's ablated alternatives export too: softmax masks from an fc head on a stride-32 map."""
+    model = tiny_model(["model.mask_head.loss=softmax", "model.mask_head.type=mlp", "model.mask_head.fc_dim=64",
+                        "model.backbone.kind=c5", "model.anchors.sizes=[[16,32,64,128]]"])
+    with torch.no_grad():  # class 1 (the decisive one) wins the softmax on about half of the pixels
+        model.roi_heads.mask_head.predictor.bias.view(4, 28, 28)[1].normal_(std=3.0)
+    path = export_onnx(model, tmp_path / "ablated.onnx")
+    assert check_parity(model, path, sizes=[(240, 320), (150, 100)]) == []
+    masks = OnnxMaskRCNN(path)([torch.rand(3, 240, 320)])[0]["masks"]
+    assert len(masks) > 0 and masks.flatten(1).any(dim=1).all()  # every detection has a mask to compare
+
+
 def test_c4_model(tmp_path):
     torch.manual_seed(0)
     cfg = load_config("R50-C4-1x", ["model.backbone.depth=18", "input.min_size_test=128", "input.max_size_test=224",
