@@ -43,6 +43,7 @@ class Variant:
     overrides: tuple[str, ...]
     paper: str  # the paper's row: "setting: mask AP / AP50 / AP75"
     paper_ap: float | None  # the paper's mask AP, for the chart
+    against: str = ""  # the variant this one differs from by one choice (for the Δ column)
 
 
 # The shapes preset is R18-FPN; the C4/C5 rows swap the backbone for one feature map at stride 16 / 32.
@@ -53,15 +54,19 @@ UNALIGNED = ("model.box_head.pooler.aligned=false", "model.mask_head.pooler.alig
 
 VARIANTS = [
     Variant("fpn/baseline", (), "R-50-FPN, FCN head: 33.6 / 55.2 / 35.3 (2e)", 33.6),
-    Variant("fpn/roialign-unaligned", UNALIGNED, "(the paper's own RoIAlign had no half-pixel shift)", None),
-    Variant("fpn/roipool", ROIPOOL, "(RoIPool ablated on C4/C5 only)", None),
-    Variant("fpn/softmax", ("model.mask_head.loss=softmax",), "R-50-C4 softmax: 24.8 / 44.1 / 25.1 (2b)", 24.8),
-    Variant("fpn/class-agnostic", ("model.mask_head.class_agnostic=true",), "R-50-C4 agnostic: 29.7 (text, §4.2)", 29.7),
-    Variant("fpn/mlp", ("model.mask_head.type=mlp",), "R-50-FPN MLP 1024-1024: 31.5 / 53.7 / 32.8 (2e)", 31.5),
+    Variant("fpn/roialign-unaligned", UNALIGNED, "(the paper's own RoIAlign had no half-pixel shift)", None,
+            "fpn/baseline"),
+    Variant("fpn/roipool", ROIPOOL, "(RoIPool ablated on C4/C5 only)", None, "fpn/baseline"),
+    Variant("fpn/softmax", ("model.mask_head.loss=softmax",), "R-50-C4 softmax: 24.8 / 44.1 / 25.1 (2b)", 24.8,
+            "fpn/baseline"),
+    Variant("fpn/class-agnostic", ("model.mask_head.class_agnostic=true",), "R-50-C4 agnostic: 29.7 (text, §4.2)",
+            29.7, "fpn/baseline"),
+    Variant("fpn/mlp", ("model.mask_head.type=mlp",), "R-50-FPN MLP 1024-1024: 31.5 / 53.7 / 32.8 (2e)", 31.5,
+            "fpn/baseline"),
     Variant("c4/roialign", C4, "R-50-C4 RoIAlign: 30.3 / 51.2 / 31.5 (2c)", 30.3),
-    Variant("c4/roipool", C4 + ROIPOOL, "R-50-C4 RoIPool: 26.9 / 48.8 / 26.4 (2c)", 26.9),
+    Variant("c4/roipool", C4 + ROIPOOL, "R-50-C4 RoIPool: 26.9 / 48.8 / 26.4 (2c)", 26.9, "c4/roialign"),
     Variant("c5/roialign", C5, "R-50-C5 RoIAlign: 30.9 / 51.8 / 32.1 (2d)", 30.9),
-    Variant("c5/roipool", C5 + ROIPOOL, "R-50-C5 RoIPool: 23.6 / 46.5 / 21.6 (2d)", 23.6),
+    Variant("c5/roipool", C5 + ROIPOOL, "R-50-C5 RoIPool: 23.6 / 46.5 / 21.6 (2d)", 23.6, "c5/roialign"),
 ]
 BY_NAME = {v.name: v for v in VARIANTS}
 MARK_START, MARK_END = "<!-- ablations:table:start -->", "<!-- ablations:table:end -->"
@@ -153,18 +158,31 @@ def mean_spread(values: list[float]) -> str:
     return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
 
 
+def difference(results: dict[str, dict[str, list[float]]], name: str) -> str:
+    """Return "Δ mask AP / Δ AP75" of a variant against the one it differs from (means over seeds)."""
+    against = BY_NAME[name].against
+    if against not in results:
+        return ""
+    deltas = [statistics.fmean(results[name][k]) - statistics.fmean(results[against][k])
+              for k in ("mask AP", "mask AP75")]
+    return f"{deltas[0]:+.1f} / {deltas[1]:+.1f} vs {against.split('/')[1]}"
+
+
 def markdown_table(results: dict[str, dict[str, list[float]]]) -> str:
     """Return the Markdown table of every finished variant beside the paper's row."""
-    lines = ["| variant | seeds | mask AP | AP50 | AP75 | box AP | paper (Table 2): mask AP / AP50 / AP75 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| variant | seeds | mask AP | AP50 | AP75 | box AP | Δ mask AP / AP75 | paper (Table 2): mask AP / AP50 / AP75 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for name, metrics in results.items():
         cells = [mean_spread(metrics[k]) for k in ("mask AP", "mask AP50", "mask AP75", "box AP")]
-        lines.append(f"| {name} | {len(metrics['mask AP'])} | " + " | ".join(cells) + f" | {BY_NAME[name].paper} |")
+        cells += [difference(results, name), BY_NAME[name].paper]
+        lines.append(f"| {name} | {len(metrics['mask AP'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_markdown(path: Path, table: str, command: str) -> None:
     """Replace the text between the table markers of `path` with the table and how it was made."""
+    if not path.is_file():
+        raise SystemExit(f"report file {path} does not exist; give a Markdown file with the table markers")
     text = path.read_text()
     if MARK_START not in text or MARK_END not in text:
         raise SystemExit(f"{path} has no '{MARK_START}' ... '{MARK_END}' markers to put the table between")
