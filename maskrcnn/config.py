@@ -224,7 +224,7 @@ class SolverConfig:
     clip_grad_norm: float = 0.0  # 0 = off
     nonfinite: str = "stop"  # stop | skip: on a NaN/inf loss or gradient, stop the run or skip the update
     max_nonfinite_skips: int = 10  # with nonfinite=skip: consecutive skipped steps before the run stops
-    amp: str = ""  # "" | bf16 | fp16
+    amp: str = ""  # "" | bf16 | fp16 | auto (bf16 where the device computes it natively, else none)
     checkpoint_period: int = 5000
     eval_period: int = 0  # 0 = only at the end (when data.val is set)
     log_period: int = 20
@@ -550,7 +550,7 @@ _CHOICES = {
     "input.resize": ("tensor", "pil"),
     "solver.optimizer": ("sgd", "adamw"),
     "solver.schedule": ("step", "cosine"),
-    "solver.amp": ("", "bf16", "fp16"),
+    "solver.amp": ("", "bf16", "fp16", "auto"),
     "test.precision": ("fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
 }

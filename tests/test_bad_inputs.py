@@ -285,7 +285,7 @@ def test_dataset_image_above_max_pixels_is_refused_when_loading(tmp_path: Path) 
     ("solver.steps=soon", "config key 'solver.steps' expects a list of integers, got 'soon'"),
     ("model.mask_head.enabled=3", "config key 'model.mask_head.enabled' expects true/false, got 3"),
     ("model.backbone=50", "config key 'model.backbone' is a section and expects a mapping of its keys"),
-    ("solver.amp=float16", "config key 'solver.amp' = 'float16' is not one of ['', 'bf16', 'fp16']"),
+    ("solver.amp=float16", "config key 'solver.amp' = 'float16' is not one of ['', 'bf16', 'fp16', 'auto']"),
 ])
 def test_config_override_errors(override: str, words: str, capsys: pytest.CaptureFixture) -> None:
     assert main(["train", "--config", "shapes", override]) == 2

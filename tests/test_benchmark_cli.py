@@ -10,6 +10,7 @@ import torch
 from maskrcnn.api import load_model
 from maskrcnn.cli import main
 from maskrcnn.engine.benchmark import STAGES, autocast_dtype, find_max_batch, parse_size, timed_forward
+from maskrcnn.engine.trainer import autocast_dtype as trainer_autocast_dtype
 from maskrcnn.errors import UserError
 
 SMALL = ["model.box_head.fc_dim=64", "model.mask_head.conv_dim=32", "model.rpn.post_nms_top_n_test=50"]
@@ -56,21 +57,12 @@ def test_fp16_on_cpu_falls_back_to_bf16_with_a_note():
     assert autocast_dtype("fp32", torch.device("cpu")) == (None, None)
 
 
-def test_bad_size_is_a_user_error(capsys):
-    with pytest.raises(UserError):
-        parse_size("800by1333")
-    assert main(["benchmark", "--config", "shapes", "--size", "0x10"]) == 2
-    assert "--size" in capsys.readouterr().err
-
-
-def test_max_batch_search_doubles_until_over_budget():
-    seen = []
-
-    def runner(argv):
-        batch = int(argv[argv.index("--batch") + 1])
-        seen.append(batch)
-        return {"training": {"memory": {"growth_mb": 100.0 * batch}, "images_per_s": {"median": 1.0}}}
-
-    result = find_max_batch(["--config", "shapes"], budget_mb=450, runner=runner)
-    assert seen == [1, 2, 4, 8] and result["max_batch"] == 4
-    assert find_max_batch([], budget_mb=50, runner=runner)["max_batch"] is None
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_takes_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, native):
+    monkeypatch.setattr("maskrcnn.engine.trainer.native_bf16", lambda device: native)
+    dtype, note = trainer_autocast_dtype("auto", torch.device("cpu"))
+    assert dtype == (torch.bfloat16 if native else None)
+    assert (note is None) == native and (native or "float32" in note)
+    # An explicit bf16 is kept either way, with a warning where it is emulated.
+    dtype, note = trainer_autocast_dtype("bf16", torch.device("cpu"))
+    assert dtype == torch.bfloat16 and (note is None) == native and (native or "emulated" in note)

@@ -207,7 +207,7 @@ def test_torchrun_training_matches_one_process_with_the_global_batch(shapes, tmp
     ddp_seconds = time.monotonic() - t0
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    assert "training MaskRCNN on 2 processes (gloo, cpu), 1 of the 2 images of a batch each" in log
+    assert "training MaskRCNN on 2 processes (gloo, cpu), 1 of the 2 images of a batch each (" in log
     assert "[rank 1]" not in log  # only rank 0 logs (no warnings expected here)
     assert (out / "checkpoints" / "model_final.pth").is_file() and (out / "metrics.jsonl").is_file()
     ranks = [json.loads((record_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
