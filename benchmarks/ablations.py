@@ -226,10 +226,18 @@ def bar_chart(results: dict[str, dict[str, list[float]]], path: Path) -> None:
 # ---- main ------------------------------------------------------------------------------------------
 
 
+def variant_name(text: str) -> str:
+    """Return `text` if it names a variant; else explain (a KEY=VALUE after --variants lands here)."""
+    if text in BY_NAME:
+        return text
+    hint = "; KEY=VALUE overrides go before --variants" if "=" in text else ""
+    raise argparse.ArgumentTypeError(f"unknown variant '{text}' (one of {', '.join(BY_NAME)}){hint}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/ablations", help="folder for data, runs and results (default runs/ablations)")
-    p.add_argument("--variants", nargs="+", default=[v.name for v in VARIANTS], choices=list(BY_NAME), metavar="NAME",
+    p.add_argument("--variants", nargs="+", default=[v.name for v in VARIANTS], type=variant_name, metavar="NAME",
                    help=f"variants to run (default all: {', '.join(BY_NAME)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument("--iters", type=int, default=400, help="training iterations per run (default 400)")

@@ -267,3 +267,12 @@ def test_a_failing_run_is_reported_and_the_batch_goes_on(tmp_path, monkeypatch, 
     assert lines[-1].startswith("0 of 2 runs finished")
     log = (ablations.run_dir(tmp_path, "fpn/softmax", 0) / "log.txt").read_text()
     assert "model.mask_head.loss=softmax" in log and "missing.json" in log
+
+
+def test_an_override_after_variants_is_named_with_where_it_goes(monkeypatch, capsys):
+    ablations = _ablations_script()
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--variants", "fpn/mlp", "solver.ims_per_batch=4"])
+    with pytest.raises(SystemExit):
+        ablations.main()
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unknown variant 'solver.ims_per_batch=4'" in error and "go before --variants" in error
