@@ -237,14 +237,16 @@ def test_report_table_gives_mean_and_spread_of_the_finished_seeds(tmp_path):
     ablations = _ablations_script()
     _fake_run(ablations, tmp_path, "fpn/baseline", 0, 40.0)
     _fake_run(ablations, tmp_path, "fpn/baseline", 2, 44.0)
-    _fake_run(ablations, tmp_path, "fpn/mlp", 1, 39.0)
+    _fake_run(ablations, tmp_path, "fpn/mlp", 0, 39.0)
+    _fake_run(ablations, tmp_path, "fpn/mlp", 1, 30.0)  # baseline has no seed 1: left out of the Δ
     _fake_run(ablations, tmp_path, "c4/roipool", 1, 30.0)
     variants = [ablations.BY_NAME[n] for n in ("fpn/baseline", "fpn/softmax", "fpn/mlp", "c4/roipool")]
     results = ablations.collect(tmp_path, variants, [0, 1, 2])
     assert list(results) == ["fpn/baseline", "fpn/mlp", "c4/roipool"]  # softmax has no finished run
     table = ablations.markdown_table(results).splitlines()
     assert table[2].startswith("| fpn/baseline | 2 | 42.0 ± 2.0 | 62.0 ± 2.0 | 37.0 ± 2.0 | 45.0 ± 2.0 |  |")
-    assert table[3].startswith("| fpn/mlp | 1 | 39.0 | 59.0 | 34.0 | 42.0 | -3.0 / -3.0 vs baseline | R-50-FPN MLP")
+    assert table[3].startswith("| fpn/mlp | 2 | 34.5 ± 4.5 | 54.5 ± 4.5 | 29.5 ± 4.5 | 37.5 ± 4.5 | "
+                               "-1.0 / -1.0 vs baseline (mask AP per seed: -1.0) | R-50-FPN MLP")
     # c4/roialign, its reference, has not run: no difference to show
     assert table[4].startswith("| c4/roipool | 1 | 30.0 | 50.0 | 25.0 | 33.0 |  | R-50-C4 RoIPool")
 
