@@ -247,7 +247,11 @@ def test_torchrun_training_matches_one_process_with_the_global_batch(shapes, tmp
     moved = (single_params[1:] - single_params[:-1]).abs().amax(dim=1)
     print(f"torchrun 2x1: {ddp_seconds:.1f} s; max |param difference| per step {diff.tolist()} (params up to "
           f"{scale.max():.3g}; a step moves them by up to {moved.tolist()})")
-    assert torch.all(diff <= 1e-5), diff
+    # After the first step the two agree to float rounding; AdamW then amplifies rounding in weights with
+    # near-zero gradients (seen 1.4e-4 by step 3 on an AVX2 CPU, 1.2e-7 on AVX-512). A wrong loss
+    # normalisation would be a sizeable share of a step's movement: require under 1% of it.
+    assert float(diff[0]) <= 1e-5, diff
+    assert torch.all(diff[1:] <= 0.01 * moved), (diff, moved)
     assert abs(ranks[0][0]["loss"] - single[0]["loss"]) < 1e-4  # rank 0 logs the mean over ranks
 
 

@@ -55,11 +55,17 @@ def assert_same_keypoint_detections(expected: dict, actual: dict, tol: Tolerance
     matched = partner >= 0
     e_kp, a_kp = expected["keypoints"][matched], actual["keypoints"][partner[matched]]
     assert a_kp.shape[1:] == (17, 3)
-    # Keypoints within the same tolerance as boxes (an arg-max that moved would be a pixel or more off).
-    assert float((e_kp[..., :2] - a_kp[..., :2]).abs().max()) <= tol.box
-    assert torch.equal(a_kp[..., 2], torch.ones_like(a_kp[..., 2]))
+    # Keypoints within the same tolerance as boxes (an arg-max that moved would be a pixel or more off),
+    # but for at most 3% of them when near-ties are allowed (min_matched < 1): on random weights two
+    # heat-map cells can tie to ~1e-6, and another CPU's rounding picks the other one (15 of 901 on an
+    # AVX2 CPU, none on the AVX-512 one the tolerances were first set on).
+    # The same share may differ in score (a keypoint whose arg-max went to the other cell has its score).
     e_sc, a_sc = expected["keypoints_scores"][matched], actual["keypoint_scores"][partner[matched]]
-    assert float((a_sc - e_sc).abs().max()) <= score_rtol * float(e_sc.abs().max())
+    off = ((e_kp[..., :2] - a_kp[..., :2]).abs().amax(-1) > tol.box) | (
+        (a_sc - e_sc).abs() > score_rtol * float(e_sc.abs().max()))
+    allowed = 0 if min_matched >= 1.0 else int(0.03 * off.numel())
+    assert int(off.sum()) <= allowed, f"{int(off.sum())} of {off.numel()} keypoints moved more than {tol.box} px or changed score"
+    assert torch.equal(a_kp[..., 2], torch.ones_like(a_kp[..., 2]))
 
 
 @pytest.mark.parametrize("size", [(300, 400), (257, 189)])
