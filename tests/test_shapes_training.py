@@ -19,7 +19,7 @@ MIN_BOX_AP = 15.0
 
 
 # 3 minutes is ~780 bf16 images on a CPU with AVX-512/AMX; an AVX2-only CPU trains the preset in float32
-# (solver.amp=auto) at about a fifth of that (measured 2026-12-01: box AP 3.7 after 3 minutes), too
+# (solver.amp=auto) at a fraction of that speed (measured 2026-12-01: box AP 3.7 after 3 minutes), too
 # few for this bar, and more minutes would push `make test` past its 15. There, ABLATIONS.md's runs
 # and `make demo` show the learning instead.
 @pytest.mark.skipif(not native_bf16(torch.device("cpu")),
