@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -85,16 +86,25 @@ def test_sigint_saves_and_resume_finishes(cfg, monkeypatch):
     assert iters == sorted(iters) and len(iters) == len(set(iters))
 
 
-def test_time_budget_shortens_schedule(cfg):
+def test_time_budget_is_spent_and_ends_the_schedule(cfg, monkeypatch):
+    """The run trains until the budget is spent (not a fitted guess short of it), and the LR ends at ~0."""
+    import time
+
+    monkeypatch.setattr(_FakeModel, "hook", lambda call: time.sleep(0.02) or 1.0)
     cfg.solver.max_iter = 100_000
     cfg.solver.steps = [60_000, 80_000]
-    cfg.solver.max_minutes = 0.01  # 0.6 s
+    cfg.solver.schedule = "cosine"
+    cfg.solver.max_minutes = 0.03  # 1.8 s
+    cfg.solver.log_period = 1
     cfg.solver.checkpoint_period = 1_000_000
     out = train(cfg)
     state = load_checkpoint(out / "checkpoints" / "model_final.pth")
-    schedule = state["scheduler"]["lr_lambdas"][0]
-    assert 12 <= state["iteration"] < 100_000
-    assert schedule["max_iter"] == state["iteration"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step_seconds = max(r["time"] for r in records if "time" in r)
+    assert 1.8 <= state["train_seconds"] <= 1.8 + step_seconds + 0.05
+    assert state["scheduler"]["lr_lambdas"][0]["max_iter"] == state["iteration"] < 100_000
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs[-1] < 0.01 * max(lrs)  # the cosine reached its end with the budget, not at iteration 100 000
 
 
 def test_time_budget_never_raises_the_learning_rate_again(cfg, monkeypatch):
@@ -116,3 +126,23 @@ def test_time_budget_never_raises_the_learning_rate_again(cfg, monkeypatch):
     lrs = [r["lr"] for r in records if "lr" in r and r["iter"] > cfg.solver.warmup_iters]
     assert len(lrs) > 20
     assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:])), lrs
+
+
+def test_time_budget_warm_up_is_a_share_of_the_budget(cfg, monkeypatch):
+    """Under a budget the warm-up lasts warmup_iters/max_iter of the time, however many iterations fit."""
+    import time
+
+    monkeypatch.setattr(_FakeModel, "hook", lambda call: time.sleep(0.01) or 1.0)
+    cfg.solver.max_iter = 1000
+    cfg.solver.warmup_iters = 250  # a quarter of the schedule: the first 0.6 s of a 2.4 s budget
+    cfg.solver.warmup_factor = 0.001
+    cfg.solver.schedule = "cosine"
+    cfg.solver.max_minutes = 0.04
+    cfg.solver.log_period = 1
+    cfg.solver.checkpoint_period = 1_000_000
+    out = train(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+    peak = max(range(len(records)), key=lambda i: records[i]["lr"])
+    share = sum(r["time"] for r in records[: peak + 1]) / sum(r["time"] for r in records)
+    assert 0.18 <= share <= 0.35, (share, peak, len(records))
+    assert records[peak]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi / 4)), rel=0.15)

@@ -52,6 +52,12 @@ def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.Optimize
 class WarmupSchedule:
     """LR multiplier per iteration: linear warm-up from `warmup_factor`, then steps or cosine to 0.
 
+    Two clocks: iterations (`it / max_iter`) or, under a time budget (`solver.max_minutes`), the
+    elapsed share of the budget (`budget_fraction`, set by the trainer), whichever is further along.
+    On the budget clock the warm-up and the steps keep their share of the configured schedule
+    (warm-up 100 of 3000 iterations = the first 3.3% of the budget), and since elapsed time only
+    grows, the learning rate never climbs back when the speed estimate changes.
+
     A callable object rather than a closure so that LambdaLR's state_dict saves its fields (plain
     numbers) and a resumed run gets back a schedule that `rescale` may have shortened.
     """
@@ -63,6 +69,7 @@ class WarmupSchedule:
         self.base_warmup_iters = int(cfg.warmup_iters)
         self.gamma = float(cfg.gamma)
         self.warmup_factor = float(cfg.warmup_factor)
+        self.budget_fraction: float | None = None  # None: iterations only
         self.rescale(self.base_max_iter)
 
     def rescale(self, max_iter: int) -> None:
@@ -74,15 +81,25 @@ class WarmupSchedule:
         # so that a drastically shortened run still spends most of its time at full LR.
         self.warmup_iters = min(self.base_warmup_iters, self.max_iter // 2)
 
+    def progress(self, it: int) -> float:
+        """Return how far along the run is at iteration `it`, in 0..1, on the further of the two clocks."""
+        return max(min(it, self.max_iter) / self.max_iter, min(1.0, self.budget_fraction or 0.0))
+
     def __call__(self, it: int) -> float:
         """Return the LR multiplier for iteration `it` (0-based)."""
-        if self.kind == "cosine":
-            factor = 0.5 * (1.0 + math.cos(math.pi * min(it, self.max_iter) / self.max_iter))
-        else:
-            factor = self.gamma ** bisect.bisect_right(self.steps, it)
-        if it < self.warmup_iters:
-            alpha = it / self.warmup_iters
-            factor *= self.warmup_factor * (1.0 - alpha) + alpha
+        if self.budget_fraction is None:
+            warmed = it / self.warmup_iters if self.warmup_iters > 0 else 1.0
+            return self._factor(min(it, self.max_iter) / self.max_iter, warmed, bisect.bisect_right(self.steps, it))
+        done = self.progress(it)
+        warmup = self.base_warmup_iters / self.base_max_iter
+        steps = [s / self.base_max_iter for s in self.base_steps]
+        return self._factor(done, done / warmup if warmup > 0 else 1.0, bisect.bisect_right(steps, done))
+
+    def _factor(self, done: float, warmed: float, steps_passed: int) -> float:
+        """Return the multiplier `done` (0..1) through the run, `warmed` (0..1+) through the warm-up."""
+        factor = 0.5 * (1.0 + math.cos(math.pi * done)) if self.kind == "cosine" else self.gamma ** steps_passed
+        if warmed < 1.0:
+            factor *= self.warmup_factor * (1.0 - warmed) + warmed
         return factor
 
 

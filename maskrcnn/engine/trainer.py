@@ -51,8 +51,6 @@ from maskrcnn.errors import UserError
 log = logging.getLogger(__name__)
 
 KEEP_CHECKPOINTS = 3  # periodic checkpoints kept besides model_final.pth
-TIMED_ITERS = 10  # iterations timed before first fitting the schedule into solver.max_minutes
-BUDGET_MARGIN = 0.95  # share of the remaining time the fitted schedule may plan to use
 
 
 class TrainingError(UserError):
@@ -390,7 +388,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.iteration = 0
         self.train_seconds = 0.0  # summed over resumed runs, for solver.max_minutes
-        self.budget_fitted = False  # solver.max_minutes: the schedule has been fitted once this session
         self.last_checkpoint: Path | None = None
         self.saved_iteration = 0  # the iteration last_checkpoint holds
         self.nonfinite_in_a_row = 0  # solver.nonfinite=skip: consecutive skipped updates
@@ -585,31 +582,6 @@ class Trainer:
         log.info("eval at iteration %d: %s", self.iteration, summary[:300] or "done")
         return result
 
-    # -- time budget --
-
-    def _fit_schedule_to_budget(self, sec_per_iter: float) -> None:
-        """Set max_iter (and the schedule with it) to what fits in solver.max_minutes at this speed.
-
-        Called again every log period with the recent speed, because iterations slow down as the RPN
-        learns to propose more foreground RoIs; never beyond the configured solver.max_iter. After the
-        first fit the schedule only shrinks: growing it would raise the learning rate again mid-run
-        (a cosine or step schedule read at the same iteration over a longer run).
-        """
-        schedule: WarmupSchedule = self.scheduler.lr_lambdas[0]
-        remaining = max(0.0, self.cfg.solver.max_minutes * 60 - self.train_seconds)
-        fits = self.iteration + int(remaining * BUDGET_MARGIN / max(sec_per_iter, 1e-6))
-        new = max(self.iteration + 1, min(fits, schedule.base_max_iter))
-        if self.budget_fitted:
-            new = min(new, schedule.max_iter)
-        self.budget_fitted = True
-        if new == schedule.max_iter:
-            return
-        # The first fit and large corrections are worth a line; small drifts are not.
-        level = logging.INFO if abs(new - schedule.max_iter) > 0.1 * new else logging.DEBUG
-        log.log(level, "solver.max_minutes=%g at %.2f s/iter: max_iter %d -> %d (schedule rescaled)",
-                self.cfg.solver.max_minutes, sec_per_iter, schedule.max_iter, new)
-        schedule.rescale(new)
-
     # -- the loop --
 
     def _nonfinite(self, what: str, detail: str) -> None:
@@ -733,8 +705,16 @@ class Trainer:
             where = (f"{self.world_size} processes ({torch.distributed.get_backend()}, {self.device.type}), "
                      f"{s.ims_per_batch // self.world_size} of the {s.ims_per_batch} images of a batch each")
         precision = f"{str(self.dtype).removeprefix('torch.')} autocast" if self.dtype else "float32"
-        log.info("training %s on %s (%s) for %d iterations (from %d), output %s",
-                 type(self.model).__name__, where, precision, schedule.max_iter, self.iteration, self.out)
+        budget = s.max_minutes * 60
+        length = f"{schedule.max_iter} iterations"
+        if budget > 0:
+            # The learning rate follows the elapsed share of the budget (see WarmupSchedule), and the run
+            # stops when the budget is spent, so no speed estimate is needed and none can go wrong.
+            schedule.budget_fraction = self.train_seconds / budget
+            length = (f"{s.max_minutes:g} minutes (solver.max_minutes; schedule on the elapsed share of the "
+                      f"budget, at most {schedule.max_iter} iterations)")
+        log.info("training %s on %s (%s) for %s (from iteration %d), output %s",
+                 type(self.model).__name__, where, precision, length, self.iteration, self.out)
         self.train_model.train()
         interactive = sys.stderr.isatty() and self.main
         bar = tqdm(total=schedule.max_iter, initial=self.iteration, desc="train", unit="it",
@@ -743,7 +723,6 @@ class Trainer:
         window: list[dict[str, float]] = []  # everything since the last log line
         start_iter, session_start = self.iteration, time.perf_counter()
         seconds_before = self.train_seconds
-        mark: tuple[int, float] | None = None  # (iteration, train_seconds) the budget's speed is measured from
         stopped_by = None
         try:
             with _stop_on_signals() as stop:
@@ -763,6 +742,10 @@ class Trainer:
                             stopped_by = signal.Signals(signum).name
                             break
                     data_time = time.perf_counter() - t0
+                    if budget > 0:  # the LR of the next iteration is set at the end of this step
+                        elapsed = (agreed_seconds if self.world_size > 1
+                                   else seconds_before + time.perf_counter() - session_start)
+                        schedule.budget_fraction = elapsed / budget
                     values = self._step(images, targets)
                     self.iteration += 1
                     now = time.perf_counter()
@@ -773,20 +756,13 @@ class Trainer:
                     smooth.append(values)
                     window.append(values)
 
-                    # Time the steady state only: the first iterations pay for allocator warm-up.
-                    # Wall time between marks includes checkpoints and evaluations, as it should.
                     done_here = self.iteration - start_iter
-                    if done_here == 2:
-                        mark = (self.iteration, self.train_seconds)
-                    elif s.max_minutes > 0 and mark is not None and (
-                        done_here == 2 + TIMED_ITERS
-                        or (done_here > 2 + TIMED_ITERS and self.iteration % s.log_period == 0)
-                    ):
-                        self._fit_schedule_to_budget((self.train_seconds - mark[1]) / (self.iteration - mark[0]))
-                        mark = (self.iteration, self.train_seconds)
-                        bar.total = schedule.max_iter
                     sec_per_iter = (now - session_start) / done_here
-                    eta = sec_per_iter * (schedule.max_iter - self.iteration)
+                    if budget > 0:
+                        eta = max(0.0, budget - self.train_seconds)
+                        bar.total = max(self.iteration, self.iteration + round(eta / sec_per_iter))
+                    else:
+                        eta = sec_per_iter * (schedule.max_iter - self.iteration)
                     bar.set_postfix_str(_postfix(smooth), refresh=False)
                     bar.update(1)
 
@@ -795,8 +771,7 @@ class Trainer:
                             self._log(metrics, window, sec_per_iter, eta, say=not interactive)
                         window = []
                     finished = self.iteration >= schedule.max_iter
-                    if not finished and s.max_minutes > 0 and self.train_seconds >= s.max_minutes * 60:
-                        log.info("solver.max_minutes=%g reached at iteration %d", s.max_minutes, self.iteration)
+                    if not finished and budget > 0 and self.train_seconds >= budget:
                         schedule.rescale(self.iteration)  # the run, as saved, is complete
                         break
                     if stop["signal"] and self.world_size == 1:  # distributed: agreed on at the next start
@@ -818,6 +793,10 @@ class Trainer:
             path = self.save(final=True)
             log.info("saved %s (iteration %d, %s of training)", path, self.iteration,
                      _format_seconds(self.train_seconds))
+            if budget > 0:
+                log.info("time budget: %s of solver.max_minutes=%g spent (%.0f%%), %d iterations at %.2f s each",
+                         _format_seconds(self.train_seconds), s.max_minutes, 100 * self.train_seconds / budget,
+                         self.iteration, self.train_seconds / max(1, self.iteration))
             self.evaluate("final", metrics)
         finally:
             loader.close()
