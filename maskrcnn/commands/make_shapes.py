@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (gets train/, val/, train.json, val.json)")
     p.add_argument("--train", type=int, default=500, help="number of training images (default 500)")
     p.add_argument("--val", type=int, default=100, help="number of validation images (default 100)")
+    p.add_argument("--test", type=int, default=0,
+                   help="number of test images, a split drawn from its own random stream (default 0: none)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same dataset")
     p.add_argument("--size", type=int, default=None, help="fixed square image side in pixels (default: each side random in 160..256)")
     p.add_argument("--max-shapes", type=int, default=None,
@@ -40,13 +42,15 @@ def run(args: argparse.Namespace) -> int:
         from maskrcnn.data.figures import make_figures
 
         splits = make_figures(args.out, args.train, args.val, seed=args.seed, image_size=size,
-                              max_figures=3 if args.max_shapes is None else args.max_shapes)
+                              max_figures=3 if args.max_shapes is None else args.max_shapes, num_test=args.test)
     else:
         splits = make_shapes(args.out, args.train, args.val, seed=args.seed, image_size=size,
-                             max_shapes=4 if args.max_shapes is None else args.max_shapes, style=args.style)
+                             max_shapes=4 if args.max_shapes is None else args.max_shapes, style=args.style,
+                             num_test=args.test)
         if args.style != "basic":  # the shapes preset names the basic classes
             extra = f" model.class_names=[{','.join(c['name'] for c in shape_categories(args.style))}]"
-    print(f"wrote {args.train} train and {args.val} val images to {args.out} in {time.perf_counter() - start:.1f}s")
+    test = f" and {args.test} test" if "test" in splits else ""
+    print(f"wrote {args.train} train, {args.val} val{test} images to {args.out} in {time.perf_counter() - start:.1f}s")
     (train_json, train_dir), (val_json, val_dir) = splits["train"], splits["val"]
     preset = "--config figures " if args.keypoints else ""
     print(f"use: {preset}data.train=[{train_json}:{train_dir}] data.val={val_json}:{val_dir}{extra}")

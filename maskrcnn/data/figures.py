@@ -41,20 +41,21 @@ def make_figures(
     seed: int = 0,
     image_size: int | tuple[int, int] = (160, 256),
     max_figures: int = 3,
+    num_test: int = 0,
 ) -> dict[str, tuple[Path, Path]]:
-    """Write train/val images and COCO person-keypoints JSON under `out_dir`; return {split: (json, dir)}."""
+    """Write train/val (and test) images and COCO person-keypoints JSON under `out_dir`; return {split: (json, dir)}."""
     sides = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(sides) != 2 or sides[0] < 64 or sides[1] < sides[0]:
         raise UserError(f"image size {image_size!r} is invalid for figures; use a side of at least 64 pixels")
-    if num_train < 0 or num_val < 0 or max_figures < 1:
-        raise UserError("make-shapes --keypoints needs --train/--val >= 0 and --max-shapes >= 1")
+    if num_train < 0 or num_val < 0 or num_test < 0 or max_figures < 1:
+        raise UserError("make-shapes --keypoints needs --train/--val/--test >= 0 and --max-shapes >= 1")
 
     def render(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[dict]]:
         pixels, figures = render_figures(rng, h, w, max_figures)
         return pixels, [_annotation(mask, keypoints) for mask, keypoints in figures]
 
     return write_dataset(out_dir, num_train, num_val, seed, sides, render, CATEGORIES,
-                         "synthetic stick figures", seed_key=(7,))
+                         "synthetic stick figures", seed_key=(7,), num_test=num_test)
 
 
 def _annotation(mask: np.ndarray, keypoints: np.ndarray) -> dict:

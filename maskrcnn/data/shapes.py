@@ -58,8 +58,9 @@ def make_shapes(
     max_shapes: int = 4,
     shape_size: tuple[int, int] | None = None,
     style: str = "basic",
+    num_test: int = 0,
 ) -> dict[str, tuple[Path, Path]]:
-    """Write train/val images and COCO JSON under `out_dir`; return {split: (json file, image dir)}.
+    """Write train/val (and test) images and COCO JSON under `out_dir`; return {split: (json file, image dir)}.
 
     `image_size` is a fixed side for square images, or a (min, max) range drawn per side; `shape_size`
     the (smallest, largest) shape in pixels, by default the style's (basic 12..80, fine 10..48).
@@ -68,14 +69,15 @@ def make_shapes(
     sides = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(sides) != 2 or sides[0] < 32 or sides[1] < sides[0]:
         raise UserError(f"image size {image_size!r} is invalid; use a side of at least 32 pixels (--size 32 or more) or a (min, max) range")
-    if num_train < 0 or num_val < 0 or max_shapes < 1:
-        raise UserError("make-shapes needs --train/--val >= 0 and --max-shapes >= 1")
+    if num_train < 0 or num_val < 0 or num_test < 0 or max_shapes < 1:
+        raise UserError("make-shapes needs --train/--val/--test >= 0 and --max-shapes >= 1")
 
     def render(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
         pixels, shapes = render_image(rng, h, w, max_shapes, shape_size, style)
         return pixels, [mask_annotation(mask, category_id) for category_id, mask in shapes]
 
-    return write_dataset(out_dir, num_train, num_val, seed, sides, render, spec.categories, spec.description)
+    return write_dataset(out_dir, num_train, num_val, seed, sides, render, spec.categories, spec.description,
+                         num_test=num_test)
 
 
 def shape_categories(style: str = "basic") -> list[dict[str, Any]]:
@@ -86,18 +88,21 @@ def shape_categories(style: str = "basic") -> list[dict[str, Any]]:
 def write_dataset(
     out_dir: str | os.PathLike, num_train: int, num_val: int, seed: int, sides: tuple[int, int],
     render: Callable[[np.random.Generator, int, int], tuple[np.ndarray, list[dict[str, Any]]]],
-    categories: list[dict[str, Any]], description: str, seed_key: tuple[int, ...] = (),
+    categories: list[dict[str, Any]], description: str, seed_key: tuple[int, ...] = (), num_test: int = 0,
 ) -> dict[str, tuple[Path, Path]]:
-    """Render train/val images of random sizes in `sides` and write them with their COCO JSON.
+    """Render train/val (and test) images of random sizes in `sides` and write them with their COCO JSON.
 
     `render(rng, h, w)` returns the pixels and the image's annotations (without ids). One generator
-    per image: a split's images do not depend on how many the other split has.
+    per image, seeded by (seed, split, index): a split's images do not depend on how many the other
+    splits have, and the test split's stream is one that neither training nor validation ever draws.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a directory")
     result = {}
-    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
+    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val), ("test", num_test))):
+        if split == "test" and not count:
+            continue
         image_dir = out / split
         try:
             image_dir.mkdir(parents=True, exist_ok=True)
