@@ -88,7 +88,9 @@ def test_detectron2_entry_builds_and_takes_detectron2_layout(name):
         theirs[_our_name_to_detectron2(key, c4)] = torch.empty(shape, device="meta")
     converted = convert_detectron2_state_dict(theirs, cfg.model)
     assert _without_counters(converted) == _without_counters(own)
-    assert entry.url.startswith("https://dl.fbaipublicfiles.com/detectron2/") and entry.url.endswith(".pkl")
+    # Detectron2's URLs are detectron2/<config path without .yaml>/<model id>/model_final_<md5>.pkl.
+    config_path = entry.config.removeprefix("detectron2/").removesuffix(".yaml")
+    assert entry.url.startswith(f"https://dl.fbaipublicfiles.com/detectron2/{config_path}/")
     assert entry.file_name == f"model_final_{entry.hash_prefix}.pkl"  # Detectron2 names files by MD5 prefix
 
 
@@ -156,7 +158,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture()
 def server():
     srv = _Server()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield srv
     srv.shutdown()
