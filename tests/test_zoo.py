@@ -389,3 +389,25 @@ def test_two_processes_fetching_at_once_end_with_one_verified_file(tiny_zoo, ser
 def test_config_without_weights_says_random_weights(tmp_path, capsys):
     assert main(["predict", str(_image(tmp_path)), "--config", "shapes", "--out", str(tmp_path / "o")]) == 0
     assert "random weights" in capsys.readouterr().err
+
+
+def test_finetune_from_a_zoo_name_takes_its_config_and_the_datas_classes(tiny_zoo, server, shapes, tmp_path):
+    from maskrcnn.checkpoint import load_checkpoint
+
+    ann, images = shapes["train"]
+    data = json.loads(Path(ann).read_text())
+    for c in data["categories"]:
+        c["name"] = f"my_{c['name']}"  # the user's own classes, not the zoo model's
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    assert main(["train", "--weights", TINY, "--out", str(out), f"data.train=['{mine}:{images}']", "device=cpu",
+                 "solver.ims_per_batch=2", "solver.max_iter=1", "solver.warmup_iters=1",
+                 "model.backbone.trainable_stages=0"]) == 0  # a frozen trunk keeps the zoo model's weights
+    assert len(server.requests) == 1
+    final = load_checkpoint(out / "checkpoints" / "model_final.pth")
+    assert final["config"]["model"]["class_names"] == [c["name"] for c in data["categories"]]
+    assert final["config"]["model"]["backbone"]["fpn_channels"] == 32  # the zoo entry's (tiny) architecture
+    zoo_weights = load_checkpoint(tiny_zoo["path"])["model"]
+    for name in ("backbone.trunk.conv1.weight", "backbone.trunk.layer4.1.conv2.weight"):
+        assert torch.equal(final["model"][name], zoo_weights[name])
