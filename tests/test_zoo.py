@@ -312,7 +312,7 @@ def test_predict_defaults_to_the_coco_model(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert f"default COCO model '{zoo.DEFAULT_MODEL}'" in err
     entry = zoo.get_entry(zoo.DEFAULT_MODEL)
-    assert f"URL {entry.url}" in err and f"put it at {tmp_path / 'cache' / entry.file_name}" in err
+    assert f"from {entry.url}: " in err and f"put it at {tmp_path / 'cache' / entry.file_name}" in err
 
 
 def test_cache_is_torch_hubs_checkpoint_folder(tiny_zoo, server, tmp_path, monkeypatch):

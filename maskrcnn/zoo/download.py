@@ -77,7 +77,7 @@ def source_url(entry: ZooEntry) -> str:
 def _failure(entry: ZooEntry, url: str, reason: str) -> DownloadError:
     """Return the one-line error: what failed, the URL, the expected file and where a manual copy goes."""
     return DownloadError(
-        f"cannot fetch model '{entry.name}': {reason}; URL {url}; or download {entry.file_name} by hand "
+        f"cannot fetch model '{entry.name}' from {url}: {reason}; download {entry.file_name} by hand "
         f"({entry.describe_hash()}) and put it at {cached_path(entry)}")
 
 
