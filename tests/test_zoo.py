@@ -268,6 +268,14 @@ def test_cut_connection_leaves_no_file_and_the_retry_succeeds(tiny_zoo, server):
     assert _cache_files(tiny_zoo) == [path.name]
 
 
+def test_temp_file_of_a_killed_download_is_removed_by_the_next(tiny_zoo, server):
+    tiny_zoo["cache"].mkdir()
+    stale = tiny_zoo["cache"] / f".{tiny_zoo['path'].name}.12345.deadbeef.partial"  # as a SIGKILL leaves it
+    stale.write_bytes(tiny_zoo["data"][:100])
+    path = zoo.fetch(zoo.get_entry(TINY), progress=False)
+    assert _cache_files(tiny_zoo) == [path.name]
+
+
 def test_connection_cut_every_time_gives_up_in_one_line(tiny_zoo, server, tmp_path, capsys):
     server.cut = download.ATTEMPTS
     assert main(["predict", str(_image(tmp_path)), "--weights", TINY, "--out", str(tmp_path / "out")]) == 2

@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _ap(value: float | None) -> str:
+    """Return an AP for the table ('-' when not published)."""
     return f"{value:.1f}" if value is not None else "-"
 
 

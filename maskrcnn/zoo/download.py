@@ -112,25 +112,28 @@ def fetch(entry: ZooEntry, progress: bool = True) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _failure(entry, url, f"cannot create the cache folder {path.parent}: {e.strerror}") from None
-    with _cache_lock(path.parent):
+    with _cache_lock(path.parent) as locked:
         if path.is_file():  # another process fetched it while this one waited for the lock
             verify_cached(entry, path)
             return path
+        if locked:  # no other download runs here now: temp files left by a killed process are stale
+            for stale in path.parent.glob(f".{path.name}.*{PARTIAL_SUFFIX}"):
+                stale.unlink(missing_ok=True)
         _download_verified(entry, url, path, progress)
     return path
 
 
 @contextlib.contextmanager
-def _cache_lock(directory: Path) -> Iterator[None]:
+def _cache_lock(directory: Path) -> Iterator[bool]:
     """Hold an exclusive lock on the cache folder (flock on the folder itself, so no lock file is left).
 
-    Without flock (Windows, some network file systems) downloads still cannot mix: each writes its own
-    temp file and renames it into place only once verified; the last rename wins with an equal file.
+    Yields whether the lock is held. Without flock (Windows, some network file systems) downloads still
+    cannot mix: each writes its own temp file and renames it into place only once verified.
     """
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -140,8 +143,9 @@ def _cache_lock(directory: Path) -> Iterator[None]:
             print(f"waiting for another process downloading into {directory} ...", file=sys.stderr, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
-            pass  # flock not supported here: fall back to temp files + atomic rename alone
-        yield
+            yield False  # flock not supported here: temp files + atomic rename alone
+            return
+        yield True
     finally:
         os.close(fd)  # releases the lock
 
