@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 
+from maskrcnn.errors import UserError
 from maskrcnn.zoo.download import (CACHE_ENV, MIRROR_ENV, OFFLINE_ENV, DownloadError, cache_dir, cached_path,
                                    fetch, is_cached, offline, source_url)
 from maskrcnn.zoo.table import (DEFAULT_MODEL, EXTRA_TABLE_ENV, ZooEntry, entries, entry_config, find_entry,
-                                get_entry, looks_like_name)
+                                get_entry, looks_like_name, nearest_hint)
 
 __all__ = [
     "CACHE_ENV", "DEFAULT_MODEL", "EXTRA_TABLE_ENV", "MIRROR_ENV", "OFFLINE_ENV", "DownloadError", "ZooEntry",
@@ -28,6 +29,9 @@ def resolve_weights(weights: str | os.PathLike | None) -> tuple[str | os.PathLik
     A bare word that is neither a file nor a zoo name is refused in one line naming the closest names.
     """
     if isinstance(weights, str) and not os.path.exists(weights) and (weights in entries() or looks_like_name(weights)):
-        entry = get_entry(weights)  # a bare word: a zoo name, or one line naming the closest ones
+        entry = entries().get(weights)
+        if entry is None:  # a bare word: meant as a zoo name (or a file that is not there)
+            raise UserError(f"weights '{weights}' is neither a file nor a model in the zoo{nearest_hint(weights)} "
+                            "(`maskrcnn models` lists them)")
         return fetch(entry), entry
     return weights, None

@@ -123,13 +123,17 @@ def find_entry(name: object) -> ZooEntry | None:
     return entries().get(name)
 
 
+def nearest_hint(name: str) -> str:
+    """Return "; did you mean 'X'?" for the closest zoo name, or ''."""
+    near = difflib.get_close_matches(name, list(entries()), n=1, cutoff=0.5)
+    return f"; did you mean '{near[0]}'?" if near else ""
+
+
 def get_entry(name: str) -> ZooEntry:
     """Return the entry called `name`, or raise one line naming the closest names."""
     entry = entries().get(name)
     if entry is None:
-        near = difflib.get_close_matches(name, list(entries()), n=1, cutoff=0.5)
-        hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise UserError(f"'{name}' is not a model in the zoo{hint} (`maskrcnn models` lists them)")
+        raise UserError(f"'{name}' is not a model in the zoo{nearest_hint(name)} (`maskrcnn models` lists them)")
     return entry
 
 
