@@ -135,7 +135,11 @@ def _cache_lock(directory: Path) -> Iterator[bool]:
     except ImportError:
         yield False
         return
-    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        yield False  # the download itself will report an unusable folder
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -161,13 +165,12 @@ def _download_verified(entry: ZooEntry, url: str, path: Path, progress: bool) ->
                 raise _failure(entry, url, f"the downloaded file's {entry.hash_algorithm} is "
                                            f"{digest[:len(entry.hash_prefix)]}..., expected {entry.describe_hash()} "
                                            "(the server sent another file; nothing was kept)")
-            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
             _fsync_dir(path.parent)
             return
         except _Dropped as e:
             if attempt == ATTEMPTS:
-                raise _failure(entry, url, f"the connection failed {ATTEMPTS} times (last: {e})") from None
+                raise _failure(entry, url, f"the download failed {ATTEMPTS} times (last: {e})") from None
             print(f"download broke off ({e}); retrying (attempt {attempt + 1} of {ATTEMPTS})", file=sys.stderr)
             time.sleep(RETRY_PAUSE_S * attempt)
         except HTTPError as e:
