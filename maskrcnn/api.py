@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -25,22 +26,32 @@ def config_from_checkpoint(weights: str | os.PathLike, overrides: list[str] | No
 
 
 def load_model(
-    config: str | os.PathLike | Config | None = "torchvision-r50-fpn",
+    config: str | os.PathLike | Config | None = None,
     weights: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
     device: str = "cpu",
 ) -> MaskRCNN:
-    """Return a model in eval mode from a preset name, YAML file or Config, with weights loaded if given.
+    """Return a model in eval mode from a zoo name, preset name, YAML file or Config, with weights loaded if given.
 
-    With `config=None`, the config saved inside the `weights` checkpoint (one of ours) is used.
-    `weights` may be one of our checkpoints or a torchvision Mask R-CNN state-dict file.
+    `load_model("maskrcnn_resnet50_fpn_v2")` (or `weights=` that name) fetches a model-zoo entry
+    (`maskrcnn models`) once into the cache and builds the config it comes with. With `config=None`,
+    the config saved inside the `weights` checkpoint (one of ours) is used. `weights` may also be one of
+    our checkpoints, a torchvision Mask R-CNN state-dict file or a Detectron2 model-zoo file.
     """
     from maskrcnn.checkpoint import WeightsMismatchError, load_weights
+    from maskrcnn.zoo import entry_config, find_entry, resolve_weights
 
+    if weights is None and find_entry(config) is not None:
+        config, weights = None, str(config)  # load_model(NAME): the zoo entry brings both
+    weights, entry = resolve_weights(weights)
     if config is None:
-        if not weights:
-            raise UserError("load_model needs a config (preset or YAML) or a checkpoint that carries one")
-        cfg = config_from_checkpoint(weights, overrides)
+        if entry is not None:
+            cfg = entry_config(entry, overrides)
+        elif not weights:
+            raise UserError("load_model needs a model zoo name (e.g. 'maskrcnn_resnet50_fpn_v2'), a config "
+                            "(preset or YAML) or a checkpoint that carries one")
+        else:
+            cfg = config_from_checkpoint(weights, overrides)
     elif isinstance(config, Config):
         cfg = config.clone()
     else:
@@ -52,6 +63,13 @@ def load_model(
         except WeightsMismatchError as e:
             raise WeightsMismatchError(f"{e}; {_mismatch_advice(config, e.saved_config)}", e.saved_config) from None
     return model.to(torch.device(device)).eval()
+
+
+def random_weights_note(config: object, weights: object) -> None:
+    """Say in one line (stderr) that a model built from a config alone has random weights."""
+    if config is not None and not weights:
+        print("note: a config without --weights: the model has random weights, so its detections mean nothing "
+              "(fine for timing; `maskrcnn models` lists pretrained ones)", file=sys.stderr)
 
 
 def _mismatch_advice(config: object, saved_config: dict | None) -> str:

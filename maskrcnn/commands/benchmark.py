@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "--preset", dest="config", default=None,
                    help="preset name or YAML file (default: the config stored in --weights)")
     p.add_argument("--weights", default=None,
-                   help="our checkpoint or a torchvision state dict (default: random weights)")
+                   help="a model name from `maskrcnn models`, our checkpoint or a torchvision / Detectron2 weights "
+                        "file (default: random weights, which time the same)")
     p.add_argument("--size", default="800x1333", help="HxW of the random input image (default: 800x1333)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="fp32, or bf16/fp16 autocast (fp16 needs CUDA: bf16 is used on the CPU, with a note)")
@@ -36,14 +37,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the model, measure, print a table and optionally write JSON."""
-    from maskrcnn.api import load_model
+    from maskrcnn.api import load_model, random_weights_note
     from maskrcnn.config import atomic_write_text
     from maskrcnn.engine.benchmark import (BenchmarkOptions, find_max_batch, format_report, parse_size,
                                            run_benchmark)
     from maskrcnn.engine.trainer import resolve_device
 
     if args.config is None and args.weights is None:
-        raise UserError("benchmark needs --config (a preset or YAML file) or --weights with a stored config")
+        raise UserError("benchmark needs --config (a preset or YAML file) or --weights (a zoo model name "
+                        "or a checkpoint with a stored config)")
     for item in args.overrides:
         if "=" not in item:
             raise UserError(f"unexpected argument '{item}': overrides are KEY=VALUE")
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
                   "mode": "train", "environment": environment(device), **opts.extra,
                   "max_memory": find_max_batch(argv, args.max_memory)}
     else:
+        random_weights_note(args.config, args.weights)
         model = load_model(args.config, args.weights, args.overrides, device=str(device))
         report = run_benchmark(model, opts, device)
     if not args.quiet:

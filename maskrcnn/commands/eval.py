@@ -19,8 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the eval command's options."""
     p.add_argument("--config", "-c", default=None,
                    help="preset name or YAML file (default: the config stored in --weights)")
-    p.add_argument("--weights", default=None, metavar="FILE",
-                   help="our checkpoint or a torchvision Mask R-CNN state dict")
+    p.add_argument("--weights", default=None, metavar="NAME_OR_FILE",
+                   help="a model name from `maskrcnn models` (fetched once), our checkpoint, or a torchvision / "
+                        "Detectron2 weights file")
     p.add_argument("--data", default=None, metavar="ANN.json:IMAGE_DIR",
                    help="evaluation set (default: data.val of the config)")
     p.add_argument("--predictions", default=None, metavar="FILE",
@@ -33,12 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.mask_head.threshold=0.4")
 
 
-def _load_cfg(args: argparse.Namespace):
-    """Return the config from --config, else from the --weights checkpoint, else the defaults."""
+def _load_cfg(args: argparse.Namespace, entry: Any = None):
+    """Return the config from --config, else the zoo entry's, else the --weights checkpoint's, else the defaults."""
     from maskrcnn.config import load_config
+    from maskrcnn.zoo import entry_config
 
     if args.config:
         return load_config(args.config, list(args.opts))
+    if entry is not None:
+        return entry_config(entry, list(args.opts))
     if args.weights and not args.predictions:
         from maskrcnn.api import config_from_checkpoint
 
@@ -95,7 +99,8 @@ def _run_model(args: argparse.Namespace, cfg: Any, spec: str, out: Path, onnx_mo
     from maskrcnn.engine.trainer import resolve_device
 
     if not args.weights:
-        raise UserError("eval needs --weights FILE (a checkpoint or state dict), or --predictions FILE")
+        raise UserError("eval needs --weights NAME_OR_FILE (a zoo model, checkpoint or state dict), "
+                        "or --predictions FILE")
     if not Path(args.weights).is_file():
         raise UserError(f"weights file '{args.weights}' does not exist")
     ann, image_dir = parse_data_spec(spec)
@@ -130,7 +135,12 @@ def run(args: argparse.Namespace) -> int:
         onnx_model = load_backend(args, list(args.opts))
         cfg = onnx_model.cfg
     else:
-        cfg = _load_cfg(args)
+        entry = None
+        if args.weights and not args.predictions:
+            from maskrcnn.zoo import resolve_weights
+
+            args.weights, entry = resolve_weights(args.weights)  # a zoo name: fetched once, then its file
+        cfg = _load_cfg(args, entry)
     spec = args.data or cfg.data.val
     if not spec:
         raise UserError("no evaluation data: pass --data ANN.json:IMAGE_DIR or set data.val in the config")

@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--config", "--preset", dest="config", default=None,
                    help="preset name or YAML file (default: the config stored in --weights)")
-    p.add_argument("--weights", default=None, help="our checkpoint or a torchvision / Detectron2 weights file")
+    p.add_argument("--weights", default=None,
+                   help="a model name from `maskrcnn models`, our checkpoint, or a torchvision / Detectron2 weights file")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default: onnx)")
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, at least 17 (default: 17)")
@@ -26,13 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, export it, optionally check parity, print where the file is."""
-    from maskrcnn.api import load_model
+    from maskrcnn.api import load_model, random_weights_note
     from maskrcnn.export import export_onnx
 
     if args.opset < 17:
         raise UserError(f"--opset {args.opset} is too old: the export needs opset 17 or newer")
-    if not args.weights:
-        print("note: no --weights given; exporting randomly initialised weights")
+    random_weights_note(args.config, args.weights)
     model = load_model(args.config, args.weights, list(args.overrides))
     start = time.perf_counter()
     try:

@@ -20,8 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+",
                    help="image or video files, folders or glob patterns (and KEY=VALUE overrides)")
     p.add_argument("--config", "--preset", dest="config", default=None,
-                   help="preset name or YAML file (default: the config stored in --weights)")
-    p.add_argument("--weights", default=None, help="our checkpoint or a torchvision Mask R-CNN state dict")
+                   help="preset name or YAML file (default: the config of the --weights zoo model or checkpoint)")
+    p.add_argument("--weights", default=None,
+                   help="a model name from `maskrcnn models` (fetched once), our checkpoint, or a torchvision / "
+                        "Detectron2 weights file (default without --config: maskrcnn_resnet50_fpn_v2, COCO)")
     p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -75,10 +77,19 @@ def add_backend_argument(p: argparse.ArgumentParser) -> None:
 
 
 def load_backend(args: argparse.Namespace, overrides: list[str]):
-    """Return the model to predict with: a PyTorch MaskRCNN, or an exported file run by ONNX Runtime."""
-    from maskrcnn.api import load_model
+    """Return the model to predict with: a PyTorch MaskRCNN, or an exported file run by ONNX Runtime.
+
+    Given neither --weights nor --config, the default COCO model of the zoo is used (fetched once).
+    """
+    from maskrcnn.api import load_model, random_weights_note
+    from maskrcnn.zoo import DEFAULT_MODEL
 
     if getattr(args, "backend", "pytorch") != "onnxruntime":
+        if not args.weights and not args.config:
+            print(f"no --weights or --config: using the default COCO model '{DEFAULT_MODEL}' "
+                  "(`maskrcnn models` lists the others)", file=sys.stderr)
+            args.weights = DEFAULT_MODEL
+        random_weights_note(args.config, args.weights)
         return load_model(args.config, args.weights, overrides, device=args.device)
     from maskrcnn.export import OnnxMaskRCNN
 

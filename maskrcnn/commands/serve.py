@@ -15,7 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (PyTorch backend)")
     p.add_argument("--config", "--preset", dest="config", default=None,
                    help="preset name or YAML file (default: the config stored in --weights)")
-    p.add_argument("--weights", default=None, help="our checkpoint, torchvision/Detectron2 weights, or a .onnx file")
+    p.add_argument("--weights", default=None,
+                   help="a model name from `maskrcnn models`, our checkpoint, torchvision/Detectron2 weights, or a "
+                        ".onnx file (default without --config: maskrcnn_resnet50_fpn_v2, COCO)")
     p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
                    help="pytorch, or onnxruntime with --weights MODEL.onnx")
     p.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch backend)")

@@ -14,8 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the train command's options."""
     p.add_argument("--config", "-c", default=None, help="preset name or YAML file (default: built-in defaults)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in the output dir")
-    p.add_argument("--weights", default=None, metavar="FILE",
-                   help="initialise the whole model from a checkpoint or state dict (e.g. a COCO model); "
+    p.add_argument("--weights", default=None, metavar="NAME_OR_FILE",
+                   help="initialise the whole model from a zoo model (`maskrcnn models`; its config is the "
+                        "default and the classes come from the training data), a checkpoint or a state dict; "
                         "class-dependent layers are re-initialised when the number of classes differs")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (overrides output_dir)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. solver.max_iter=1000")
@@ -45,12 +46,21 @@ def run(args: argparse.Namespace) -> int:
     """Train and print where the outputs are; return the exit status."""
     from maskrcnn.config import load_config
     from maskrcnn.engine.trainer import train
+    from maskrcnn.zoo import entry_config, resolve_weights
 
     _setup_logging()
-    cfg = load_config(args.config, list(args.overrides))
+    weights, entry = resolve_weights(args.weights)  # a zoo name: fetched once (every rank waits for one download)
+    if entry is not None and not args.config:
+        # Fine-tuning: the zoo model's architecture, with the classes of the training data (the class layers
+        # are re-initialised when their number differs).
+        cfg = entry_config(entry, ["model.class_names=[]", "model.category_ids=[]", *args.overrides])
+        logging.getLogger(__name__).info("config: zoo model %s (%s), classes from the training data",
+                                         entry.name, entry.config)
+    else:
+        cfg = load_config(args.config, list(args.overrides))
     if args.out:
         cfg.output_dir = args.out
-    out = train(cfg, resume=args.resume, weights=args.weights)
+    out = train(cfg, resume=args.resume, weights=str(weights) if weights else None)
     if os.environ.get("RANK", "0") == "0":
         print(f"outputs in {out}")
     return 0

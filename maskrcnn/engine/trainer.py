@@ -375,6 +375,9 @@ class Trainer:
             if cfg.model.backbone.weights:
                 _load_trunk_weights(self.model, cfg.model.backbone.weights)
             if weights:
+                from maskrcnn.zoo import resolve_weights
+
+                weights = str(resolve_weights(weights)[0])  # a zoo name: its fetched file
                 report = load_weights(self.model, weights, strict=True, reinit_mismatched_classes=True)
                 note = f"; re-initialised {', '.join(report.reinitialized)}" if report.reinitialized else ""
                 log.info("model initialised from %s%s", weights, note)
@@ -872,8 +875,8 @@ def train(cfg: Config, resume: bool = False, weights: str | None = None) -> Path
     """Train the model described by `cfg`; return the output directory.
 
     `resume` continues from the newest valid checkpoint in `cfg.output_dir/checkpoints`;
-    `weights` initialises the whole model from a checkpoint or state dict for fine-tuning
-    (class-dependent layers are re-initialised when the number of classes differs).
+    `weights` initialises the whole model from a zoo model name, a checkpoint or a state dict for
+    fine-tuning (class-dependent layers are re-initialised when the number of classes differs).
     """
     s = cfg.solver
     # Under torchrun: join the process group, and make a failure here end the other ranks too.
