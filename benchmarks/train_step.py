@@ -13,6 +13,11 @@ first source of the same kind.
 
 Timing: after `--warmup` steps, `--steps` steps of data loading + forward + backward + optimizer update,
 in the precision the preset's `solver.amp` picks on that kind (bf16 where native, else float32).
+
+The compute floor: the FLOPs of one step's forward and backward (torch.utils.flop_counter, convolutions and
+matrix products) divided by the throughput this process measures for a large 3x3 convolution's forward
+and backward in the same precision and threads: what the step would take if every FLOP ran as fast as
+the CPU's best case.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ def worker(args: argparse.Namespace) -> None:
 
     for _ in range(args.warmup):
         step()
+    flops = step_flops(model, loader, dtype)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -92,9 +98,48 @@ def worker(args: argparse.Namespace) -> None:
         step()
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
-    print(json.dumps({"wall": statistics.median(wall), "cpu": statistics.median(cpu),
+    conv_flops_per_s = conv_throughput(dtype)
+    print(json.dumps({"wall": statistics.median(wall), "cpu": statistics.median(cpu), "gflop": flops / 1e9,
+                      "conv_gflops": conv_flops_per_s / 1e9, "floor": flops / conv_flops_per_s,
                       "precision": str(dtype).removeprefix("torch.") if dtype else "float32",
                       "batch": cfg.solver.ims_per_batch}))
+
+
+def step_flops(model, loader, dtype) -> float:
+    """Return the FLOPs of one training step's forward and backward on the next batch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images, targets = next(loader)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def conv_throughput(dtype, repeats: int = 5) -> float:
+    """Return FLOP/s of a 3x3, 128-channel convolution's forward and backward over 8 maps of 64x64."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1)
+    x = torch.randn(8, 128, 64, 64, requires_grad=True)
+
+    def once() -> None:
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            y = conv(x)
+        y.float().sum().backward()
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        once()
+    once()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    return counter.get_total_flops() * repeats / (time.perf_counter() - start)
 
 
 def run_variant(source_dir: Path, kind: str, args: argparse.Namespace) -> dict:
@@ -147,8 +192,9 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; medians over {args.runs} runs of "
           f"{args.steps} steps")
-    print("| source | CPU kind | precision | batch | s/step (wall) | CPU s/step | speed-up vs first |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    print("| source | CPU kind | precision | batch | s/step (wall) | CPU s/step | speed-up vs first | GFLOP/step "
+          "| conv GFLOP/s | floor s/step |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for kind in args.kinds:
         base = None
         for source in args.sources:
@@ -156,8 +202,10 @@ def main() -> None:
             wall = statistics.median(r["wall"] for r in runs)
             cpu = statistics.median(r["cpu"] for r in runs)
             base = base or wall
+            gflop = statistics.median(r["gflop"] for r in runs)
+            conv = statistics.median(r["conv_gflops"] for r in runs)
             print(f"| {source} | {kind} | {runs[0]['precision']} | {runs[0]['batch']} | {wall:.3f} | {cpu:.3f} | "
-                  f"{base / wall:.2f}x |")
+                  f"{base / wall:.2f}x | {gflop:.1f} | {conv:.0f} | {gflop / conv:.3f} |")
 
 
 if __name__ == "__main__":
