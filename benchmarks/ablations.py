@@ -158,13 +158,14 @@ def benchmark_file(out: Path, variant: str, seed: int) -> Path:
 
 
 def seconds_per_step(out: Path, variant: str, seed: int) -> float | None:
-    """Return the trainer's last logged seconds per iteration of a run (None for logs without it)."""
+    """Return a run's median training step time (data + forward + backward + update, the trainer's
+    logged `time`), leaving out the first iteration's record (allocator warm-up); None without a log."""
     path = run_dir(out, variant, seed) / "metrics.jsonl"
     if not path.exists():
         return None
-    values = [json.loads(line).get("seconds_per_iter") for line in path.read_text().splitlines() if line.strip()]
-    values = [v for v in values if v is not None]
-    return values[-1] if values else None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    values = [r["time"] for r in records if "time" in r and r.get("iter", 0) > 1]
+    return statistics.median(values) if values else None
 
 
 def time_inference(out: Path, variant: Variant, seed: int, threads: int, size: int = 128) -> None:

@@ -273,7 +273,8 @@ def test_cascade_table_compares_box_ap_and_reports_the_cost(tmp_path):
             bbox = dict(zip(("AP", "AP50", "AP75"), (v + seed for v in box)))
             path.write_text(json.dumps({"bbox": bbox, "segm": {"AP": 30.0, "AP50": 50.0, "AP75": 25.0}}))
             run = ablations.run_dir(tmp_path, variant, seed)
-            (run / "metrics.jsonl").write_text(json.dumps({"iter": 2, "seconds_per_iter": step + seed}) + "\n")
+            records = [{"iter": 1, "time": 9.0}, {"iter": 20, "time": step + seed}]  # the first: warm-up
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             inference = {"inference": {"seconds_per_image": {"median": image}}}
             ablations.benchmark_file(tmp_path, variant, seed).write_text(json.dumps(inference))
     variants = [ablations.BY_NAME[n] for n in ("fpn/baseline", "cascade/plain", "cascade/cascade")]

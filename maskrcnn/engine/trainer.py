@@ -862,8 +862,7 @@ class Trainer:
         """Write the window's mean losses to metrics.jsonl/TensorBoard (and stdout when no bar is shown)."""
         keys = [k for k in window[-1] if k != "lr"]
         means = {k: float(np.mean([w[k] for w in window if k in w])) for k in keys}
-        record = {"iter": self.iteration, "lr": window[-1]["lr"], **means, "eta_seconds": round(eta, 1),
-                  "seconds_per_iter": round(sec_per_iter, 4)}  # wall time per step since this session started
+        record = {"iter": self.iteration, "lr": window[-1]["lr"], **means, "eta_seconds": round(eta, 1)}
         scalars = {f"train/{k}": v for k, v in means.items()}
         scalars["train/lr"] = window[-1]["lr"]
         metrics.write(record, scalars)
