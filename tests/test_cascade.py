@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 
+import httpx
+import numpy as np
 import pytest
 import torch
 from conftest import TINY
+from PIL import Image
 
+from maskrcnn.api import load_model
+from maskrcnn.checkpoint import save_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.config import ConfigError, load_config
 from maskrcnn.modeling import build_model
 from maskrcnn.modeling.cascade import CascadeRoIHeads, scale_gradient
 from maskrcnn.modeling.roi_heads import RoIHeads
+from maskrcnn.serve import create_app
 
 CASCADE = TINY + ["model.box_head.batch_size_per_image=64"]
 
@@ -154,3 +161,23 @@ def test_cascade_shapes_model_trains_evaluates_and_predicts(shapes, tmp_path):
     assert set(json.loads((tmp_path / "eval" / "metrics.json").read_text())) >= {"bbox", "segm"}
     assert main(["predict", str(val_images), "--weights", str(weights), "--out", str(tmp_path / "pred")]) == 0
     assert (tmp_path / "pred" / "predictions.json").exists()
+
+
+def test_serve_answers_with_the_cascade_models_detections(tmp_path):
+    from test_serve import Running, png_bytes
+
+    model = cascade_model()
+    weights = tmp_path / "cascade.pth"
+    save_checkpoint(weights, {"model": model.state_dict(), "config": model.cfg.to_dict(), "iteration": 0})
+    loaded = load_model(None, weights=weights)
+    assert isinstance(loaded.roi_heads, CascadeRoIHeads)
+    running = Running(create_app(loaded, score_threshold=0.0))
+    data = png_bytes()
+    try:
+        response = httpx.post(f"{running.url}/predict", files={"file": ("a.png", data, "image/png")})
+    finally:
+        running.stop()
+    assert response.status_code == 200, response.text
+    scores = [d["score"] for d in response.json()["detections"]]
+    expected = model.predict(np.asarray(Image.open(io.BytesIO(data))), score_threshold=0.0)[0]["scores"]
+    assert len(scores) == len(expected) > 0 and scores == pytest.approx(expected.tolist(), abs=1e-5)
