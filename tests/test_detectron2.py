@@ -79,6 +79,14 @@ def test_cascade_model_zoo_configs_translate_to_three_stages(schedule, steps):
     assert len(heads.box_head) == 3 and all(p.box_deltas.out_features == 4 for p in heads.box_predictor)
 
 
+def test_class_agnostic_model_zoo_config_loads_as_a_plain_model_with_four_box_outputs():
+    cfg = load_config(str(MISC / "mask_rcnn_R_50_FPN_1x_cls_agnostic.yaml"))
+    assert cfg.model.box_head.class_agnostic and cfg.model.mask_head.class_agnostic
+    assert not cfg.model.box_head.cascade.enabled
+    heads = build_model(cfg).roi_heads
+    assert heads.box_predictor.box_deltas.out_features == 4 and heads.mask_head.predictor.out_channels == 1
+
+
 @pytest.mark.parametrize("edit, key", [
     ({"MODEL": {"RESNETS": {"RES5_DILATION": 2}}}, "MODEL.RESNETS.RES5_DILATION"),
     ({"MODEL": {"RESNETS": {"DEFORM_ON_PER_STAGE": [False, True, True, True]}}}, "MODEL.RESNETS.DEFORM_ON_PER_STAGE"),
