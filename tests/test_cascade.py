@@ -181,3 +181,14 @@ def test_serve_answers_with_the_cascade_models_detections(tmp_path):
     scores = [d["score"] for d in response.json()["detections"]]
     expected = model.predict(np.asarray(Image.open(io.BytesIO(data))), score_threshold=0.0)[0]["scores"]
     assert len(scores) == len(expected) > 0 and scores == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_a_cascade_checkpoint_in_a_plain_model_is_one_line_naming_the_stages(tmp_path):
+    from maskrcnn.checkpoint import CheckpointError, load_weights
+
+    model = cascade_model()
+    weights = tmp_path / "cascade.pth"
+    save_checkpoint(weights, {"model": model.state_dict(), "config": model.cfg.to_dict(), "iteration": 0})
+    with pytest.raises(CheckpointError, match="3 classes, 3 cascade stages") as error:
+        load_weights(build_model(load_config("shapes", TINY)), weights)
+    assert "\n" not in str(error.value)
