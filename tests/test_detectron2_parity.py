@@ -148,3 +148,30 @@ def test_finetune_from_detectron2_pkl_reinitialises_class_layers(tmp_path):
     assert torch.equal(state["backbone.trunk.conv1.weight"], torch.from_numpy(stem.astype(np.float32)))
     losses = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(x) for x in losses if x is not None)
+
+
+@pytest.mark.skipif(not CASCADE_FIXTURE.is_dir(), reason=f"cascade fixture not found at {CASCADE_FIXTURE}")
+def test_finetune_from_detectron2_cascade_pkl_keeps_the_class_agnostic_box_deltas(tmp_path):
+    """Another class count re-initialises each stage's classifier; its 4 box deltas load from the file."""
+    import pickle
+
+    from maskrcnn.data.shapes import make_shapes
+
+    ann, images = make_shapes(tmp_path / "data", num_train=2, num_val=0, seed=1, image_size=96,
+                              max_shapes=3, shape_size=(24, 48))["train"]
+    out = tmp_path / "run"
+    code = main([
+        "train", "--config", str(CASCADE_FIXTURE / "config.yaml"), "--weights", str(CASCADE_FIXTURE / "model.pkl"),
+        "--out", str(out), "model.class_names=[]", "model.category_ids=[]", f"data.train=['{ann}:{images}']",
+        "input.min_size_train=[128]", "input.max_size_train=128", "solver.ims_per_batch=2", "solver.max_iter=1",
+        "solver.base_lr=0.0", "solver.warmup_iters=1", "solver.checkpoint_period=100",
+        "model.rpn.pre_nms_top_n_train=200", "model.rpn.post_nms_top_n_train=100", "device=cpu",
+    ])
+    assert code == 0
+    state = load_checkpoint(out / "checkpoints" / "model_final.pth")["model"]
+    arrays = pickle.loads((CASCADE_FIXTURE / "model.pkl").read_bytes())["model"]
+    for stage in range(3):
+        assert state[f"roi_heads.box_predictor.{stage}.class_logits.weight"].shape == (4, 256)
+        deltas = torch.from_numpy(arrays[f"roi_heads.box_predictor.{stage}.bbox_pred.weight"].astype(np.float32))
+        assert torch.equal(state[f"roi_heads.box_predictor.{stage}.box_deltas.weight"], deltas)  # lr 0: unchanged
+
