@@ -80,8 +80,6 @@ class CascadeRoIHeads(RoIHeads):
         losses: dict[str, Tensor] = {}
         rois = sampled
         for stage in range(self.num_stages):
-            if stage > 0:
-                rois = self.label_stage(stage, refined, targets)
             pooled = self.box_pooler(features, [r.boxes for r in rois])
             # Every stage's loss reaches the shared features: scale their gradient by 1/stages so the
             # backbone learns as from one head (Detectron2's choice), while each head gets its full gradient.
@@ -90,8 +88,9 @@ class CascadeRoIHeads(RoIHeads):
             stage_losses = box_losses(class_logits, box_deltas, rois, self.coders[stage], self.cfg.smooth_l1_beta)
             for name, value in stage_losses.items():
                 losses[f"{name}_stage{stage}"] = value * self.loss_weights[stage]
-            if stage + 1 < self.num_stages:
-                refined = self.refine_for_training(stage, box_deltas, rois, image_sizes)
+            if stage + 1 < self.num_stages:  # the next stage's RoIs: these, refined, at its threshold
+                rois = self.label_stage(stage + 1, self.refine_for_training(stage, box_deltas, rois, image_sizes),
+                                        targets)
         return losses, None
 
     def refine_for_training(self, stage: int, box_deltas: Tensor, rois: list[SampledRoIs],
@@ -116,10 +115,10 @@ class CascadeRoIHeads(RoIHeads):
         """
         boxes, total = proposals, None
         for stage in range(self.num_stages):
-            if stage > 0:
-                boxes = clip(decoded[:, 0])
             class_logits, box_deltas = run_stage(self.box_head[stage], self.box_predictor[stage], boxes)
             probs = F.softmax(class_logits.float(), dim=-1)
             total = probs if total is None else total + probs
             decoded = self.coders[stage].decode(box_deltas.float(), boxes.float())
+            if stage + 1 < self.num_stages:
+                boxes = clip(decoded[:, 0])  # the next stage's proposals
         return decoded, total * (1.0 / self.num_stages)
