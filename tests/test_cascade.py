@@ -65,6 +65,24 @@ def test_each_stage_matches_at_its_own_threshold():
     assert by_box[(10.0, 10.0, 32.0, 50.0)] == 2 and by_box[(10.0, 10.0, 50.0, 50.0)] == 2
 
 
+def test_training_labels_each_stage_at_its_own_threshold():
+    """Boxes that stages do not move (zero deltas): 3, 2 and 1 of them are positives at IoU 0.5, 0.6, 0.7."""
+    heads = cascade_model().roi_heads.train()
+    with torch.no_grad():  # no box moves; every RoI is called background with confidence, so each
+        for predictor in heads.box_predictor:  # positive costs ~10 in the classification loss
+            predictor.box_deltas.weight.zero_()
+            predictor.box_deltas.bias.zero_()
+            predictor.class_logits.weight.zero_()
+            predictor.class_logits.bias.copy_(torch.tensor([10.0, 0.0, 0.0, 0.0]))
+    target = square_target()
+    boxes = torch.tensor([[10.0, 10.0, 32.0, 50.0], [10.0, 10.0, 36.0, 50.0], [10.0, 10.0, 50.0, 50.0]])  # IoU .55 .65 1
+    sampled = [heads.label_rois(heads.matcher, boxes, target)]
+    features = [torch.rand(1, 32, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
+    losses, _ = heads.box_branch_losses(features, sampled, [target], [(64, 64)])
+    classifier = [losses[f"loss_classifier_stage{k}"].item() for k in range(3)]
+    assert classifier == pytest.approx([10 * 3 / 3, 10 * 2 / 3, 10 * 1 / 3], rel=1e-3)
+
+
 def test_config_mistakes_name_the_key():
     with pytest.raises(ConfigError, match="class_agnostic=true"):
         load_config("shapes", ["model.box_head.cascade.enabled=true"])
