@@ -66,8 +66,11 @@ def test_each_stage_matches_at_its_own_threshold():
 
 
 def test_training_labels_each_stage_at_its_own_threshold():
-    """Boxes that stages do not move (zero deltas): 3, 2 and 1 of them are positives at IoU 0.5, 0.6, 0.7."""
-    heads = cascade_model().roi_heads.train()
+    """Boxes that stages do not move (zero deltas): 3, 2 and 1 of them are positives at IoU 0.5, 0.6, 0.7.
+
+    The stages' losses are weighted by `cascade.loss_weights` (here the paper's 1, 0.5, 0.25).
+    """
+    heads = cascade_model(["model.box_head.cascade.loss_weights=[1,0.5,0.25]"]).roi_heads.train()
     with torch.no_grad():  # no box moves; every RoI is called background with confidence, so each
         for predictor in heads.box_predictor:  # positive costs ~10 in the classification loss
             predictor.box_deltas.weight.zero_()
@@ -80,7 +83,7 @@ def test_training_labels_each_stage_at_its_own_threshold():
     features = [torch.rand(1, 32, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
     losses, _ = heads.box_branch_losses(features, sampled, [target], [(64, 64)])
     classifier = [losses[f"loss_classifier_stage{k}"].item() for k in range(3)]
-    assert classifier == pytest.approx([10 * 3 / 3, 10 * 2 / 3, 10 * 1 / 3], rel=1e-3)
+    assert classifier == pytest.approx([10 * 3 / 3, 10 * 2 / 3 * 0.5, 10 * 1 / 3 * 0.25], rel=1e-3)
 
 
 def test_config_mistakes_name_the_key():
