@@ -5,11 +5,16 @@ with the same data, iterations and seeds, then the real COCO evaluator scores it
 By default the data is the built-in synthetic shapes in their "fine" style (thin rings, crosses,
 five-pointed stars, small objects), where a pixel of misalignment costs mask IoU.
 
+A second group compares the plain box head with Cascade R-CNN's (`cascade/*`, its own table): box AP at
+the IoU thresholds, and the cost, as seconds per training step (the trainer's log) and per image at
+inference (`maskrcnn benchmark` on the trained model, after training).
+
     .venv/bin/python benchmarks/ablations.py --out runs/ablations                # all variants, seeds 0 1 2
     .venv/bin/python benchmarks/ablations.py --out runs/ablations --variants fpn/roipool c4/roialign
     .venv/bin/python benchmarks/ablations.py --out runs/ablations --data train.json:images/ val.json:images/ \
         --config R50-FPN-1x                                                       # a COCO-format set of yours
     .venv/bin/python benchmarks/ablations.py --out runs/ablations --report ABLATIONS.md --chart docs/ablations.png
+    .venv/bin/python benchmarks/ablations.py --out runs/cascade --variants cascade/plain cascade/cascade --seeds 0 1
 
 Runs are separate `maskrcnn train` processes (a failed one is reported and the others go on); finished
 runs are kept, so re-running the command resumes. `--report` writes the table between the markers of
@@ -45,11 +50,12 @@ class Variant:
     paper_ap: float | None  # the paper's mask AP, for the chart
     against: str = ""  # the variant this one differs from by one choice (for the Δ column)
     input_scale: int = 1  # train and test at this multiple of the base preset's image size
+    group: str = "table2"  # which table of the report: the paper's Table 2, or the cascade comparison
 
     @property
     def single_map(self) -> bool:
         """Whether the backbone gives one feature map (C4/C5), which then carries every anchor size."""
-        return self.name.split("/")[0] != "fpn"
+        return any(o.startswith("model.backbone.kind=c") for o in self.overrides)
 
 
 # The shapes preset is R18-FPN; the C4/C5 rows swap the backbone for one feature map at stride 16 / 32.
@@ -79,8 +85,24 @@ VARIANTS = [
     Variant("c5x2/roipool", C5 + ROIPOOL, "R-50-C5 RoIPool: 23.6 / 46.5 / 21.6 (2d)", 23.6, "c5x2/roialign",
             input_scale=2),
 ]
+# Cascade R-CNN against the plain head, same preset otherwise. The literature's claim (Cai & Vasconcelos,
+# TPAMI 2019) is a box AP gain that grows with the IoU threshold: small at AP50, larger at AP75.
+CASCADE = ("model.box_head.class_agnostic=true", "model.box_head.cascade.enabled=true")
+VARIANTS += [
+    Variant("cascade/plain", (), "Detectron2 R50-FPN 3x plain: box 41.0, mask 37.2", None, group="cascade"),
+    Variant("cascade/agnostic-boxes", ("model.box_head.class_agnostic=true",),
+            "(control: the plain head with class-agnostic boxes, as every cascade stage has)", None,
+            "cascade/plain", group="cascade"),
+    Variant("cascade/cascade", CASCADE, "Detectron2 R50-FPN 3x cascade: box 44.3 (+3.3), mask 38.5 (+1.3)", None,
+            "cascade/plain", group="cascade"),
+]
 BY_NAME = {v.name: v for v in VARIANTS}
 MARK_START, MARK_END = "<!-- ablations:table:start -->", "<!-- ablations:table:end -->"
+# Each group's table goes between its own markers.
+MARKERS = {"table2": (MARK_START, MARK_END),
+           "cascade": ("<!-- ablations:cascade:start -->", "<!-- ablations:cascade:end -->")}
+# The metrics each group's Δ column compares, paired by seed.
+DELTA_METRICS = {"table2": ("mask AP", "mask AP75"), "cascade": ("box AP", "box AP75")}
 
 
 def single_level_anchors(config: str | None, extra: list[str]) -> str:
@@ -131,6 +153,33 @@ def metrics_file(out: Path, variant: str, seed: int) -> Path:
     return run_dir(out, variant, seed) / "eval" / "final" / "metrics.json"
 
 
+def benchmark_file(out: Path, variant: str, seed: int) -> Path:
+    return run_dir(out, variant, seed) / "benchmark.json"
+
+
+def seconds_per_step(out: Path, variant: str, seed: int) -> float | None:
+    """Return a run's median training step time (data + forward + backward + update, the trainer's
+    logged `time`), leaving out the first iteration's record (allocator warm-up); None without a log."""
+    path = run_dir(out, variant, seed) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    values = [r["time"] for r in records if "time" in r and r.get("iter", 0) > 1]
+    return statistics.median(values) if values else None
+
+
+def time_inference(out: Path, variant: Variant, seed: int, threads: int, size: int = 128) -> None:
+    """Write benchmark.json: `maskrcnn benchmark` of the trained model, one size x size image, 20 runs."""
+    directory = run_dir(out, variant.name, seed)
+    command = [sys.executable, "-m", "maskrcnn.cli", "benchmark", "--weights",
+               str(directory / "checkpoints" / "model_final.pth"), "--size", f"{size}x{size}", "--runs", "20",
+               "--warmup", "3", "--mode", "inference", "--json", str(benchmark_file(out, variant.name, seed)),
+               "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    with open(directory / "log.txt", "a") as log:
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
 def train_one(out: Path, variant: Variant, seed: int, config: str | None, common: list[str],
               threads: int) -> str:
     """Train and evaluate one (variant, seed) in its own process; return a one-line outcome."""
@@ -150,6 +199,8 @@ def train_one(out: Path, variant: Variant, seed: int, config: str | None, common
     minutes = (time.perf_counter() - start) / 60
     if status != 0 or not metrics_file(out, variant.name, seed).exists():
         return f"{variant.name} seed {seed}: FAILED (exit {status}) after {minutes:.1f} min, see {directory / 'log.txt'}"
+    if variant.group == "cascade":
+        time_inference(out, variant, seed, threads)
     segm = json.loads(metrics_file(out, variant.name, seed).read_text())["segm"]
     return f"{variant.name} seed {seed}: mask AP {segm['AP']:.1f} in {minutes:.1f} min"
 
@@ -160,36 +211,46 @@ def train_one(out: Path, variant: Variant, seed: int, config: str | None, common
 def collect(out: Path, variants: list[Variant], seeds: list[int]) -> dict[str, dict[str, list[float]]]:
     """Return {variant: {"seed": [finished seeds], metric: [value per finished seed]}}.
 
-    The metrics are mask AP/AP50/AP75 and box AP.
+    The metrics are mask and box AP/AP50/AP75, and where a run has them, seconds per training step
+    ("s/step") and per inference image ("s/image", the benchmark's median).
     """
     results: dict[str, dict[str, list[float]]] = {}
     for v in variants:
         done = [s for s in seeds if metrics_file(out, v.name, s).exists()]
         rows = [json.loads(metrics_file(out, v.name, s).read_text()) for s in done]
         if rows:
-            results[v.name] = {
-                "seed": done,
-                "mask AP": [r["segm"]["AP"] for r in rows], "mask AP50": [r["segm"]["AP50"] for r in rows],
-                "mask AP75": [r["segm"]["AP75"] for r in rows], "box AP": [r["bbox"]["AP"] for r in rows],
-            }
+            results[v.name] = {"seed": done}
+            for kind, section in (("mask", "segm"), ("box", "bbox")):
+                for stat in ("AP", "AP50", "AP75"):
+                    results[v.name][f"{kind} {stat}"] = [r[section].get(stat) for r in rows]
+            steps = [seconds_per_step(out, v.name, s) for s in done]
+            images = [json.loads(benchmark_file(out, v.name, s).read_text())["inference"]["seconds_per_image"]["median"]
+                      if benchmark_file(out, v.name, s).exists() else None for s in done]
+            results[v.name]["s/step"] = [x for x in steps if x is not None]
+            results[v.name]["s/image"] = [x for x in images if x is not None]
     return results
 
 
-def mean_spread(values: list[float]) -> str:
-    """Return "mean ± half-range" (the spread across seeds; just the value for one seed)."""
+def mean_spread(values: list[float], digits: int = 1) -> str:
+    """Return "mean ± half-range" (the spread across seeds; just the value for one seed; "" for none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
     mean = statistics.fmean(values)
     if len(values) == 1:
-        return f"{mean:.1f}"
-    return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
 
 
 def difference(results: dict[str, dict[str, list[float]]], name: str) -> str:
-    """Return "Δ mask AP / Δ AP75 vs X; per seed: ..." against the variant this one differs from.
+    """Return "Δ AP / Δ AP75 vs X; per seed: ..." against the variant this one differs from (mask AP for
+    Table 2, box AP for the cascade group).
 
     Paired by seed: a seed fixes the initial weights and the data order, so the difference within a
     seed is far less noisy than the spread of either variant across seeds.
     """
     against = BY_NAME[name].against
+    main_metric, ap75 = DELTA_METRICS[BY_NAME[name].group]
     if against not in results:
         return ""
     ours, theirs = results[name], results[against]
@@ -200,34 +261,50 @@ def difference(results: dict[str, dict[str, list[float]]], name: str) -> str:
     def per_seed(metric: str) -> list[float]:
         return [ours[metric][ours["seed"].index(s)] - theirs[metric][theirs["seed"].index(s)] for s in common]
 
-    mask, ap75 = per_seed("mask AP"), per_seed("mask AP75")
-    seeds = ", ".join(f"{d:+.1f}" for d in mask)
-    return (f"{statistics.fmean(mask):+.1f} / {statistics.fmean(ap75):+.1f} vs {against.split('/')[1]}"
-            f" (mask AP per seed: {seeds})")
+    gain, high = per_seed(main_metric), per_seed(ap75)
+    seeds = ", ".join(f"{d:+.1f}" for d in gain)
+    return (f"{statistics.fmean(gain):+.1f} / {statistics.fmean(high):+.1f} vs {against.split('/')[1]}"
+            f" ({main_metric} per seed: {seeds})")
 
 
-def markdown_table(results: dict[str, dict[str, list[float]]]) -> str:
-    """Return the Markdown table of every finished variant beside the paper's row."""
-    lines = ["| variant | seeds | mask AP | AP50 | AP75 | box AP | Δ mask AP / AP75, paired by seed | paper (Table 2): mask AP / AP50 / AP75 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+# Columns of each group's table: (header, metric, digits).
+COLUMNS = {
+    "table2": [("mask AP", "mask AP", 1), ("AP50", "mask AP50", 1), ("AP75", "mask AP75", 1), ("box AP", "box AP", 1)],
+    "cascade": [("box AP", "box AP", 1), ("box AP50", "box AP50", 1), ("box AP75", "box AP75", 1),
+                ("mask AP", "mask AP", 1), ("mask AP75", "mask AP75", 1), ("s / step", "s/step", 2),
+                ("s / image", "s/image", 3)],
+}
+REFERENCE = {"table2": "paper (Table 2): mask AP / AP50 / AP75", "cascade": "reference (COCO, theirs)"}
+
+
+def markdown_table(results: dict[str, dict[str, list[float]]], group: str = "table2") -> str:
+    """Return the Markdown table of the group's finished variants beside the paper's (or reference) row."""
+    columns = COLUMNS[group]
+    delta = " / ".join(DELTA_METRICS[group])
+    lines = ["| variant | seeds | " + " | ".join(h for h, _, _ in columns) + f" | Δ {delta}, paired by seed | "
+             + REFERENCE[group] + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in columns) + " | --- | --- |"]
     for name, metrics in results.items():
-        cells = [mean_spread(metrics[k]) for k in ("mask AP", "mask AP50", "mask AP75", "box AP")]
+        if BY_NAME[name].group != group:
+            continue
+        cells = [mean_spread(metrics.get(key, []), digits) for _, key, digits in columns]
         cells += [difference(results, name), BY_NAME[name].paper]
         lines.append(f"| {name} | {len(metrics['mask AP'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, table: str, command: str) -> None:
-    """Replace the text between the table markers of `path` with the table and how it was made."""
+def write_markdown(path: Path, table: str, command: str, group: str = "table2") -> None:
+    """Replace the text between the group's table markers of `path` with the table and how it was made."""
+    start, end = MARKERS[group]
     if not path.is_file():
         raise SystemExit(f"report file {path} does not exist; give a Markdown file with the table markers")
     text = path.read_text()
-    if MARK_START not in text or MARK_END not in text:
-        raise SystemExit(f"{path} has no '{MARK_START}' ... '{MARK_END}' markers to put the table between")
-    head, rest = text.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no '{start}' ... '{end}' markers to put the table between")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     made = f"Made by `{command}` on {time.strftime('%Y-%m-%d')}."
-    atomic_write_text(path, f"{head}{MARK_START}\n{table}\n\n{made}\n{MARK_END}{tail}")
+    atomic_write_text(path, f"{head}{start}\n{table}\n\n{made}\n{end}{tail}")
 
 
 def bar_chart(results: dict[str, dict[str, list[float]]], path: Path) -> None:
@@ -298,11 +375,14 @@ def main() -> int:
         if not results:
             raise SystemExit(f"no finished runs under {out / 'runs'} for these variants and seeds")
         command = "python benchmarks/ablations.py " + " ".join(a for a in sys.argv[1:])
-        write_markdown(Path(args.report), markdown_table(results), command)
-        if args.chart:
-            bar_chart(results, Path(args.chart))
+        groups = list(dict.fromkeys(BY_NAME[name].group for name in results))
+        for group in groups:
+            write_markdown(Path(args.report), markdown_table(results, group), command, group)
+            print(markdown_table(results, group))
+        table2 = {n: r for n, r in results.items() if BY_NAME[n].group == "table2"}
+        if args.chart and table2:
+            bar_chart(table2, Path(args.chart))
         atomic_write_text(out / "results.json", json.dumps(results, indent=1))
-        print(markdown_table(results))
         return 0
 
     if args.data:

@@ -225,8 +225,10 @@ def _saved_config_note(config: dict[str, Any] | None) -> str:
         m = config["model"]  # type: ignore[index]
         b = m["backbone"]
         width = f" {b['groups']}x{b['width_per_group']}d" if b.get("groups", 1) > 1 else ""
+        cascade = m["box_head"].get("cascade", {})
+        stages = f", {len(cascade['ious'])} cascade stages" if cascade.get("enabled") else ""
         return (f" (it was trained as a {b['kind'].upper()} model, ResNet depth {b['depth']}{width}, "
-                f"{m['num_classes']} classes)")
+                f"{m['num_classes']} classes{stages})")
     except (KeyError, TypeError, AttributeError):
         return ""
 

@@ -47,6 +47,9 @@ class BackboneConfig:
     # frozen BN folded into the preceding conv (W*scale, shift as bias): fewer passes, same function
     fold_frozen_bn: bool = True
     stride_in_1x1: bool = False  # bottlenecks stride in the 1x1 conv (MSRA/Detectron2), not the 3x3
+    # res2's output channels (doubling per stage), bottlenecks a quarter as wide: 0 = the standard
+    # 64 x block expansion. Smaller = a thin trunk (Detectron2's RES2_OUT_CHANNELS, e.g. 64 for R50).
+    res2_channels: int = 0
 
 
 @dataclass
@@ -94,8 +97,22 @@ class PoolerConfig:
 
 
 @dataclass
+class CascadeConfig:
+    """Cascade R-CNN (Cai & Vasconcelos): box-head stages in a row, each trained at a higher IoU on the
+    boxes the previous stage refined; one stage per entry of `ious` (and of the two lists after it)."""
+
+    enabled: bool = False
+    ious: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7])
+    bbox_reg_weights: list[list[float]] = field(
+        default_factory=lambda: [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0], [30.0, 30.0, 15.0, 15.0]])
+    # each stage's classification and box losses are multiplied by its weight (Detectron2: all 1;
+    # the paper's code: 1, 0.5, 0.25); the pooled features' gradient is divided by the number of stages
+    loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+
+@dataclass
 class BoxHeadConfig:
-    """Box branch: feature head, class-specific regression, sampling and post-processing."""
+    """Box branch: feature head, class-specific (or class-agnostic) regression, sampling, post-processing."""
 
     type: str = "2fc"  # 2fc | 4conv1fc | res5 (C4)
     fc_dim: int = 1024
@@ -108,6 +125,8 @@ class BoxHeadConfig:
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
     bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    class_agnostic: bool = False  # one box regression per RoI instead of one per class
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
     smooth_l1_beta: float = 1.0 / 9
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
@@ -563,6 +582,31 @@ def _get(cfg: Config, key: str) -> Any:
     return node
 
 
+def _validate_cascade(m: ModelConfig) -> None:
+    """Raise ConfigError unless the cascade settings (when enabled) describe the same number of stages."""
+    cascade = m.box_head.cascade
+    if not cascade.enabled:
+        return
+    key = "model.box_head.cascade"
+    if not cascade.ious:
+        raise ConfigError(f"config key '{key}.ious' needs one IoU threshold per stage, got none")
+    if any(not 0 < iou < 1 for iou in cascade.ious):
+        raise ConfigError(f"config key '{key}.ious' needs thresholds between 0 and 1, got {cascade.ious}")
+    for name in ("bbox_reg_weights", "loss_weights"):
+        if len(getattr(cascade, name)) != len(cascade.ious):
+            raise ConfigError(f"config key '{key}.{name}' has {len(getattr(cascade, name))} entries but "
+                              f"{key}.ious has {len(cascade.ious)} (one per stage)")
+    if any(len(w) != 4 for w in cascade.bbox_reg_weights):
+        raise ConfigError(f"config key '{key}.bbox_reg_weights' needs 4 weights (x, y, w, h) per stage, "
+                          f"got {cascade.bbox_reg_weights}")
+    if not m.box_head.class_agnostic:
+        raise ConfigError(f"config: {key}.enabled=true needs model.box_head.class_agnostic=true (each stage "
+                          "refines one box per RoI, which the next stage reads)")
+    if m.box_head.type == "res5":
+        raise ConfigError(f"config: {key}.enabled=true needs an FPN-style box head (model.box_head.type=2fc "
+                          "or 4conv1fc): the C4 res5 head belongs to the backbone and cannot be repeated")
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError when a value is outside its allowed choices or inconsistent."""
     for key, choices in _CHOICES.items():
@@ -584,6 +628,13 @@ def validate(cfg: Config) -> None:
     if m.mask_head.loss == "softmax" and m.mask_head.class_agnostic:
         raise ConfigError("config: model.mask_head.loss=softmax needs class-specific masks "
                           "(model.mask_head.class_agnostic=false): a softmax needs classes to compete")
+    _validate_cascade(m)
+    res2, width = m.backbone.res2_channels, m.backbone.width_per_group
+    # torchvision sizes a bottleneck as planes x base_width / 64 with planes = res2 / 4: keep it whole.
+    if res2 and (res2 < 4 or res2 % 4 or m.backbone.depth < 50 or (width * 256) % res2):
+        raise ConfigError(f"config key 'model.backbone.res2_channels' must be 0 (standard) or, with a bottleneck "
+                          f"ResNet (depth >= 50), a multiple of 4 dividing 256 x width_per_group; got {res2} at "
+                          f"depth {m.backbone.depth}, width_per_group {width}")
     if not 0 <= m.backbone.trainable_stages <= 5:
         raise ConfigError("config key 'model.backbone.trainable_stages' must be in 0..5")
     if m.category_ids and len(m.category_ids) != m.num_classes:

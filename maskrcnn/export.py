@@ -151,14 +151,19 @@ class ExportableMaskRCNN(nn.Module):
         """Return boxes, scores, labels and the class's mask probabilities in the resized image."""
         heads = self.model.roi_heads
         cfg = heads.cfg
-        # One extra RoI, dropped after each head: a norm layer's reshape of an empty batch fails in
-        # ONNX Runtime (GroupNorm's [N, G, -1] with N = 0), and an image may have no proposals or detections.
-        pooled = self.pool(heads.box_pooler, features, _with_spare_box(proposals))
-        head = heads.box_head.features(pooled).mean(dim=(2, 3)) if heads.shares_res5 else heads.box_head(pooled)
-        class_logits, box_deltas = (x[:-1] for x in heads.box_predictor(head))
-        scores = F.softmax(class_logits.float(), dim=-1)[:, 1:]
-        boxes = heads.coder.decode(box_deltas.float(), proposals.float())
-        boxes = _clip(boxes, size[0], size[1])[:, 1:].reshape(-1, 4)  # drop the background column
+
+        def run_stage(box_head: nn.Module, box_predictor: nn.Module, boxes: Tensor) -> tuple[Tensor, Tensor]:
+            # One extra RoI, dropped after each head: a norm layer's reshape of an empty batch fails in ONNX
+            # Runtime (GroupNorm's [N, G, -1] with N = 0), and an image may have no proposals or detections.
+            pooled = self.pool(heads.box_pooler, features, _with_spare_box(boxes))
+            class_logits, box_deltas = box_predictor(box_head(pooled))
+            return class_logits[:-1], box_deltas[:-1]
+
+        # The model's own box prediction (every cascade stage, if any), with this graph's pooling and clip.
+        boxes, scores = heads.predict_boxes(run_stage, proposals, lambda b: _clip(b, size[0], size[1]))
+        scores = scores[:, 1:]
+        boxes = _clip(boxes, size[0], size[1]).expand(-1, scores.shape[1] + 1, -1)  # one box for all if agnostic
+        boxes = boxes[:, 1:].reshape(-1, 4)  # drop the background column
         classes = torch.arange(1, scores.shape[1] + 1, device=scores.device)
         labels = classes[None].expand_as(scores).reshape(-1)
         scores = scores.reshape(-1)

@@ -221,6 +221,8 @@ def test_every_ablation_variant_builds_and_runs_a_training_step():
     assert built["fpn/roipool"].roi_heads.mask_pooler.type == "roipool"
     assert built["fpn/roialign-unaligned"].roi_heads.box_pooler.aligned is False
     assert built["fpn/baseline"].roi_heads.box_pooler.aligned is True
+    assert built["cascade/cascade"].roi_heads.num_stages == 3 and len(built["cascade/cascade"].backbone.strides) == 5
+    assert built["cascade/agnostic-boxes"].roi_heads.box_predictor.box_deltas.out_features == 4
 
 
 # ---- the benchmark's bookkeeping: a failed run is reported and the rest go on; the table from the runs --
@@ -259,6 +261,37 @@ def test_report_table_gives_mean_and_spread_of_the_finished_seeds(tmp_path):
     page.write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
         ablations.write_markdown(page, "NEW TABLE", "")
+
+
+def test_cascade_table_compares_box_ap_and_reports_the_cost(tmp_path):
+    ablations = _ablations_script()
+    for variant, box, step, image in (("cascade/plain", (50.0, 80.0, 55.0), 1.0, 0.05),
+                                      ("cascade/cascade", (53.0, 80.5, 60.0), 1.5, 0.07)):
+        for seed in (0, 1):
+            path = ablations.metrics_file(tmp_path, variant, seed)
+            path.parent.mkdir(parents=True)
+            bbox = dict(zip(("AP", "AP50", "AP75"), (v + seed for v in box)))
+            path.write_text(json.dumps({"bbox": bbox, "segm": {"AP": 30.0, "AP50": 50.0, "AP75": 25.0}}))
+            run = ablations.run_dir(tmp_path, variant, seed)
+            records = [{"iter": 1, "time": 9.0}, {"iter": 20, "time": step + seed}]  # the first: warm-up
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            inference = {"inference": {"seconds_per_image": {"median": image}}}
+            ablations.benchmark_file(tmp_path, variant, seed).write_text(json.dumps(inference))
+    variants = [ablations.BY_NAME[n] for n in ("fpn/baseline", "cascade/plain", "cascade/cascade")]
+    results = ablations.collect(tmp_path, variants, [0, 1])
+    table = ablations.markdown_table(results, "cascade").splitlines()
+    assert table[0].startswith("| variant | seeds | box AP | box AP50 | box AP75 | mask AP | mask AP75 | s / step | "
+                               "s / image | Δ box AP / box AP75, paired by seed |")
+    assert table[2].startswith("| cascade/plain | 2 | 50.5 ± 0.5 | 80.5 ± 0.5 | 55.5 ± 0.5 | 30.0 ± 0.0 | 25.0 ± 0.0 | "
+                               "1.50 ± 0.50 | 0.050 ± 0.000 |  |")
+    assert "| +3.0 / +5.0 vs plain (box AP per seed: +3.0, +3.0) |" in table[3]
+    assert len(table) == 4  # only the cascade group's rows
+    page = tmp_path / "ABLATIONS.md"
+    start, end = ablations.MARKERS["cascade"]
+    page.write_text(f"{ablations.MARK_START}\nTable 2\n{ablations.MARK_END}\n{start}\nold\n{end}\n")
+    ablations.write_markdown(page, "CASCADE TABLE", "python benchmarks/ablations.py --report", "cascade")
+    text = page.read_text()
+    assert "Table 2" in text and "CASCADE TABLE" in text and "old" not in text
 
 
 def test_a_failing_run_is_reported_and_the_batch_goes_on(tmp_path, monkeypatch, capsys):

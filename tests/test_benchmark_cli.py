@@ -31,14 +31,16 @@ def test_benchmark_both_modes_writes_a_complete_report(tmp_path, capsys):
         assert 0 < stats["min"] <= stats["median"] <= stats["max"]
     assert inf["runs"] == 2 and inf["warmup"] == 1
     assert inf["memory"]["peak_mb"] > 0
+    assert len(inf["box_stages"]) == 1 and 0 < inf["box_stages"][0]["median"] <= inf["stages"]["roi_heads"]["max"]
     train = report["training"]
     assert train["batch"] == 2
     assert train["images_per_s"]["median"] > 0 and train["seconds_per_step"]["min"] > 0
     assert train["memory"]["peak_mb"] > 0 and train["memory"]["growth_mb"] >= 0
 
 
-def test_timed_forward_gives_the_models_own_outputs():
-    model = load_model("shapes", overrides=SMALL)
+@pytest.mark.parametrize("config", ["shapes", "shapes-cascade"])
+def test_timed_forward_gives_the_models_own_outputs(config):
+    model = load_model(config, overrides=SMALL)
     torch.manual_seed(0)
     images = [torch.rand(3, 96, 128), torch.rand(3, 80, 120)]
     with torch.inference_mode():
@@ -49,6 +51,16 @@ def test_timed_forward_gives_the_models_own_outputs():
         assert set(a) == set(b)
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+def test_cascade_report_times_each_box_stage(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["benchmark", "--config", "shapes-cascade", "--size", "96x128", "--runs", "2", "--warmup", "1",
+                 "--json", str(out), *SMALL]) == 0
+    assert "box stage 3" in capsys.readouterr().out
+    inf = json.loads(out.read_text())["inference"]
+    assert len(inf["box_stages"]) == 3
+    assert sum(s["min"] for s in inf["box_stages"]) <= inf["stages"]["roi_heads"]["max"]
 
 
 def test_fp16_on_cpu_falls_back_to_bf16_with_a_note():

@@ -19,7 +19,9 @@ from maskrcnn.modeling.backbone import build_trunk
 
 DATA = Path(__file__).parent / "data" / "detectron2"
 ZOO = DATA / "COCO-InstanceSegmentation"
+MISC = DATA / "Misc"
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "detectron2-r18-fpn"
+CASCADE_FIXTURE = FIXTURE.parent / "detectron2-cascade-r50thin-fpn"
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"parity fixture not found at {FIXTURE}")
 
 
@@ -64,17 +66,40 @@ def test_model_zoo_configs_with_base_chain(name, depth, groups, width, stride_in
         assert cfg.model.pixel_std == pytest.approx([57.375 / 255, 57.12 / 255, 58.395 / 255])
 
 
+@pytest.mark.parametrize("schedule, steps", [("1x", [60000, 80000]), ("3x", [210000, 250000])])
+def test_cascade_model_zoo_configs_translate_to_three_stages(schedule, steps):
+    cfg = load_config(str(MISC / f"cascade_mask_rcnn_R_50_FPN_{schedule}.yaml"))
+    box = cfg.model.box_head
+    assert box.cascade.enabled and box.class_agnostic
+    assert box.cascade.ious == [0.5, 0.6, 0.7]
+    assert box.cascade.bbox_reg_weights == [[10, 10, 5, 5], [20, 20, 10, 10], [30, 30, 15, 15]]
+    assert box.cascade.loss_weights == [1.0, 1.0, 1.0]
+    assert cfg.model.rpn.post_nms_top_n_train == 2000 and cfg.solver.steps == steps
+    heads = build_model(cfg).roi_heads
+    assert len(heads.box_head) == 3 and all(p.box_deltas.out_features == 4 for p in heads.box_predictor)
+
+
+def test_class_agnostic_model_zoo_config_loads_as_a_plain_model_with_four_box_outputs():
+    cfg = load_config(str(MISC / "mask_rcnn_R_50_FPN_1x_cls_agnostic.yaml"))
+    assert cfg.model.box_head.class_agnostic and cfg.model.mask_head.class_agnostic
+    assert not cfg.model.box_head.cascade.enabled
+    heads = build_model(cfg).roi_heads
+    assert heads.box_predictor.box_deltas.out_features == 4 and heads.mask_head.predictor.out_channels == 1
+
+
 @pytest.mark.parametrize("edit, key", [
     ({"MODEL": {"RESNETS": {"RES5_DILATION": 2}}}, "MODEL.RESNETS.RES5_DILATION"),
     ({"MODEL": {"RESNETS": {"DEFORM_ON_PER_STAGE": [False, True, True, True]}}}, "MODEL.RESNETS.DEFORM_ON_PER_STAGE"),
-    ({"MODEL": {"ROI_HEADS": {"NAME": "CascadeROIHeads"}}}, "MODEL.ROI_HEADS.NAME"),
+    ({"MODEL": {"ROI_HEADS": {"NAME": "HybridTaskCascadeROIHeads"}}}, "MODEL.ROI_HEADS.NAME"),
+    ({"MODEL": {"ROI_HEADS": {"NAME": "CascadeROIHeads"}}}, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG"),
+    ({"MODEL": {"ROI_HEADS": {"NAME": "CascadeROIHeads"}, "ROI_BOX_HEAD": {"CLS_AGNOSTIC_BBOX_REG": True},
+                "ROI_BOX_CASCADE_HEAD": {"IOUS": [0.5, 0.6]}}}, "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS"),
     ({"MODEL": {"KEYPOINT_ON": True}}, "MODEL.KEYPOINT_ON"),
     ({"MODEL": {"META_ARCHITECTURE": "PanopticFPN"}}, "MODEL.META_ARCHITECTURE"),
-    ({"MODEL": {"ROI_BOX_HEAD": {"CLS_AGNOSTIC_BBOX_REG": True}}}, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG"),
     ({"TEST": {"AUG": {"ENABLED": True}}}, "TEST.AUG.ENABLED"),
     ({"MODEL": {"FPN": {"FUSE_TYPE": "avg"}}}, "MODEL.FPN.FUSE_TYPE"),
     ({"INPUT": {"FORMAT": "L"}}, "INPUT.FORMAT"),
-    ({"MODEL": {"RESNETS": {"RES2_OUT_CHANNELS": 128}}}, "MODEL.RESNETS.RES2_OUT_CHANNELS"),
+    ({"MODEL": {"RESNETS": {"RES2_OUT_CHANNELS": 100}}}, "MODEL.RESNETS.RES2_OUT_CHANNELS"),
     ({"MODEL": {"ROI_HEADS": {"SOMETHING_NEW": 3}}}, "MODEL.ROI_HEADS.SOMETHING_NEW"),
 ])
 def test_unsupported_keys_are_refused_by_name(tmp_path, edit, key):
@@ -128,9 +153,9 @@ def _our_name_to_detectron2(name: str, c4: bool) -> str:
         (r"^rpn\.head\.convs\.0\.conv\.", "proposal_generator.rpn_head.conv."),
         (r"^rpn\.head\.objectness\.", "proposal_generator.rpn_head.objectness_logits."),
         (r"^rpn\.head\.box_deltas\.", "proposal_generator.rpn_head.anchor_deltas."),
-        (r"^roi_heads\.box_head\.fcs\.(\d)\.", lambda m: f"roi_heads.box_head.fc{int(m[1]) + 1}."),
-        (r"^roi_heads\.box_predictor\.class_logits\.", "roi_heads.box_predictor.cls_score."),
-        (r"^roi_heads\.box_predictor\.box_deltas\.", "roi_heads.box_predictor.bbox_pred."),
+        (r"^roi_heads\.box_head\.(\d\.)?fcs\.(\d)\.", lambda m: f"roi_heads.box_head.{m[1] or ''}fc{int(m[2]) + 1}."),
+        (r"^roi_heads\.box_predictor\.(\d\.)?class_logits\.", r"roi_heads.box_predictor.\1cls_score."),
+        (r"^roi_heads\.box_predictor\.(\d\.)?box_deltas\.", r"roi_heads.box_predictor.\1bbox_pred."),
         (r"^roi_heads\.mask_head\.convs\.(\d)\.conv\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}."),
         (r"^roi_heads\.mask_head\.", "roi_heads.mask_head."),
     ]
@@ -141,7 +166,8 @@ def _our_name_to_detectron2(name: str, c4: bool) -> str:
     raise AssertionError(f"no Detectron2 name for {name}")
 
 
-@pytest.mark.parametrize("zoo", ["mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_C4_1x", "mask_rcnn_X_101_32x8d_FPN_3x"])
+@pytest.mark.parametrize("zoo", ["mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_C4_1x", "mask_rcnn_X_101_32x8d_FPN_3x",
+                                 "../Misc/cascade_mask_rcnn_R_50_FPN_3x"])
 def test_every_detectron2_name_maps_back_onto_ours(zoo):
     cfg = load_config(str(ZOO / f"{zoo}.yaml"))
     own = build_model(cfg).state_dict()
@@ -172,6 +198,33 @@ def test_class_layers_put_background_first_and_anchors_ratio_major():
     assert objectness.tolist() == [s * 3 + r for r in range(3) for s in range(5)]
     deltas = out["rpn.head.box_deltas.bias"].view(15, 4)
     assert torch.equal(deltas[:, 0], objectness * 4) and torch.equal(deltas[:, 3], objectness * 4 + 3)
+
+
+def test_class_agnostic_box_deltas_keep_their_four_rows_in_every_cascade_stage():
+    cfg = load_config(str(MISC / "cascade_mask_rcnn_R_50_FPN_1x.yaml")).model
+    k, feat = 3, 5
+    state = {}
+    for stage in range(3):
+        state[f"roi_heads.box_predictor.{stage}.cls_score.weight"] = torch.ones(k + 1, feat)
+        state[f"roi_heads.box_predictor.{stage}.cls_score.bias"] = torch.arange(k + 1.0) + 10 * stage
+        state[f"roi_heads.box_predictor.{stage}.bbox_pred.weight"] = torch.ones(4, feat) * stage
+        state[f"roi_heads.box_predictor.{stage}.bbox_pred.bias"] = torch.arange(4.0)
+    out = convert_detectron2_state_dict(state, cfg)
+    for stage in range(3):
+        logits = out[f"roi_heads.box_predictor.{stage}.class_logits.bias"]
+        assert logits.tolist() == [v + 10 * stage for v in (3, 0, 1, 2)]  # background first, in each stage
+        assert out[f"roi_heads.box_predictor.{stage}.box_deltas.bias"].tolist() == [0, 1, 2, 3]  # no padding
+        assert out[f"roi_heads.box_predictor.{stage}.box_deltas.weight"].shape == (4, feat)
+
+
+@pytest.mark.skipif(not CASCADE_FIXTURE.is_dir(), reason=f"cascade fixture not found at {CASCADE_FIXTURE}")
+def test_cascade_fixture_thin_trunk_and_stages_take_every_key():
+    cfg = load_config(str(CASCADE_FIXTURE / "config.yaml"))
+    assert (cfg.model.backbone.depth, cfg.model.backbone.width_per_group, cfg.model.backbone.res2_channels) == (50, 16, 64)
+    model = build_model(cfg)
+    assert model.backbone.trunk.layer1[0].conv1.out_channels == 16 and model.backbone.trunk.layer4[-1].conv3.out_channels == 512
+    report = load_weights(model, CASCADE_FIXTURE / "model.pkl")
+    assert not report.missing and not report.unexpected and not report.reinitialized
 
 
 @needs_fixture

@@ -24,8 +24,10 @@ SIZES = [(480, 640), (257, 199), (100, 170), (333, 333), (600, 90)]
 def decisive(model):
     """Return the model with mask logits far from 0 (random heads give p ≈ 0.5: pixel coin flips)."""
     torch.manual_seed(1)
+    predictors = model.roi_heads.box_predictor  # a cascade has one per stage
     with torch.no_grad():
-        model.roi_heads.box_predictor.class_logits.bias.copy_(torch.tensor([-3.0, 3.0, 0.0, 0.0]))
+        for predictor in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
+            predictor.class_logits.bias.copy_(torch.tensor([-3.0, 3.0, 0.0, 0.0]))
         model.roi_heads.mask_head.predictor.weight.normal_(std=0.05)
         model.roi_heads.mask_head.predictor.bias.fill_(0.3)
     return model.eval()
@@ -105,6 +107,28 @@ def test_ablated_heads(tmp_path):
     assert check_parity(model, path, sizes=[(240, 320), (150, 100)]) == []
     masks = OnnxMaskRCNN(path)([torch.rand(3, 240, 320)])[0]["masks"]
     assert len(masks) > 0 and masks.flatten(1).any(dim=1).all()  # every detection has a mask to compare
+
+
+def test_cascade_model(tmp_path):
+    """Cascade R-CNN: every stage's head in the graph, each refining the previous stage's boxes."""
+    torch.manual_seed(0)
+    model = decisive(build_model(load_config("shapes-cascade", TINY)))
+    with torch.no_grad():  # stages that move boxes by pixels, so a graph that skipped one would show it
+        for predictor in model.roi_heads.box_predictor:
+            predictor.box_deltas.weight.normal_(std=0.05)
+    image = torch.rand(3, 211, 307, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model([image])[0]
+        boxes, scores, labels, _ = ExportableMaskRCNN(model)(image)
+    assert torch.equal(boxes, expected["boxes"]) and torch.equal(scores, expected["scores"])
+    path = export_onnx(model, tmp_path / "cascade.onnx")
+    assert check_parity(model, path, sizes=[(240, 320), (150, 100), (333, 333)]) == []
+
+
+def test_class_agnostic_boxes(tmp_path):
+    model = tiny_model(["model.box_head.class_agnostic=true"])
+    path = export_onnx(model, tmp_path / "agnostic.onnx")
+    assert check_parity(model, path, sizes=[(240, 320)]) == []
 
 
 def test_c4_model(tmp_path):

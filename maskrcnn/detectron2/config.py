@@ -83,6 +83,9 @@ DEFAULTS: dict[str, Any] = {
     "MODEL.ROI_BOX_HEAD.CONV_DIM": 256,
     "MODEL.ROI_BOX_HEAD.NORM": "",
     "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": False,
+    "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS": [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0],
+                                                    [30.0, 30.0, 15.0, 15.0]],
+    "MODEL.ROI_BOX_CASCADE_HEAD.IOUS": [0.5, 0.6, 0.7],
     "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES": False,
     "MODEL.ROI_BOX_HEAD.USE_FED_LOSS": False,
     "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE": False,
@@ -165,7 +168,8 @@ TRAIN_ONLY = {
 }
 
 # Sections and keys with no bearing on a GeneralizedRCNN Mask R-CNN as translated here (the switches
-# that would bring them into play, e.g. KEYPOINT_ON or a cascade ROI_HEADS.NAME, are refused).
+# that would bring them into play, e.g. KEYPOINT_ON, are refused; the cascade section is read when
+# ROI_HEADS.NAME is CascadeROIHeads and has no effect otherwise, in Detectron2 too).
 IGNORED = (
     "MODEL.RETINANET", "MODEL.SEM_SEG_HEAD", "MODEL.PANOPTIC_FPN", "MODEL.ROI_BOX_CASCADE_HEAD",
     "MODEL.ROI_KEYPOINT_HEAD", "MODEL.ANCHOR_GENERATOR.ANGLES", "MODEL.DEVICE", "MODEL.WEIGHTS",
@@ -309,7 +313,6 @@ def _check_architecture(k: _Keys) -> None:
     k.require("MODEL.PROPOSAL_GENERATOR.NAME", ["RPN"], "only the standard RPN is implemented")
     k.require("MODEL.ANCHOR_GENERATOR.NAME", ["DefaultAnchorGenerator"], "only axis-aligned anchors")
     k.require("MODEL.RPN.HEAD_NAME", ["StandardRPNHead"], "only the standard RPN head is implemented")
-    k.require("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", [False], "class-agnostic box regression")
     k.require("MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", [False], "sigmoid class scores are not implemented")
     k.require("TEST.AUG.ENABLED", [False], "test-time augmentation is not implemented")
     k.require("MODEL.RESNETS.RES5_DILATION", [1], "dilated res5 (DC5) is not implemented")
@@ -325,8 +328,13 @@ def _translate_backbone(k: _Keys, cfg: Config) -> None:
     b.width_per_group = k.get("MODEL.RESNETS.WIDTH_PER_GROUP")
     if b.depth < 50 and (b.groups, b.width_per_group) != (1, 64):
         raise k.refuse("MODEL.RESNETS.NUM_GROUPS", f"ResNet-{b.depth} has basic blocks, no groups/width")
-    res2 = 64 if b.depth < 50 else 256
-    k.require("MODEL.RESNETS.RES2_OUT_CHANNELS", [res2], f"ResNet-{b.depth} has {res2} res2 channels")
+    if b.depth < 50:
+        k.require("MODEL.RESNETS.RES2_OUT_CHANNELS", [64], f"ResNet-{b.depth} has 64 res2 channels")
+    else:  # a thinner (or wider) bottleneck trunk than the standard 256 res2 channels
+        res2 = k.get("MODEL.RESNETS.RES2_OUT_CHANNELS")
+        if res2 <= 0 or res2 % 4 or (b.width_per_group * 256) % res2:
+            raise k.refuse("MODEL.RESNETS.RES2_OUT_CHANNELS", "a multiple of 4 dividing 256 x WIDTH_PER_GROUP")
+        b.res2_channels = 0 if res2 == 256 else res2
     norm = k.require("MODEL.RESNETS.NORM", list(_NORMS), "FrozenBN, BN, SyncBN or GN")
     b.norm = _NORMS[norm]
     b.stride_in_1x1 = bool(k.get("MODEL.RESNETS.STRIDE_IN_1X1")) and b.depth >= 50
@@ -344,7 +352,8 @@ def _translate_backbone(k: _Keys, cfg: Config) -> None:
         b.fpn_norm = _HEAD_NORMS[k.require("MODEL.FPN.NORM", list(_HEAD_NORMS), "'', BN or GN")]
         k.require("MODEL.RPN.IN_FEATURES", [["p2", "p3", "p4", "p5", "p6"]], "the RPN runs on P2..P6")
         k.require("MODEL.ROI_HEADS.IN_FEATURES", [["p2", "p3", "p4", "p5"]], "RoIs pool from P2..P5")
-        k.require("MODEL.ROI_HEADS.NAME", ["StandardROIHeads"], "FPN models use StandardROIHeads")
+        k.require("MODEL.ROI_HEADS.NAME", ["StandardROIHeads", "CascadeROIHeads"],
+                  "FPN models use StandardROIHeads or CascadeROIHeads")
     else:
         b.kind = "c4"
         k.require("MODEL.RESNETS.OUT_FEATURES", [["res4"]], "a C4 backbone outputs res4")
@@ -420,6 +429,9 @@ def _translate_heads(k: _Keys, cfg: Config) -> None:
     box.fg_iou_thresh = box.bg_iou_thresh = float(k.get("MODEL.ROI_HEADS.IOU_THRESHOLDS")[-1])
     if len(k.get("MODEL.ROI_HEADS.IOU_THRESHOLDS")) == 2:
         box.bg_iou_thresh = float(k.get("MODEL.ROI_HEADS.IOU_THRESHOLDS")[0])
+    box.class_agnostic = bool(k.get("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG"))
+    if k.get("MODEL.ROI_HEADS.NAME") == "CascadeROIHeads":
+        _translate_cascade(k, cfg)
     box.batch_size_per_image = k.get("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE")
     box.positive_fraction = float(k.get("MODEL.ROI_HEADS.POSITIVE_FRACTION"))
     box.bbox_reg_weights = [float(w) for w in k.get("MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS")]
@@ -452,6 +464,21 @@ def _translate_heads(k: _Keys, cfg: Config) -> None:
         k.require("MODEL.ROI_MASK_HEAD.NUM_CONV", [0], "the C4 mask head has no convs before its deconv")
         k.require("MODEL.ROI_MASK_HEAD.NORM", [""], "the C4 mask head has no norm")
         k.skip(*(f"MODEL.ROI_MASK_HEAD.{name}" for name in mask_keys))
+
+
+def _translate_cascade(k: _Keys, cfg: Config) -> None:
+    """CascadeROIHeads: one stage per IoU of ROI_BOX_CASCADE_HEAD, each with its box-coder weights."""
+    cascade = cfg.model.box_head.cascade
+    cascade.enabled = True
+    k.require("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", [True], "Detectron2's cascade needs class-agnostic boxes")
+    cascade.ious = [float(iou) for iou in k.get("MODEL.ROI_BOX_CASCADE_HEAD.IOUS")]
+    weights = k.get("MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS")
+    if len(weights) != len(cascade.ious) or any(len(w) != 4 for w in weights):
+        raise k.refuse("MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS", "4 weights per stage, one stage per IoU")
+    cascade.bbox_reg_weights = [[float(v) for v in w] for w in weights]
+    cascade.loss_weights = [1.0] * len(cascade.ious)  # Detectron2 sums the stages' losses
+    if cascade.ious[0] != k.get("MODEL.ROI_HEADS.IOU_THRESHOLDS")[0]:  # Detectron2 asserts the same
+        raise k.refuse("MODEL.ROI_HEADS.IOU_THRESHOLDS", "the first cascade stage's IoU must be the RoI heads' threshold")
 
 
 def _pooler(k: _Keys, section: str) -> tuple[str, bool]:

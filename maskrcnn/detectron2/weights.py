@@ -39,16 +39,17 @@ def _block(m: re.Match[str]) -> str:
     return f"backbone.trunk.{_STAGES[stage]}.{block}.conv{index}.{rest}"
 
 
+def _conv_part(rest: str) -> str:
+    """Return a Detectron2 conv's `weight` / `norm.x` as our ConvNorm's `conv.weight` / `norm.x`."""
+    return rest if rest.startswith("norm.") else f"conv.{rest}"
+
+
 def _numbered(prefix: str, conv: bool) -> Any:
     """Replacement for `name{i}.rest` -> `prefix.{i-1}.(conv.|norm.)rest` (Detectron2 counts from 1)."""
 
     def replace(m: re.Match[str]) -> str:
         index, rest = int(m.group(1)) - 1, m.group(2)
-        if not conv:
-            return f"{prefix}.{index}.{rest}"
-        if rest.startswith("norm."):
-            return f"{prefix}.{index}.{rest}"
-        return f"{prefix}.{index}.conv.{rest}"
+        return f"{prefix}.{index}.{_conv_part(rest) if conv else rest}"
 
     return replace
 
@@ -64,10 +65,15 @@ _RULES = compile_rules([
     (r"^proposal_generator\.rpn_head\.conv\.(weight|bias)$", r"rpn.head.convs.0.conv.\1"),
     (r"^proposal_generator\.rpn_head\.objectness_logits\.(weight|bias)$", r"rpn.head.objectness.\1"),
     (r"^proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)$", r"rpn.head.box_deltas.\1"),
-    (r"^roi_heads\.box_head\.fc(\d+)\.(weight|bias)$", _numbered("roi_heads.box_head.fcs", conv=False)),
-    (r"^roi_heads\.box_head\.conv(\d+)\.(.+)$", _numbered("roi_heads.box_head.convs", conv=True)),
-    (r"^roi_heads\.box_predictor\.cls_score\.(weight|bias)$", r"roi_heads.box_predictor.class_logits.\1"),
-    (r"^roi_heads\.box_predictor\.bbox_pred\.(weight|bias)$", r"roi_heads.box_predictor.box_deltas.\1"),
+    # Box heads and predictors: a cascade has one per stage, numbered from 0 in both layouts.
+    (r"^roi_heads\.box_head\.(\d+\.)?fc(\d+)\.(weight|bias)$",
+     lambda m: f"roi_heads.box_head.{m.group(1) or ''}fcs.{int(m.group(2)) - 1}.{m.group(3)}"),
+    (r"^roi_heads\.box_head\.(\d+\.)?conv(\d+)\.(.+)$",
+     lambda m: f"roi_heads.box_head.{m.group(1) or ''}convs.{int(m.group(2)) - 1}." + _conv_part(m.group(3))),
+    (r"^roi_heads\.box_predictor\.(\d+\.)?cls_score\.(weight|bias)$",
+     lambda m: f"roi_heads.box_predictor.{m.group(1) or ''}class_logits.{m.group(2)}"),
+    (r"^roi_heads\.box_predictor\.(\d+\.)?bbox_pred\.(weight|bias)$",
+     lambda m: f"roi_heads.box_predictor.{m.group(1) or ''}box_deltas.{m.group(2)}"),
     (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(.+)$", _numbered("roi_heads.mask_head.convs", conv=True)),
     (r"^roi_heads\.mask_head\.(deconv|predictor)\.(weight|bias)$", r"roi_heads.mask_head.\1.\2"),
 ])
@@ -109,21 +115,27 @@ def convert_detectron2_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfi
 
 
 def _background_first(state: dict[str, Tensor], cfg: ModelConfig) -> None:
-    """Reorder / pad the class-dependent layers in place: background first, K+1 rows everywhere."""
-    logits = "roi_heads.box_predictor.class_logits."
-    if logits + "weight" not in state:
+    """Reorder / pad the class-dependent layers in place: background first, K+1 rows everywhere.
+
+    A class-agnostic box predictor (4 outputs, as every cascade stage has) has no class rows to move.
+    """
+    predictors = sorted({key[: -len("class_logits.weight")] for key in state
+                         if key.startswith("roi_heads.box_predictor.") and key.endswith("class_logits.weight")})
+    if not predictors:
         return
-    k = state[logits + "weight"].shape[0] - 1  # the checkpoint's number of classes
+    k = state[predictors[0] + "class_logits.weight"].shape[0] - 1  # the checkpoint's number of classes
     for suffix in ("weight", "bias"):
-        w = state[logits + suffix]
-        state[logits + suffix] = torch.cat([w[k:], w[:k]])
-        deltas = state.get("roi_heads.box_predictor.box_deltas." + suffix)
-        if deltas is not None:
+        for predictor in predictors:  # one per cascade stage, else just "roi_heads.box_predictor."
+            w = state[predictor + "class_logits." + suffix]
+            state[predictor + "class_logits." + suffix] = torch.cat([w[k:], w[:k]])
+            deltas = state.get(predictor + "box_deltas." + suffix)
+            if deltas is None or deltas.shape[0] == 4:
+                continue
             if deltas.shape[0] != 4 * k:
                 raise CheckpointError(
                     f"Detectron2 bbox_pred has {deltas.shape[0]} outputs, expected {4 * k} (class-specific, "
-                    f"{k} classes); class-agnostic box regression is not supported")
-            state["roi_heads.box_predictor.box_deltas." + suffix] = torch.cat([deltas.new_zeros(4, *deltas.shape[1:]), deltas])
+                    f"{k} classes) or 4 (class-agnostic)")
+            state[predictor + "box_deltas." + suffix] = torch.cat([deltas.new_zeros(4, *deltas.shape[1:]), deltas])
         masks = state.get("roi_heads.mask_head.predictor." + suffix)
         agnostic = masks is not None and masks.shape[0] == 1 and (k != 1 or cfg.mask_head.class_agnostic)
         if masks is not None and not agnostic:

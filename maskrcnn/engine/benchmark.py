@@ -3,6 +3,8 @@
 Inference runs one random image of a given size through the model's own stage methods
 (`preprocess`, `backbone`, `anchors`, `rpn`, `roi_heads`, `postprocess`) with a clock between them;
 `timed_forward` returns the same outputs as `MaskRCNN.forward` in eval mode (tests check that).
+Inside `roi_heads`, each box stage (RoI pooling, box head, predictor; three for a Cascade R-CNN) is
+timed too, by hooks on those modules.
 Training times a whole step (forward with random targets, backward, SGD update) on a batch.
 
 Memory is the process's peak resident set size on the CPU (`ru_maxrss`, a high-water mark over the
@@ -21,10 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import Tensor
@@ -37,7 +39,7 @@ from maskrcnn.modeling import MaskRCNN
 STAGES = {
     "preprocess_backbone": "normalise, resize, pad; backbone and FPN",
     "rpn": "anchors; RPN head, proposal decoding and NMS",
-    "roi_heads": "box head, box NMS, mask head",
+    "roi_heads": "box head (every stage of a cascade), box NMS, mask head",
     "postprocess": "box rescale to input pixels, mask pasting",
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -128,6 +130,30 @@ def timed_forward(
     return outputs, times
 
 
+@contextmanager
+def box_stage_times(model: MaskRCNN, clock: Callable[[], float]) -> Iterator[list[float]]:
+    """Yield a list that receives the seconds of each box stage run meanwhile: from the box pooler's
+    call to the stage's predictor output (one stage, or one per cascade stage)."""
+    heads = model.roi_heads
+    predictors = heads.box_predictor if isinstance(heads.box_predictor, torch.nn.ModuleList) else [heads.box_predictor]
+    times: list[float] = []
+    start = [0.0]
+
+    def begin(*_: Any) -> None:
+        start[0] = clock()
+
+    def end(*_: Any) -> None:
+        times.append(clock() - start[0])
+
+    handles = [heads.box_pooler.register_forward_pre_hook(begin)]
+    handles += [p.register_forward_hook(end) for p in predictors]
+    try:
+        yield times
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def summarize(values: list[float]) -> dict[str, float]:
     """Return the median, min and max of a list of numbers."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -161,18 +187,23 @@ def benchmark_inference(model: MaskRCNN, opts: BenchmarkOptions, device: torch.d
 
     before = _memory_start(device)
     runs: list[dict[str, float]] = []
+    box_runs: list[list[float]] = []
     detections: list[int] = []
     with torch.inference_mode(), _autocast(device, dtype):
         for i in range(opts.warmup + opts.runs):
-            outputs, times = timed_forward(model, [image], clock)
+            with box_stage_times(model, clock) as box_times:
+                outputs, times = timed_forward(model, [image], clock)
             if i >= opts.warmup:
                 runs.append(times)
+                box_runs.append(box_times)
                 detections.append(int(len(outputs[0]["boxes"])))
     stages = {name: summarize([r[name] for r in runs]) for name in STAGES}
     total = summarize([sum(r.values()) for r in runs])
     return {
         "seconds_per_image": total,
         "stages": stages,
+        # within roi_heads: pooling + head + predictor of each box stage (three for a cascade)
+        "box_stages": [summarize(list(stage)) for stage in zip(*box_runs)],
         "detections_per_image": statistics.median(detections),
         "runs": opts.runs,
         "warmup": opts.warmup,
@@ -351,6 +382,11 @@ def format_report(report: dict[str, Any]) -> str:
         for name, s in inf["stages"].items():
             share = s["median"] / total if total > 0 else 0.0
             lines.append(f"{name:<22} {s['median']:9.4f} {s['min']:9.4f} {s['max']:9.4f} {share:6.0%}")
+            if name == "roi_heads":
+                for k, b in enumerate(inf.get("box_stages", []), 1):
+                    share = b["median"] / total if total > 0 else 0.0
+                    label = f"  box stage {k}"
+                    lines.append(f"{label:<22} {b['median']:9.4f} {b['min']:9.4f} {b['max']:9.4f} {share:6.0%}")
         t = inf["seconds_per_image"]
         lines.append(f"{'whole forward':<22} {t['median']:9.4f} {t['min']:9.4f} {t['max']:9.4f}")
         lines.append(_memory_line(inf["memory"]))

@@ -63,12 +63,32 @@ def build_trunk(cfg: BackboneConfig) -> ResNet:
     if cfg.fold_frozen_bn:
         block = FOLDED_BLOCKS[block]
     trunk = ResNet(block, layers, groups=cfg.groups, width_per_group=cfg.width_per_group, norm_layer=norm)
+    if cfg.res2_channels:
+        thin_stages(trunk, block, layers, cfg.res2_channels, cfg.width_per_group)
     del trunk.fc, trunk.avgpool  # detection uses the feature maps only
     if cfg.stride_in_1x1 and block_expansion(trunk) > 1:  # MSRA / Detectron2: stride in the 1x1 conv
         for stage in (trunk.layer2, trunk.layer3, trunk.layer4):
             stage[0].conv1.stride, stage[0].conv2.stride = stage[0].conv2.stride, (1, 1)
     freeze_stages(trunk, cfg.trainable_stages)
     return trunk
+
+
+def thin_stages(trunk: ResNet, block: type[nn.Module], layers: list[int], res2_channels: int,
+                width_per_group: int) -> None:
+    """Rebuild res2..res5 with `res2_channels` outputs at res2 (doubling per stage), as Detectron2's
+    RES2_OUT_CHANNELS does; each bottleneck stays `groups x width_per_group` wide at res2.
+
+    torchvision's stages have 64, 128, 256, 512 "planes" (outputs = 4 x planes, bottleneck width =
+    planes x base_width / 64 x groups); a thin trunk has fewer planes and a base width to match.
+    """
+    planes = res2_channels // block.expansion
+    trunk.inplanes = 64  # the stem's output
+    trunk.base_width = width_per_group * 64 // planes
+    for i, name in enumerate(STAGES):
+        setattr(trunk, name, trunk._make_layer(block, planes * 2**i, layers[i], stride=1 if i == 0 else 2))
+    for module in trunk.modules():  # the initialisation torchvision's ResNet gives its own stages
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
 
 def block_expansion(trunk: ResNet) -> int:
@@ -87,9 +107,9 @@ def freeze_stages(trunk: nn.Module, trainable_stages: int) -> None:
 
 
 def trunk_channels(trunk: ResNet) -> list[int]:
-    """Return the output channels of res2..res5 (64, 128, 256, 512 times the block expansion)."""
-    expansion = type(trunk.layer1[0]).expansion
-    return [64 * 2**i * expansion for i in range(4)]
+    """Return the output channels of res2..res5 (64, 128, 256, 512 times the block expansion, or thinner)."""
+    last_convs = [getattr(trunk, name)[-1] for name in STAGES]
+    return [(block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels for block in last_convs]
 
 
 def run_stem(trunk: ResNet, x: Tensor, fold_frozen_bn: bool = True) -> Tensor:

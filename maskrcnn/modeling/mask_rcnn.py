@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from maskrcnn.config import Config
 from maskrcnn.modeling.anchors import AnchorGenerator
 from maskrcnn.modeling.backbone import Backbone
+from maskrcnn.modeling.cascade import CascadeRoIHeads
 from maskrcnn.modeling.roi_heads import RoIHeads
 from maskrcnn.modeling.rpn import RPN
 from maskrcnn.structures import nonempty_boxes, paste_masks, paste_masks_grid_sample, scale_boxes
@@ -128,7 +129,8 @@ class MaskRCNN(nn.Module):
         self.anchors = AnchorGenerator(m.anchors, self.backbone.strides)
         self.rpn = RPN(m.rpn, self.backbone.out_channels, self.anchors.num_anchors_per_location)
         c4 = m.backbone.kind == "c4"
-        self.roi_heads = RoIHeads(
+        heads = CascadeRoIHeads if m.box_head.cascade.enabled else RoIHeads
+        self.roi_heads = heads(
             m.box_head, m.mask_head, m.num_classes, self.backbone.out_channels, self.backbone.strides,
             res5=self.backbone.res5 if c4 else None,
             res5_channels=getattr(self.backbone, "res5_channels", 0),

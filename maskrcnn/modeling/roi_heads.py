@@ -1,12 +1,14 @@
 """Stage two: per-RoI classification, class-specific box refinement and binary masks, in parallel.
 
 Labels run 0..K with 0 = background; the class-dependent layers have K+1 outputs (the background
-row of the box and mask predictors is never trained), as in torchvision's checkpoints.
+row of the box and mask predictors is never trained), as in torchvision's checkpoints. A
+class-agnostic box predictor has 4 outputs: one box per RoI, whatever its class.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,15 @@ class SampledRoIs:
     labels: Tensor
     gt_index: Tensor
     gt_boxes: Tensor
+
+    def select(self, index: Tensor) -> "SampledRoIs":
+        """Return the RoIs at `index` (indices or a boolean mask)."""
+        return SampledRoIs(self.boxes[index], self.labels[index], self.gt_index[index], self.gt_boxes[index])
+
+
+# What a box stage computes for RoIs [R, 4] (all images' concatenated): (class logits, box deltas).
+# Inference and ONNX export pool features differently and pass their own.
+StageRunner = Callable[[nn.Module, nn.Module, Tensor], tuple[Tensor, Tensor]]
 
 
 class FCBoxHead(nn.Module):
@@ -74,12 +85,12 @@ class Res5BoxHead(nn.Module):
 
 
 class BoxPredictor(nn.Module):
-    """Class scores (K+1) and class-specific box deltas ((K+1)*4)."""
+    """Class scores (K+1) and class-specific box deltas ((K+1)*4), or class-agnostic ones (4)."""
 
-    def __init__(self, in_features: int, num_classes: int):
+    def __init__(self, in_features: int, num_classes: int, class_agnostic: bool = False):
         super().__init__()
         self.class_logits = nn.Linear(in_features, num_classes + 1)
-        self.box_deltas = nn.Linear(in_features, (num_classes + 1) * 4)
+        self.box_deltas = nn.Linear(in_features, 4 if class_agnostic else (num_classes + 1) * 4)
         nn.init.normal_(self.class_logits.weight, std=0.01)
         nn.init.normal_(self.box_deltas.weight, std=0.001)
         nn.init.zeros_(self.class_logits.bias)
@@ -87,6 +98,35 @@ class BoxPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.class_logits(x), self.box_deltas(x)
+
+
+def build_box_head(cfg: BoxHeadConfig, channels: int, res5: nn.Module | None = None,
+                   res5_channels: int = 0) -> nn.Module:
+    """Return the configured box head: 2fc or 4conv1fc over pooled FPN features, or C4's shared res5."""
+    if cfg.type == "res5":
+        assert res5 is not None
+        return Res5BoxHead(res5, res5_channels)
+    num_convs = cfg.num_convs if cfg.type == "4conv1fc" else 0
+    num_fcs = 1 if cfg.type == "4conv1fc" else 2
+    return FCBoxHead(channels, cfg.pooler.output_size, num_convs, cfg.conv_dim, num_fcs, cfg.fc_dim, cfg.norm)
+
+
+def box_losses(class_logits: Tensor, box_deltas: Tensor, rois: list[SampledRoIs], coder: BoxCoder,
+               beta: float) -> dict[str, Tensor]:
+    """Return the classification loss over sampled RoIs and the box regression loss of the positives.
+
+    The regression reads the GT class's deltas, or the single class-agnostic set.
+    """
+    labels = torch.cat([r.labels for r in rois])
+    losses = {"loss_classifier": F.cross_entropy(class_logits, labels)}
+    positive = torch.nonzero(labels > 0).squeeze(1)
+    matched_gt = torch.cat([r.gt_boxes for r in rois])
+    regression_targets = coder.encode(matched_gt[positive], torch.cat([r.boxes for r in rois])[positive])
+    per_class = box_deltas.view(len(labels), -1, 4)
+    deltas = per_class[positive, labels[positive] if per_class.shape[1] > 1 else 0]
+    # Normalised by all sampled RoIs, not positives: the paper's code and both references do so.
+    losses["loss_box_reg"] = smooth_l1(deltas, regression_targets, beta) / max(1, labels.numel())
+    return losses
 
 
 class MaskHead(nn.Module):
@@ -191,17 +231,7 @@ class RoIHeads(nn.Module):
         self.num_classes = num_classes
         pool_strides = strides[:4] if len(strides) > 1 else strides  # P2..P5 (P6 is RPN-only)
         self.box_pooler = RoIPooler(box_cfg.pooler, pool_strides)
-        if box_cfg.type == "res5":
-            assert res5 is not None
-            self.box_head: nn.Module = Res5BoxHead(res5, res5_channels)
-        else:
-            num_convs = box_cfg.num_convs if box_cfg.type == "4conv1fc" else 0
-            num_fcs = 1 if box_cfg.type == "4conv1fc" else 2
-            self.box_head = FCBoxHead(channels, box_cfg.pooler.output_size, num_convs, box_cfg.conv_dim,
-                                      num_fcs, box_cfg.fc_dim, box_cfg.norm)
-        self.box_predictor = BoxPredictor(self.box_head.out_channels, num_classes)
-        self.coder = BoxCoder(tuple(box_cfg.bbox_reg_weights))
-        self.matcher = Matcher(box_cfg.fg_iou_thresh, box_cfg.bg_iou_thresh, allow_low_quality_matches=False)
+        self.build_box_branch(box_cfg, channels, res5, res5_channels)
         self.shares_res5 = box_cfg.type == "res5"
         # The deconv doubles the pooled grid; for C4, res5 has first halved it (14 -> 7 -> 14).
         pooled = box_cfg.pooler.output_size // 2 if self.shares_res5 else mask_cfg.pooler.output_size
@@ -219,7 +249,26 @@ class RoIHeads(nn.Module):
             self.keypoint_pooler = RoIPooler(kp.pooler, pool_strides)
             self.keypoint_head = KeypointHead(channels, kp.num_keypoints, kp.num_convs, kp.conv_dim, kp.norm)
 
+    def build_box_branch(self, cfg: BoxHeadConfig, channels: int, res5: nn.Module | None, res5_channels: int) -> None:
+        """Build the box head, its predictor, the box coder and the RoI matcher."""
+        self.box_head: nn.Module = build_box_head(cfg, channels, res5, res5_channels)
+        self.box_predictor: nn.Module = BoxPredictor(self.box_head.out_channels, self.num_classes, cfg.class_agnostic)
+        self.coder = BoxCoder(tuple(cfg.bbox_reg_weights))
+        self.matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=False)
+
     # ---- training -----------------------------------------------------------------------------
+
+    @staticmethod
+    def label_rois(matcher: Matcher, boxes: Tensor, target: dict[str, Tensor]) -> SampledRoIs:
+        """Return every box of one image with its label (GT class, 0 = background, -1 = ignored) and matched GT."""
+        gt = non_crowd(target)
+        matches, fg = label_with_crowd(matcher, boxes, target["boxes"], target_crowd(target))
+        gt_index = matches.clamp(min=0)
+        has_gt = len(gt["labels"]) > 0
+        labels = gt["labels"][gt_index] if has_gt else torch.zeros_like(matches)
+        gt_boxes = gt["boxes"][gt_index].to(boxes.dtype) if has_gt else torch.zeros_like(boxes)
+        labels = torch.where(fg > 0, labels, torch.where(fg == 0, 0, -1))
+        return SampledRoIs(boxes, labels, gt_index, gt_boxes)
 
     def sample_proposals(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> list[SampledRoIs]:
         """Return per image the RoIs sampled at 1:3 positive:negative, with labels and matched GT.
@@ -228,17 +277,10 @@ class RoIHeads(nn.Module):
         """
         sampled = []
         for boxes, target in zip(proposals, targets):
-            gt = non_crowd(target)
-            boxes = torch.cat([boxes, gt["boxes"].to(boxes.dtype)])
-            matches, fg = label_with_crowd(self.matcher, boxes, target["boxes"], target_crowd(target))
-            gt_index = matches.clamp(min=0)
-            has_gt = len(gt["labels"]) > 0
-            labels = gt["labels"][gt_index] if has_gt else torch.zeros_like(matches)
-            gt_boxes = gt["boxes"][gt_index].to(boxes.dtype) if has_gt else torch.zeros_like(boxes)
-            labels = torch.where(fg > 0, labels, torch.where(fg == 0, 0, -1))
-            positive, negative = sample_balanced(labels, self.cfg.batch_size_per_image, self.cfg.positive_fraction)
-            keep = torch.cat([positive, negative])
-            sampled.append(SampledRoIs(boxes[keep], labels[keep], gt_index[keep], gt_boxes[keep]))
+            boxes = torch.cat([boxes, non_crowd(target)["boxes"].to(boxes.dtype)])
+            rois = self.label_rois(self.matcher, boxes, target)
+            positive, negative = sample_balanced(rois.labels, self.cfg.batch_size_per_image, self.cfg.positive_fraction)
+            sampled.append(rois.select(torch.cat([positive, negative])))
         return sampled
 
     def box_features(self, features: list[Tensor], boxes: list[Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -254,28 +296,26 @@ class RoIHeads(nn.Module):
         """Training: return the losses. Inference: return per-image detections (mask probabilities too)."""
         if self.training:
             assert targets is not None
-            return self.losses(features, proposals, targets)
+            return self.losses(features, proposals, targets, image_sizes)
         return self.detect(features, proposals, image_sizes)
 
-    def losses(self, features: list[Tensor], proposals: list[Tensor], targets: list[dict[str, Tensor]]):
+    def losses(self, features: list[Tensor], proposals: list[Tensor], targets: list[dict[str, Tensor]],
+               image_sizes: list[tuple[int, int]]):
         """Return classification, box regression and mask losses on sampled RoIs."""
         sampled = self.sample_proposals(proposals, targets)
-        head, res5 = self.box_features(features, [s.boxes for s in sampled])
-        class_logits, box_deltas = self.box_predictor(head)
-        labels = torch.cat([s.labels for s in sampled])
-        losses = {"loss_classifier": F.cross_entropy(class_logits, labels)}
-
-        positive = torch.nonzero(labels > 0).squeeze(1)
-        matched_gt = torch.cat([s.gt_boxes for s in sampled])
-        regression_targets = self.coder.encode(matched_gt[positive], torch.cat([s.boxes for s in sampled])[positive])
-        deltas = box_deltas.view(len(labels), -1, 4)[positive, labels[positive]]
-        # Normalised by all sampled RoIs, not positives: the paper's code and both references do so.
-        losses["loss_box_reg"] = smooth_l1(deltas, regression_targets, self.cfg.smooth_l1_beta) / max(1, labels.numel())
+        losses, res5 = self.box_branch_losses(features, sampled, targets, image_sizes)
         if self.mask_cfg.enabled:
             losses["loss_mask"] = self.mask_loss(features, sampled, targets, res5)
         if self.keypoint_cfg.enabled:
             losses["loss_keypoint"] = self.keypoint_loss(features, sampled, targets) * self.keypoint_cfg.loss_weight
         return losses
+
+    def box_branch_losses(self, features: list[Tensor], sampled: list[SampledRoIs], targets: list[dict[str, Tensor]],
+                          image_sizes: list[tuple[int, int]]) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Return the box losses on the sampled RoIs, and for C4 the res5 map the mask head shares."""
+        head, res5 = self.box_features(features, [s.boxes for s in sampled])
+        class_logits, box_deltas = self.box_predictor(head)
+        return box_losses(class_logits, box_deltas, sampled, self.coder, self.cfg.smooth_l1_beta), res5
 
     def mask_loss(self, features: list[Tensor], sampled: list[SampledRoIs], targets: list[dict[str, Tensor]],
                   res5: Tensor | None) -> Tensor:
@@ -340,10 +380,15 @@ class RoIHeads(nn.Module):
 
     def detect(self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]):
         """Return per image: boxes, scores, labels of the top detections and their mask probabilities."""
-        head, _ = self.box_features(features, proposals)
-        class_logits, box_deltas = self.box_predictor(head)
-        scores = F.softmax(class_logits.float(), dim=-1)
-        boxes = self.coder.decode(box_deltas.float(), torch.cat(proposals).float())
+        sizes = [len(p) for p in proposals]
+
+        def run_stage(box_head: nn.Module, box_predictor: nn.Module, boxes: Tensor) -> tuple[Tensor, Tensor]:
+            return box_predictor(box_head(self.box_pooler(features, list(boxes.split(sizes)))))
+
+        def clip(boxes: Tensor) -> Tensor:
+            return torch.cat([clip_boxes(b, h, w) for b, (h, w) in zip(boxes.split(sizes), image_sizes)])
+
+        boxes, scores = self.predict_boxes(run_stage, torch.cat(proposals), clip)
         detections = []
         start = 0
         for props, (height, width) in zip(proposals, image_sizes):
@@ -356,10 +401,21 @@ class RoIHeads(nn.Module):
             self.predict_keypoints(features, detections)
         return detections
 
+    def predict_boxes(self, run_stage: StageRunner, proposals: Tensor,
+                      clip: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """Return decoded boxes [R, C, 4] (C = K+1, or 1 when class-agnostic) and class probabilities [R, K+1].
+
+        `proposals` are all images' RoIs concatenated; `clip` clamps such boxes to their images (unused
+        here: the cascade's later stages need it).
+        """
+        class_logits, box_deltas = run_stage(self.box_head, self.box_predictor, proposals)
+        return self.coder.decode(box_deltas.float(), proposals.float()), F.softmax(class_logits.float(), dim=-1)
+
     def select_detections(self, boxes: Tensor, scores: Tensor, height: int, width: int) -> dict[str, Tensor]:
         """Return the top detections of one image: threshold, drop tiny boxes, per-class NMS, top-k."""
         num_classes = scores.shape[1]
-        boxes = clip_boxes(boxes, height, width)[:, 1:].reshape(-1, 4)  # drop the background column
+        boxes = clip_boxes(boxes, height, width).expand(-1, num_classes, -1)  # one box for all classes if agnostic
+        boxes = boxes[:, 1:].reshape(-1, 4)  # drop the background column
         labels = torch.arange(1, num_classes, device=scores.device).repeat(len(scores))
         scores = scores[:, 1:].reshape(-1)
         keep = torch.nonzero(scores > self.cfg.score_thresh).squeeze(1)
