@@ -68,8 +68,9 @@ def test_detectron2_entry_builds_and_takes_detectron2_layout(name):
     entry = zoo.get_entry(name)
     cfg = zoo.entry_config(entry)
     yaml_path = Path(zoo.table.PRESET_DIR) / entry.config
+    d2 = _flatten(read_chain(yaml_path))
     # The number of classes the Detectron2 file was trained with, read from its YAML (80 = its default).
-    k = _flatten(read_chain(yaml_path)).get("MODEL.ROI_HEADS.NUM_CLASSES", 80)
+    k = d2.get("MODEL.ROI_HEADS.NUM_CLASSES", 80)
     assert cfg.model.num_classes == len(cfg.model.class_names) == len(cfg.model.category_ids) == k
     with torch.device("meta"):
         ours = build_model(cfg)
@@ -88,10 +89,37 @@ def test_detectron2_entry_builds_and_takes_detectron2_layout(name):
         theirs[_our_name_to_detectron2(key, c4)] = torch.empty(shape, device="meta")
     converted = convert_detectron2_state_dict(theirs, cfg.model)
     assert _without_counters(converted) == _without_counters(own)
+    # The box layers Detectron2 builds for this YAML, read from the YAML alone (not from our model).
+    box = {key: value.shape[0] for key, value in theirs.items() if key.startswith("roi_heads.box_")}
+    assert box == _detectron2_box_layers(d2, k)
     # Detectron2's URLs are detectron2/<config path without .yaml>/<model id>/model_final_<md5>.pkl.
     config_path = entry.config.removeprefix("detectron2/").removesuffix(".yaml")
     assert entry.url.startswith(f"https://dl.fbaipublicfiles.com/detectron2/{config_path}/")
     assert entry.file_name == f"model_final_{entry.hash_prefix}.pkl"  # Detectron2 names files by MD5 prefix
+
+
+def _detectron2_box_layers(d2: dict, k: int) -> dict[str, int]:
+    """Return Detectron2's box-head and box-predictor parameter names for a YAML, with their output rows.
+
+    StandardROIHeads: one head (NUM_FC fcs; none for C4, whose box head is res5) and one predictor with
+    K+1 logits and 4K box deltas. CascadeROIHeads: one head and one class-agnostic predictor (4 deltas)
+    per IoU of ROI_BOX_CASCADE_HEAD.IOUS, numbered from 0 (Detectron2's default IoUs: 0.5, 0.6, 0.7).
+    """
+    # Defaults as in Detectron2's config/defaults.py.
+    cascade = d2.get("MODEL.ROI_HEADS.NAME", "Res5ROIHeads") == "CascadeROIHeads"
+    ious = d2.get("MODEL.ROI_BOX_CASCADE_HEAD.IOUS", (0.5, 0.6, 0.7))
+    stages = [f"{s}." for s in range(len(ious))] if cascade else [""]
+    fc_dim = d2.get("MODEL.ROI_BOX_HEAD.FC_DIM", 1024)
+    agnostic = d2.get("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", False)  # a cascade YAML must set it
+    layers = {}
+    for stage in stages:
+        for i in range(1, d2.get("MODEL.ROI_BOX_HEAD.NUM_FC", 0) + 1):
+            for part in ("weight", "bias"):
+                layers[f"roi_heads.box_head.{stage}fc{i}.{part}"] = fc_dim
+        for part in ("weight", "bias"):
+            layers[f"roi_heads.box_predictor.{stage}cls_score.{part}"] = k + 1
+            layers[f"roi_heads.box_predictor.{stage}bbox_pred.{part}"] = 4 if agnostic else 4 * k
+    return layers
 
 
 def test_torchvision_hash_is_the_prefix_in_the_file_name():
