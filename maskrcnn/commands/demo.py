@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,36 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic test images, the demo's held-out score (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
     p.add_argument("--overlays", type=int, default=8, help="validation overlays to draw (default: 8)")
-    p.add_argument("--processes", type=int, default=0,
-                   help="training processes (data parallel, one CPU thread each; default 0: one per CPU core, "
-                        "at most 8, on CPUs; 1 on a GPU)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for the shapes preset")
-
-
-def default_processes() -> int:
-    """Return how many training processes suit this machine: one per core (at most 8) on a CPU, 1 on a GPU.
-
-    A training step of the small `shapes` model is many small operators that one thread runs nearly as
-    fast as two; data-parallel processes of one thread each keep every core busy (see BENCHMARKS.md).
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        return 1
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-def train_in_processes(overrides: list[str], processes: int) -> None:
-    """Run `maskrcnn train --config shapes OVERRIDES` as `processes` data-parallel CPU processes (torchrun)."""
-    from maskrcnn.errors import UserError
-
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "maskrcnn.cli", "train", "--config", "shapes", "device=cpu", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    print(f"training in {processes} processes of one thread each: {' '.join(command[1:6])} ...", flush=True)
-    status = subprocess.run(command, env=env).returncode
-    if status:
-        raise UserError(f"training failed (exit status {status}; its messages are above)")
 
 
 def ensure_shapes(data_dir: Path, num_train: int, num_val: int, num_test: int, seed: int) -> dict[str, tuple[Path, Path]]:
@@ -105,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--test-images must be at least 1: the demo scores the model on them")
     splits = ensure_shapes(out / "data", args.train_images, args.val_images, args.test_images, args.seed)
     (train_json, train_dir), (test_json, test_dir) = splits["train"], splits["test"]
-    overrides = [
+    cfg = load_config("shapes", [
         f"data.train=['{train_json}:{train_dir}']",
         # The run's final evaluation is the demo's score: on the test split, which no tuning of the
         # preset ever looked at (the recipe was chosen on validation splits; see BENCHMARKS.md).
@@ -114,17 +82,8 @@ def run(args: argparse.Namespace) -> int:
         f"output_dir={out / time.strftime('train-%Y%m%d-%H%M%S')}",
         f"solver.max_minutes={args.minutes}",
         *args.overrides,
-    ]
-    cfg = load_config("shapes", overrides)  # checked here, before any process starts
-    processes = args.processes or default_processes()
-    if processes > 1 and cfg.solver.ims_per_batch % processes:
-        raise UserError(f"--processes {processes} does not divide solver.ims_per_batch={cfg.solver.ims_per_batch}; "
-                        "choose a divisor")
-    if processes > 1:
-        train_in_processes(overrides, processes)
-        run_dir = Path(cfg.output_dir)
-    else:
-        run_dir = train(cfg)
+    ])
+    run_dir = train(cfg)
     metrics_file = run_dir / "eval" / "final" / "metrics.json"
     metrics = json.loads(metrics_file.read_text())
     model = load_model(None, run_dir / "checkpoints" / "model_final.pth")
