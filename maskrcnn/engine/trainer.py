@@ -849,9 +849,11 @@ class Trainer:
         scalars["train/lr"] = window[-1]["lr"]
         metrics.write(record, scalars)
         if say:
-            total = self.scheduler.lr_lambdas[0].max_iter
+            schedule: WarmupSchedule = self.scheduler.lr_lambdas[0]
+            where = (f"{self.iteration} ({100 * min(1.0, schedule.budget_fraction):.0f}% of the time budget)"
+                     if schedule.budget_fraction is not None else f"{self.iteration}/{schedule.max_iter}")
             losses = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in means.items() if k.startswith("loss_"))
-            print(f"iter {self.iteration}/{total}  loss {means['loss']:.3f} ({losses})  "
+            print(f"iter {where}  loss {means['loss']:.3f} ({losses})  "
                   f"lr {record['lr']:.3g}  {sec_per_iter:.2f} s/it  eta {_format_seconds(eta)}", flush=True)
 
     def _plot(self) -> None:
