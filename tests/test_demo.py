@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 from PIL import Image
@@ -10,13 +11,15 @@ from PIL import Image
 from maskrcnn.cli import main
 
 
-def test_demo_scores_on_the_test_split(tmp_path, capsys):
+def test_demo_scores_on_the_test_split(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
     out = tmp_path / "demo"
     status = main(["demo", "--out", str(out), "--minutes", "0.02", "--train-images", "6", "--val-images", "2",
                    "--test-images", "3", "--overlays", "2", "solver.ims_per_batch=2"])
     assert status == 0
     printed = capsys.readouterr().out
     assert "on 3 held-out test shapes" in printed
+    assert "of solver.max_minutes=0.02 spent" in caplog.text  # how the time budget was spent
     data = out / "data"
     test = json.loads((data / "test.json").read_text())
     val = json.loads((data / "val.json").read_text())

@@ -63,11 +63,13 @@ def draw_overlays(model, val_json: Path, val_dir: Path, out_dir: Path, count: in
 def run(args: argparse.Namespace) -> int:
     """Run the demo end to end and print where everything went."""
     from maskrcnn.api import load_model
-    from maskrcnn.errors import UserError
+    from maskrcnn.commands.train import setup_logging
     from maskrcnn.config import load_config
+    from maskrcnn.errors import UserError
     from maskrcnn.engine.evaluator import format_metrics
     from maskrcnn.engine.trainer import train
 
+    setup_logging()  # the trainer's lines: precision, time budget, how it was spent
     out = Path(args.out)
     if args.test_images < 1:
         raise UserError("--test-images must be at least 1: the demo scores the model on them")

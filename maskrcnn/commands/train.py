@@ -31,7 +31,8 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record))
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
+    """Log INFO to the terminal through tqdm (rank 0), warnings only from the other ranks."""
     # Under torchrun only rank 0 logs progress; the other ranks report warnings and errors, marked.
     rank = int(os.environ.get("RANK", "0"))
     root = logging.getLogger()
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from maskrcnn.engine.trainer import train
     from maskrcnn.zoo import entry_config, resolve_weights
 
-    _setup_logging()
+    setup_logging()
     weights, entry = resolve_weights(args.weights)  # a zoo name: fetched once (every rank waits for one download)
     if entry is not None and not args.config:
         # Fine-tuning: the zoo model's architecture, with the classes of the training data (the class layers
