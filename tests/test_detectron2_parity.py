@@ -122,20 +122,26 @@ def test_eval_cli_scores_a_detectron2_checkpoint(tmp_path):
     assert metrics["segm"]["AP"] > 50
 
 
-def test_finetune_from_detectron2_pkl_reinitialises_class_layers(tmp_path):
+def _finetune_on_shapes(fixture, tmp_path, solver: list[str]):
+    """Fine-tune the fixture's Detectron2 .pkl on two 3-class shapes images through `maskrcnn train`; return the run dir."""
     from maskrcnn.data.shapes import make_shapes
 
     ann, images = make_shapes(tmp_path / "data", num_train=2, num_val=0, seed=1, image_size=96,
                               max_shapes=3, shape_size=(24, 48))["train"]
     out = tmp_path / "run"
     code = main([
-        "train", "--config", str(FIXTURE / "config.yaml"), "--weights", str(FIXTURE / "model.pkl"),
+        "train", "--config", str(fixture / "config.yaml"), "--weights", str(fixture / "model.pkl"),
         "--out", str(out), "model.class_names=[]", "model.category_ids=[]", f"data.train=['{ann}:{images}']",
-        "input.min_size_train=[128]", "input.max_size_train=128", "solver.ims_per_batch=2", "solver.max_iter=2",
-        "solver.base_lr=0.001", "solver.warmup_iters=1", "solver.log_period=1", "solver.checkpoint_period=100",
+        "input.min_size_train=[128]", "input.max_size_train=128", "solver.ims_per_batch=2",
+        "solver.warmup_iters=1", "solver.checkpoint_period=100", *solver,
         "model.rpn.pre_nms_top_n_train=200", "model.rpn.post_nms_top_n_train=100", "device=cpu",
     ])
     assert code == 0
+    return out
+
+
+def test_finetune_from_detectron2_pkl_reinitialises_class_layers(tmp_path):
+    out = _finetune_on_shapes(FIXTURE, tmp_path, ["solver.max_iter=2", "solver.base_lr=0.001", "solver.log_period=1"])
     final = load_checkpoint(out / "checkpoints" / "model_final.pth")
     assert final["config"]["model"]["class_names"] == ["square", "circle", "triangle"]
     state = final["model"]
@@ -155,19 +161,7 @@ def test_finetune_from_detectron2_cascade_pkl_keeps_the_class_agnostic_box_delta
     """Another class count re-initialises each stage's classifier; its 4 box deltas load from the file."""
     import pickle
 
-    from maskrcnn.data.shapes import make_shapes
-
-    ann, images = make_shapes(tmp_path / "data", num_train=2, num_val=0, seed=1, image_size=96,
-                              max_shapes=3, shape_size=(24, 48))["train"]
-    out = tmp_path / "run"
-    code = main([
-        "train", "--config", str(CASCADE_FIXTURE / "config.yaml"), "--weights", str(CASCADE_FIXTURE / "model.pkl"),
-        "--out", str(out), "model.class_names=[]", "model.category_ids=[]", f"data.train=['{ann}:{images}']",
-        "input.min_size_train=[128]", "input.max_size_train=128", "solver.ims_per_batch=2", "solver.max_iter=1",
-        "solver.base_lr=0.0", "solver.warmup_iters=1", "solver.checkpoint_period=100",
-        "model.rpn.pre_nms_top_n_train=200", "model.rpn.post_nms_top_n_train=100", "device=cpu",
-    ])
-    assert code == 0
+    out = _finetune_on_shapes(CASCADE_FIXTURE, tmp_path, ["solver.max_iter=1", "solver.base_lr=0.0"])
     state = load_checkpoint(out / "checkpoints" / "model_final.pth")["model"]
     arrays = pickle.loads((CASCADE_FIXTURE / "model.pkl").read_bytes())["model"]
     for stage in range(3):
