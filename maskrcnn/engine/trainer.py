@@ -763,7 +763,7 @@ class Trainer:
                     sec_per_iter = (now - session_start) / done_here
                     if budget > 0:
                         eta = max(0.0, budget - self.train_seconds)
-                        bar.total = max(self.iteration, self.iteration + round(eta / sec_per_iter))
+                        bar.total = self.iteration + round(eta / sec_per_iter)
                     else:
                         eta = sec_per_iter * (schedule.max_iter - self.iteration)
                     bar.set_postfix_str(_postfix(smooth), refresh=False)

@@ -130,7 +130,7 @@ class CpuRoIAlign(torch.autograd.Function):
         backward = torch.ops.torchvision._roi_align_backward
         partial_grads = _run_in_threads([
             lambda g=g, part=part: backward(g.contiguous(), part, scale, *output_size, *shape, sampling_ratio, aligned)
-            for g, part in zip(grad.chunk(max(1, chunks)), rois.chunk(max(1, chunks)))
+            for g, part in zip(grad.chunk(chunks), rois.chunk(chunks))
         ])
         return sum(partial_grads), None, None, None, None, None, None
 
@@ -156,7 +156,8 @@ class RoIPooler(nn.Module):
         if feature.device.type != "cpu":
             return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
         chunks = min(torch.get_num_threads(), len(rois) // MIN_ROIS_PER_THREAD)
-        if chunks > 1 or (feature.requires_grad and torch.is_grad_enabled()):
+        # One thread and the adaptive grid (sampling_ratio 0): torchvision's op as it is, backward included.
+        if chunks > 1 or (self.sampling_ratio > 0 and feature.requires_grad and torch.is_grad_enabled()):
             return CpuRoIAlign.apply(
                 feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned, chunks)
         return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
