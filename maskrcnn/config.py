@@ -151,6 +151,10 @@ class MaskHeadConfig:
     norm: str = ""  # "" | bn | gn
     class_agnostic: bool = False
     pooler: PoolerConfig = field(default_factory=lambda: PoolerConfig(output_size=14))
+    # Training: at most this many positive RoIs per image run the mask head (a random subset of the
+    # sampled positives); 0 = all of them, as in the paper. Few objects per image each matched by many
+    # proposals make most mask RoIs near-duplicates, and the head's cost grows with their number.
+    max_rois_per_image: int = 0
     threshold: float = 0.5
     paste: str = "torchvision"  # torchvision (integer box, padded mask) | detectron2 (grid_sample)
 
@@ -621,6 +625,9 @@ def validate(cfg: Config) -> None:
             f"config key 'model.class_names' has {len(m.class_names)} names but "
             f"model.num_classes = {m.num_classes}"
         )
+    if m.mask_head.max_rois_per_image < 0:
+        raise ConfigError(f"config key 'model.mask_head.max_rois_per_image' must be >= 0 (0 = every positive RoI), "
+                          f"got {m.mask_head.max_rois_per_image}")
     if m.backbone.kind == "c4" and m.box_head.type != "res5":
         raise ConfigError("config: model.backbone.kind=c4 needs model.box_head.type=res5")
     if m.backbone.kind != "c4" and m.box_head.type == "res5":

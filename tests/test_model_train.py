@@ -189,3 +189,22 @@ def test_multi_scale_training_draws_a_size_per_image_and_eval_uses_the_test_size
     assert drawn == {(64, 500), (96, 500)}
     model.eval()
     assert model._target_size() == (80, 500)
+
+
+@pytest.mark.parametrize("cap", [0, 3])
+def test_mask_head_rois_per_image_cap(cap):
+    """`max_rois_per_image` runs the mask head on at most that many positives per image (0: all)."""
+    model = _model("fpn", [f"model.mask_head.max_rois_per_image={cap}"]).train()
+    seen = []
+    model.roi_heads.mask_head.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    images = [torch.rand(3, 120, 160), torch.rand(3, 120, 160)]
+    boxes = [[20, 10, 80, 50], [90, 60, 150, 110]]
+    targets = [_target(boxes, [1, 3], [0, 0]), _target(boxes, [2, 2], [0, 0])]
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    # the GT boxes join the proposals, so each image has at least 2 positives; random RPN weights give more
+    if cap:
+        assert seen == [2 * cap]
+    else:
+        assert seen[0] > 2 * 3
+    assert model.roi_heads.mask_head.predictor.weight.grad.abs().sum() > 0

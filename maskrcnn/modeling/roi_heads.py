@@ -322,8 +322,11 @@ class RoIHeads(nn.Module):
         """Return the mean per-pixel mask loss over positive RoIs only (BCE of the GT class's channel)."""
         pos_boxes, pos_labels, pos_targets, pos_rows = [], [], [], []
         offset = 0
+        cap = self.mask_cfg.max_rois_per_image
         for s, target in zip(sampled, targets):
             positive = torch.nonzero(s.labels > 0).squeeze(1)
+            if 0 < cap < positive.numel():
+                positive = positive[torch.randperm(positive.numel(), device=positive.device)[:cap]]
             pos_boxes.append(s.boxes[positive])
             pos_labels.append(s.labels[positive])
             pos_rows.append(positive + offset)
