@@ -117,15 +117,22 @@ def test_cli(tmp_path, capsys):
 
 
 # sha256 of train.json plus the decoded pixels of one image (not the PNG bytes, which depend on Pillow's
-# zlib) of a small basic dataset, computed before the fine style was added: it pins the basic style's
-# output, which the demo and the other tests rely on. Change it only on purpose.
-BASIC_DIGEST = "0f4449c459b7fdab3ce131e735d937eb636f38c3ba3e704d66b4f7e42c537910"
+# zlib) of small datasets: it pins each style's output, which the demo, the ablations and the other tests
+# rely on. The first was computed before the fine style was added, the others before the blobs style
+# (with the default image and shape sizes). Change them only on purpose.
+PINNED_DIGESTS = [
+    ("basic", {"num_train": 3, "image_size": (48, 80)}, "0f4449c459b7fdab3ce131e735d937eb636f38c3ba3e704d66b4f7e42c537910"),
+    ("basic", {"num_train": 2}, "fe6a9c132333578f47cd5b79405830645c0f89e5005f89c7abe006adbcd1b087"),
+    ("fine", {"num_train": 3, "image_size": (48, 80)}, "cfef2431baaf2c698172edf245131cc410b934612912a2d0b792780d651538c8"),
+    ("fine", {"num_train": 2}, "cdf1fc081fc107adc30e478eb3e649698f7d59e4cdd2e6d5cb292bb25d7bcb28"),
+]
 
 
-def test_basic_style_output_is_pinned(tmp_path):
-    make_shapes(tmp_path, num_train=3, num_val=1, seed=11, image_size=(48, 80))
+@pytest.mark.parametrize(("style", "kwargs", "digest"), PINNED_DIGESTS)
+def test_style_output_is_pinned(tmp_path, style, kwargs, digest):
+    make_shapes(tmp_path, num_val=1, seed=11, style=style, **kwargs)
     pixels = np.asarray(Image.open(tmp_path / "train" / "000002.png"))
-    assert hashlib.sha256((tmp_path / "train.json").read_bytes() + pixels.tobytes()).hexdigest() == BASIC_DIGEST
+    assert hashlib.sha256((tmp_path / "train.json").read_bytes() + pixels.tobytes()).hexdigest() == digest
 
 
 @pytest.fixture(scope="module")
