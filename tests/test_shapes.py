@@ -14,12 +14,14 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from maskrcnn.cli import main
+from maskrcnn.config import load_config
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.shapes import (
     CROSS, MIN_STROKE, MIN_VISIBLE_PIXELS, NUCLEUS, RING, STAR, _blob_opacity, _shape_mask, make_shapes,
     render_image, shape_categories,
 )
 from maskrcnn.errors import UserError
+from maskrcnn.modeling import build_model
 
 # pycocotools' decode trips a harmless NumPy 2 DeprecationWarning
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -318,3 +320,11 @@ def test_blobs_cli_writes_a_dataset_that_checks_and_loads(tmp_path, capsys):
     image, target = ds[0]
     assert ds.class_names == ["nucleus"] and image.shape[1:] == (512, 512) and len(target["masks"]) == 3
 
+
+def test_blobs_preset_builds_a_one_class_model():
+    cfg = load_config("blobs")
+    assert cfg.input.min_size_train == [512] and cfg.input.max_size_test == 512
+    model = build_model(cfg)
+    assert model.class_names == ["nucleus"] and model.roi_heads.box_predictor.class_logits.out_features == 2
+    smallest = model.anchors.cell_anchors[0]  # P2's anchors, one per aspect ratio
+    assert float((smallest[:, 2] - smallest[:, 0]).max()) <= 12  # no wider than 8 px at ratio 1 ... 11 px at 2:1
