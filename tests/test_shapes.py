@@ -268,6 +268,12 @@ def test_blobs_style_defaults_and_valid_coco(blobs_dir):
     assert min(sides) < 20 and max(sides) > 30  # the sizes spread over the range
 
 
+def test_blobs_are_dense():
+    # each image tries at least the style's 20 blobs (of up to 25 here), and small blobs all find room
+    counts = [len(render_image(np.random.default_rng(i), 192, 192, 25, (10, 14), "blobs")[1]) for i in range(12)]
+    assert 20 <= min(counts) and max(counts) <= 25
+
+
 def test_blobs_are_bright_on_dark_with_soft_edges(blobs_dir):
     for grey, masks in _blob_images(blobs_dir):
         inside = np.any(masks, axis=0)
