@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None,
                    help="fixed square image side in pixels (default: each side random in 160..256; blobs 512)")
     p.add_argument("--max-shapes", type=int, default=None,
-                   help="at most this many shapes (or figures) per image (default 4, with --keypoints 3; blobs 45, "
-                        "and at least 20 or this many if fewer)")
+                   help="at most this many shapes (or figures) per image (default 4, with --keypoints 3, with "
+                        "--style blobs 45: blobs images try at least 20, or this many if fewer)")
     p.add_argument("--style", choices=STYLES, default="basic",
                    help="basic: squares, circles, triangles (default); fine: small rings, crosses and stars with "
                         "thin parts and sharp corners, where a pixel of RoI misalignment costs mask AP (RoIAlign "

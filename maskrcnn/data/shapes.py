@@ -58,10 +58,10 @@ PLACEMENT_TRIES = 10
 # The blobs style's look, as (low, high) ranges drawn per image or per blob; intensities are grey levels.
 BLOB_ASPECT = (0.5, 1.0)  # minor / major axis
 BLOB_EDGE_WIDTH = (1.5, 3.0)  # pixels: the scale of the logistic fall-off across the ellipse
-BLOB_BRIGHTNESS = (90.0, 220.0)
+BLOB_BRIGHTNESS = (90.0, 220.0)  # a blob body's grey level
 BLOB_TEXTURE = 0.1  # internal texture, relative to the blob's brightness (standard deviation)
 BLOB_TEXTURE_CELL = 4  # pixels: the texture's grain
-BACKGROUND_LEVEL = (15.0, 35.0)
+BACKGROUND_LEVEL = (15.0, 35.0)  # the dark background's mean grey level
 BACKGROUND_VARIATION = 5.0  # standard deviation of the background's smooth unevenness
 BACKGROUND_CELL = 128  # pixels: the unevenness varies over about this distance
 PIXEL_NOISE = (8.0, 15.0)  # standard deviation of the per-pixel Gaussian noise
