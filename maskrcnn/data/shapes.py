@@ -10,7 +10,12 @@ and area come from the visible mask. Everything is a pure function of the seed.
 pixels wide and sharp star points. On such geometry a pixel of misalignment costs much of a mask's IoU,
 so RoIPool's quantised bins (against RoIAlign) show up in mask AP at IoU 0.75, as in the Mask R-CNN
 paper's ablation; the basic shapes are too blunt for that. Masks are sampled at pixel centres from
-exact geometry in both styles.
+exact geometry in every style.
+
+`style="blobs"` is microscopy-like instead: 512-px grey images of 20 to 45 nuclei-like ellipses each,
+soft-edged (their intensity falls off smoothly across the boundary) and faintly textured, on a dark,
+uneven, noisy background. A blob's mask is its half-intensity contour, the ellipse itself, so where a
+mask ends is decided by faint pixels: a stand-in for microscopy sets on which masks lag boxes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,8 +44,10 @@ FINE_CATEGORIES = [
     {"id": 2, "name": "cross", "supercategory": "shape"},
     {"id": 3, "name": "star", "supercategory": "shape"},
 ]
+BLOB_CATEGORIES = [{"id": 1, "name": "nucleus", "supercategory": "cell"}]
 SQUARE, CIRCLE, TRIANGLE = 1, 2, 3
 RING, CROSS, STAR = 1, 2, 3
+NUCLEUS = 1
 RING_THICKNESS = (0.15, 0.30)  # of the outer radius
 CROSS_ARM_WIDTH = (0.15, 0.25)  # of the cross's size
 STAR_INNER_RADIUS = 0.4  # of the outer radius: long, sharp points
@@ -47,6 +55,19 @@ MIN_STROKE = 2.0  # pixels; a thinner ring or arm can fall between pixel centres
 MIN_VISIBLE_FRACTION = 0.3  # an occluded shape keeps at least this share of its own area
 MIN_VISIBLE_PIXELS = 40  # and at least this many pixels
 PLACEMENT_TRIES = 10
+# The blobs style's look, as (low, high) ranges drawn per image or per blob; intensities are grey levels.
+BLOB_ASPECT = (0.5, 1.0)  # minor / major axis
+BLOB_EDGE_WIDTH = (1.5, 3.0)  # pixels: the scale of the logistic fall-off across the ellipse
+BLOB_BRIGHTNESS = (90.0, 220.0)  # a blob body's grey level
+BLOB_TEXTURE = 0.1  # internal texture, relative to the blob's brightness (standard deviation)
+BLOB_TEXTURE_CELL = 4  # pixels: the texture's grain
+BACKGROUND_LEVEL = (15.0, 35.0)  # the dark background's mean grey level
+BACKGROUND_VARIATION = 5.0  # standard deviation of the background's smooth unevenness
+BACKGROUND_CELL = 128  # pixels: the unevenness varies over about this distance
+PIXEL_NOISE = (8.0, 15.0)  # standard deviation of the per-pixel Gaussian noise
+
+# A list of (category id, visible bool mask) pairs, one per shape, bottom first.
+Shapes = list[tuple[int, np.ndarray]]
 
 
 def make_shapes(
@@ -54,8 +75,8 @@ def make_shapes(
     num_train: int = 500,
     num_val: int = 100,
     seed: int = 0,
-    image_size: int | tuple[int, int] = (160, 256),
-    max_shapes: int = 4,
+    image_size: int | tuple[int, int] | None = None,
+    max_shapes: int | None = None,
     shape_size: tuple[int, int] | None = None,
     style: str = "basic",
     num_test: int = 0,
@@ -63,9 +84,13 @@ def make_shapes(
     """Write train/val (and test) images and COCO JSON under `out_dir`; return {split: (json file, image dir)}.
 
     `image_size` is a fixed side for square images, or a (min, max) range drawn per side; `shape_size`
-    the (smallest, largest) shape in pixels, by default the style's (basic 12..80, fine 10..48).
+    the (smallest, largest) shape in pixels (for blobs, the major axis). Left out, they and `max_shapes`
+    are the style's: sides 160..256, up to 4 shapes, sizes 12..80 (basic) or 10..48 (fine); blobs: side
+    512, 20 to 45 blobs (fewer if some find no room; at most `max_shapes` if that is under 20), sizes 14..40.
     """
     spec = _style(style)
+    image_size = spec.image_size if image_size is None else image_size
+    max_shapes = spec.max_shapes if max_shapes is None else max_shapes
     sides = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(sides) != 2 or sides[0] < 32 or sides[1] < sides[0]:
         raise UserError(f"image size {image_size!r} is invalid; use a side of at least 32 pixels (--size 32 or more) or a (min, max) range")
@@ -81,7 +106,7 @@ def make_shapes(
 
 
 def shape_categories(style: str = "basic") -> list[dict[str, Any]]:
-    """Return the COCO categories a style writes (ids 1..3), e.g. for a model's class names."""
+    """Return the COCO categories a style writes (ids from 1), e.g. for a model's class names."""
     return [dict(c) for c in _style(style).categories]
 
 
@@ -143,33 +168,102 @@ def mask_annotation(mask: np.ndarray, category_id: int, **extra: Any) -> dict[st
 def render_image(
     rng: np.random.Generator, h: int, w: int, max_shapes: int = 4, shape_size: tuple[int, int] | None = None,
     style: str = "basic",
-) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+) -> tuple[np.ndarray, Shapes]:
     """Return an HxWx3 uint8 image and its shapes as (category id, visible bool mask) pairs."""
     spec = _style(style)
     shape_size = spec.shape_size if shape_size is None else shape_size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5  # pixel centres
-    image = _background(rng, xx, yy)
-    shapes: list[tuple[int, np.ndarray]] = []
-    full_areas: list[int] = []
-    colours: list[np.ndarray] = []
     # Shapes must fit well inside the image, whatever its size.
     largest = min(float(shape_size[1]), min(h, w) / 1.6)
     smallest = min(float(shape_size[0]), largest)
-    for _ in range(int(rng.integers(1, max_shapes + 1))):
-        placed = _place_shape(rng, style, xx, yy, smallest, largest, shapes, full_areas)
-        if placed is None:
-            continue
-        category_id, mask = placed
+    place = partial(_place_shapes, rng, style, xx, yy, max_shapes, smallest, largest)
+    render = _render_blobs if spec.soft_edged else _render_flat
+    return render(rng, xx, yy, place)
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """A shape just placed: its category, its full bool mask and the geometry it was drawn from."""
+
+    category_id: int
+    mask: np.ndarray
+    cx: float
+    cy: float
+    size: float
+    angle: float
+    proportion: float
+
+
+# paint(shape, shapes) draws a newly placed shape on the image; `shapes` are the earlier ones, still uncut.
+Painter = Callable[[_Placed, Shapes], None]
+
+
+def _render_flat(
+    rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, place: Callable[[Painter], Shapes],
+) -> tuple[np.ndarray, Shapes]:
+    """Paint shapes in flat random colours, lightly shaded, over a textured colour background."""
+    image = _background(rng, xx, yy)
+    colours: list[np.ndarray] = []
+
+    def paint(shape: _Placed, shapes: Shapes) -> None:
+        mask = shape.mask
         under = [colours[j] for j, (_, m) in enumerate(shapes) if (m & mask).any()]
         colour = _contrasting_colour(rng, [image[mask].mean(axis=0)] + under)
         shade = rng.normal(0.0, rng.uniform(2.0, 10.0), size=(int(mask.sum()), 3))
         image[mask] = colour + shade
-        for j, (cat, m) in enumerate(shapes):
-            shapes[j] = (cat, m & ~mask)  # the new shape hides what lies under it
-        shapes.append((category_id, mask))
-        full_areas.append(int(mask.sum()))
         colours.append(colour)
+
+    shapes = place(paint)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), shapes
+
+
+def _render_blobs(
+    rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, place: Callable[[Painter], Shapes],
+) -> tuple[np.ndarray, Shapes]:
+    """Blend soft-edged, faintly textured bright blobs over a dark, uneven background; add pixel noise."""
+    h, w = xx.shape
+    image = rng.uniform(*BACKGROUND_LEVEL) + BACKGROUND_VARIATION * _smooth_noise(rng, h, w, BACKGROUND_CELL)
+    texture = 1.0 + BLOB_TEXTURE * _smooth_noise(rng, h, w, BLOB_TEXTURE_CELL)
+    noise = rng.uniform(*PIXEL_NOISE)
+
+    def paint(shape: _Placed, shapes: Shapes) -> None:
+        opacity = _blob_opacity(xx - shape.cx, yy - shape.cy, shape.size / 2.0, shape.angle, shape.proportion,
+                                rng.uniform(*BLOB_EDGE_WIDTH))
+        # Blended, not pasted: a blob's fading edge lets what lies under it show through.
+        image[:] += opacity * (rng.uniform(*BLOB_BRIGHTNESS) * texture - image)
+
+    shapes = place(paint)
+    image += rng.normal(0.0, noise, size=(h, w))  # camera noise, on blobs and background alike
+    grey = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2), shapes
+
+
+def _place_shapes(
+    rng: np.random.Generator,
+    style: str,
+    xx: np.ndarray,
+    yy: np.ndarray,
+    max_shapes: int,
+    smallest: float,
+    largest: float,
+    paint: Painter,
+) -> Shapes:
+    """Place and paint the style's number of shapes (some may not fit), each over the earlier ones.
+
+    Returns their visible masks: a new shape hides what lies under it.
+    """
+    fewest = min(_style(style).min_shapes, max_shapes)
+    shapes: Shapes = []
+    full_areas: list[int] = []
+    for _ in range(int(rng.integers(fewest, max_shapes + 1))):
+        placed = _place_shape(rng, style, xx, yy, smallest, largest, shapes, full_areas)
+        if placed is None:
+            continue
+        paint(placed, shapes)
+        shapes = [(cat, m & ~placed.mask) for cat, m in shapes]
+        shapes.append((placed.category_id, placed.mask))
+        full_areas.append(int(placed.mask.sum()))
+    return shapes
 
 
 def _place_shape(
@@ -179,10 +273,10 @@ def _place_shape(
     yy: np.ndarray,
     smallest: float,
     largest: float,
-    shapes: list[tuple[int, np.ndarray]],
+    shapes: Shapes,
     full_areas: list[int],
-) -> tuple[int, np.ndarray] | None:
-    """Return (category id, mask) for a shape that leaves every earlier shape visible enough, or None."""
+) -> _Placed | None:
+    """Return a shape that leaves every earlier shape visible enough, or None if none fits in a few tries."""
     spec = _style(style)
     h, w = xx.shape
     for _ in range(PLACEMENT_TRIES):
@@ -201,7 +295,7 @@ def _place_shape(
             (m & ~mask).sum() >= max(MIN_VISIBLE_FRACTION * full, MIN_VISIBLE_PIXELS)
             for (_, m), full in zip(shapes, full_areas)
         ):
-            return category_id, mask
+            return _Placed(category_id, mask, cx, cy, size, angle, proportion)
     return None
 
 
@@ -262,6 +356,41 @@ def _star(dx: np.ndarray, dy: np.ndarray, r: float, angle: float, proportion: fl
     return rho * (qy * np.cos(phi) + (r - qx) * np.sin(phi)) <= qy * r
 
 
+def _ellipse_axes(r: float, proportion: float) -> tuple[float, float]:
+    """Return a blob ellipse's semi-axes: major `r`, minor a proportion of it within BLOB_ASPECT."""
+    low, high = BLOB_ASPECT
+    return r, r * (low + (high - low) * proportion)
+
+
+def _ellipse_distance(dx: np.ndarray, dy: np.ndarray, r: float, angle: float, proportion: float) -> np.ndarray:
+    """Return the signed distance in pixels to a blob's ellipse, negative inside.
+
+    The first-order distance (rho - 1) / |grad rho|, with rho the normalised radius (1 on the curve):
+    exact for a circle, and for an ellipse exact on the curve and close near it, where the soft edge is.
+    """
+    a, b = _ellipse_axes(r, proportion)
+    u, v = _rotate(dx, dy, angle)
+    rho = np.hypot(u / a, v / b)
+    slope = np.hypot(u / (a * a), v / (b * b))  # rho * |grad rho|
+    # rho / slope lies between b and a; both vanish at the centre, deep inside, where b will do
+    return (rho - 1.0) * np.divide(rho, slope, out=np.full_like(rho, b), where=slope > 0)
+
+
+def _ellipse(dx: np.ndarray, dy: np.ndarray, r: float, angle: float, proportion: float) -> np.ndarray:
+    return _ellipse_distance(dx, dy, r, angle, proportion) <= 0.0
+
+
+def _blob_opacity(
+    dx: np.ndarray, dy: np.ndarray, r: float, angle: float, proportion: float, edge_width: float,
+) -> np.ndarray:
+    """Return a blob's opacity: a logistic of its signed distance over `edge_width`, 0.5 on the ellipse.
+
+    So its half-intensity contour is the ellipse, the blob's mask (`_ellipse`).
+    """
+    distance = _ellipse_distance(dx, dy, r, angle, proportion)
+    return 0.5 - 0.5 * np.tanh(distance / (2.0 * edge_width))  # = 1 / (1 + exp(distance / width)), no overflow
+
+
 @dataclass(frozen=True)
 class _Style:
     """What a style draws: its categories, one mask function per category id, and default sizes."""
@@ -272,6 +401,10 @@ class _Style:
     reach: float  # farthest shape pixel from the centre, in sizes, with slack: the margin to the image edge
     proportioned: bool  # its shapes take a random proportion (basic's have fixed proportions)
     description: str
+    image_size: int | tuple[int, int] = (160, 256)  # default fixed side or (min, max) side range
+    max_shapes: int = 4  # default most shapes per image
+    min_shapes: int = 1  # fewest shapes an image tries to place (or max_shapes, if that is lower)
+    soft_edged: bool = False  # grey blobs blended in with soft edges, not flat colours
 
 
 _STYLES = {
@@ -279,6 +412,9 @@ _STYLES = {
     "basic": _Style(CATEGORIES, (_square, _circle, _triangle), (12, 80), 0.75, False, "synthetic shapes"),
     # reach 0.55: a cross's arm corners lie at most 0.52 sizes out, rings and stars at 0.5
     "fine": _Style(FINE_CATEGORIES, (_ring, _cross, _star), (10, 48), 0.55, True, "synthetic fine-geometry shapes"),
+    # reach 0.6: an ellipse reaches 0.5 sizes out; the slack keeps some of its soft edge in the image
+    "blobs": _Style(BLOB_CATEGORIES, (_ellipse,), (14, 40), 0.6, True, "synthetic soft-edged blobs (nucleus-like)",
+                    image_size=512, max_shapes=45, min_shapes=20, soft_edged=True),
 }
 STYLES = tuple(_STYLES)
 
@@ -312,6 +448,24 @@ def _background(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray) -> np.
     image += wave[..., None] * rng.uniform(-40, 40, size=3)
     image += rng.normal(0.0, rng.uniform(2.0, 12.0), size=(h, w, 3))
     return image
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
+    """Return an HxW field of noise that varies smoothly over about `cell` pixels, of standard deviation <= 1.
+
+    Standard normal values on a grid `cell` pixels apart, interpolated with a smoothstep (no creases).
+    """
+    grid = rng.normal(size=(h // cell + 2, w // cell + 2))
+
+    def weights(n: int) -> tuple[np.ndarray, np.ndarray]:
+        position = (np.arange(n) + 0.5) / cell
+        index = position.astype(int)
+        t = position - index
+        return index, t * t * (3.0 - 2.0 * t)
+
+    (iy, ty), (ix, tx) = weights(h), weights(w)
+    rows = grid[iy] * (1.0 - ty)[:, None] + grid[iy + 1] * ty[:, None]
+    return rows[:, ix] * (1.0 - tx) + rows[:, ix + 1] * tx
 
 
 def _contrasting_colour(rng: np.random.Generator, avoid: list[np.ndarray], candidates: int = 8) -> np.ndarray:
