@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from maskrcnn.data.shapes import STYLES, make_shapes, shape_categories
 from maskrcnn.errors import UserError
 
 HELP = ("Write a synthetic COCO-format dataset of squares, circles and triangles (--style fine: thin rings, "
@@ -23,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None, help="fixed square image side in pixels (default: each side random in 160..256)")
     p.add_argument("--max-shapes", type=int, default=None,
                    help="at most this many shapes (or figures) per image (default 4, with --keypoints 3)")
-    p.add_argument("--style", choices=STYLES, default="basic",
+    # No `choices=`: the style names live with numpy's drawing code, not imported for --help; an unknown
+    # style is a one-line error from make_shapes before anything is written.
+    p.add_argument("--style", default="basic", metavar="STYLE",
                    help="basic: squares, circles, triangles (default); fine: small rings, crosses and stars with "
                         "thin parts and sharp corners, where a pixel of RoI misalignment costs mask AP (RoIAlign "
                         "vs RoIPool)")
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the dataset and print the data specs to train and evaluate on it."""
+    from maskrcnn.data.shapes import make_shapes, shape_categories
+
     start = time.perf_counter()
     size = args.size if args.size is not None else (160, 256)
     extra = ""
