@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -55,3 +58,18 @@ def plain_layout_copy(model):
     plain = build_model(cfg).eval()
     plain.load_state_dict(model.state_dict())
     return plain
+
+
+def drawn_in(png: Path, colour: str, rows: tuple[float, float] = (0.0, 1.0), tolerance: int = 40) -> np.ndarray:
+    """Return the [H,W] mask of a plot's pixels in a matplotlib colour ('C0' is the first line's), within a
+    band of rows given as fractions of the height (0 = top); pixels outside the band are False."""
+    from matplotlib.colors import to_rgb
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    target = np.round(np.array(to_rgb(colour)) * 255).astype(np.int16)
+    mask = np.abs(pixels - target).max(axis=-1) <= tolerance
+    height = mask.shape[0]
+    mask[: int(rows[0] * height)] = False
+    mask[int(rows[1] * height):] = False
+    return mask
