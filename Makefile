@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MINUTES ?= 8
 DEMO_OUT ?= runs/demo
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-slow test-all demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ browser: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Tests marked `slow` (the rule: README, "Tests"): only them, or everything.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
