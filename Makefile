@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The browser test of `maskrcnn serve`'s page (tests/test_serve.py) needs a Chromium; it is skipped without one.
+# The browser test of `maskrcnn serve`'s page (tests/test_serve.py) needs a Chromium: a system one (Debian's
+# `chromium`, which .ci/run installs as root) or this download. Skipped without one; a failure under CI=true.
 .PHONY: browser
 browser: $(STAMP)
 	$(BIN)/python -m playwright install chromium

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,17 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "model_final.pth"
     save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "iteration": 0})
     return path
+
+
+@pytest.fixture
+def artifacts(request) -> Path:
+    """A folder for files a person may want to see after the run (screenshots), one per test: under
+    $MASKRCNN_TEST_ARTIFACTS, else runs/test-artifacts/ in the repository (git ignores runs/)."""
+    root = os.environ.get("MASKRCNN_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"
+    folder = Path(root) / request.node.name
+    shutil.rmtree(folder, ignore_errors=True)  # only this run's files
+    folder.mkdir(parents=True)
+    return folder
 
 
 @pytest.fixture(scope="module")
