@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MINUTES ?= 8
 DEMO_OUT ?= runs/demo
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-slow test-all demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,13 +16,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The browser test of `maskrcnn serve`'s page (tests/test_serve.py) needs a Chromium; it is skipped without one.
+# The browser test of `maskrcnn serve`'s page (tests/test_serve.py) needs a Chromium: a system one (Debian's
+# `chromium`, which .ci/run installs as root) or this download. Skipped without one; a failure under CI=true.
 .PHONY: browser
 browser: $(STAMP)
 	$(BIN)/python -m playwright install chromium
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Tests marked `slow` (the rule: README, "Tests"): only them, or everything.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''

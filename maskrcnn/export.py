@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -331,19 +332,44 @@ PARITY_MATCHED = 0.98
 PARITY_SIZES = ((480, 640), (257, 199), (100, 170), (333, 333))
 
 
+@dataclass
+class ParityReport:
+    """What `check_parity` compared: random images, PyTorch's detections on them, and what differed."""
+
+    images: int
+    detections: int
+    problems: list[str]
+
+    @property
+    def agrees(self) -> bool:
+        """Whether detections were compared and all agreed: comparing none proves nothing."""
+        return self.detections > 0 and not self.problems
+
+    def lines(self) -> list[str]:
+        """Return the outcome as lines for the terminal."""
+        if self.problems:
+            return self.problems
+        if self.detections == 0:
+            return [f"nothing to compare: neither PyTorch nor ONNX Runtime detected anything on the {self.images} "
+                    "random test images, so agreement is unproven"]
+        return [f"ONNX Runtime gives the same detections as PyTorch on the test images ({self.detections} "
+                f"detections on {self.images} images)"]
+
+
 def check_parity(model: MaskRCNN, onnx_path: str | os.PathLike,
-                 sizes: Sequence[tuple[int, int]] = PARITY_SIZES, seed: int = 0) -> list[str]:
-    """Return what differs between PyTorch and ONNX Runtime on random images of `sizes` ([] = same)."""
+                 sizes: Sequence[tuple[int, int]] = PARITY_SIZES, seed: int = 0) -> ParityReport:
+    """Compare PyTorch and ONNX Runtime on random images of `sizes`; return what was compared and what differs."""
     from maskrcnn.engine.compare import Tolerances, detection_differences
 
     onnx_model = OnnxMaskRCNN(onnx_path)
     generator = torch.Generator().manual_seed(seed)
-    problems = []
+    problems, detections = [], 0
     for h, w in sizes:
         image = torch.rand(3, h, w, generator=generator)
         with torch.no_grad():
             expected = model.eval()([image])[0]
         actual = onnx_model([image])[0]
+        detections += len(expected["boxes"])
         for line in detection_differences(expected, actual, Tolerances(**PARITY_TOLERANCES), PARITY_MATCHED):
             problems.append(f"{h}x{w}: {line}")
-    return problems
+    return ParityReport(images=len(sizes), detections=detections, problems=problems)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -30,6 +35,17 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def artifacts(request) -> Path:
+    """A folder for files a person may want to see after the run (screenshots), one per test: under
+    $MASKRCNN_TEST_ARTIFACTS, else runs/test-artifacts/ in the repository (git ignores runs/)."""
+    root = os.environ.get("MASKRCNN_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"
+    folder = Path(root) / request.node.name
+    shutil.rmtree(folder, ignore_errors=True)  # only this run's files
+    folder.mkdir(parents=True)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """Six 48-px training images and two validation images, written once per test module."""
@@ -55,3 +71,18 @@ def plain_layout_copy(model):
     plain = build_model(cfg).eval()
     plain.load_state_dict(model.state_dict())
     return plain
+
+
+def drawn_in(png: Path, colour: str, rows: tuple[float, float] = (0.0, 1.0), tolerance: int = 40) -> np.ndarray:
+    """Return the [H,W] mask of a plot's pixels in a matplotlib colour ('C0' is the first line's), within a
+    band of rows given as fractions of the height (0 = top); pixels outside the band are False."""
+    from matplotlib.colors import to_rgb
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    target = np.round(np.array(to_rgb(colour)) * 255).astype(np.int16)
+    mask = np.abs(pixels - target).max(axis=-1) <= tolerance
+    height = mask.shape[0]
+    mask[: int(rows[0] * height)] = False
+    mask[int(rows[1] * height):] = False
+    return mask

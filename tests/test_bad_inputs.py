@@ -9,6 +9,8 @@ YAML files (exit status 2).
 
 from __future__ import annotations
 
+import builtins
+import errno
 import io
 import json
 import os
@@ -107,16 +109,21 @@ def test_missing_image(tmp_path: Path) -> None:
         read_image(tmp_path / "nowhere.jpg")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can read a file with mode 000")
-def test_unreadable_image(tmp_path: Path) -> None:
+def test_unreadable_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening the file is denied as for a file of mode 000; made so by patching open(), because root
+    (as in CI) reads any file whatever its mode."""
     path = tmp_path / "locked.png"
     _noise(8, 8).save(path)
-    path.chmod(0)
-    try:
-        with pytest.raises(ImageReadError, match=r"locked\.png' cannot be read: permission denied"):
-            read_image(path)
-    finally:
-        path.chmod(0o644)
+    real_open = builtins.open
+
+    def denying_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denying_open)
+    with pytest.raises(ImageReadError, match=r"locked\.png' cannot be read: permission denied"):
+        read_image(path)
 
 
 def test_model_predict_on_a_bad_path_raises_image_read_error(checkpoint, bad_folder: Path) -> None:

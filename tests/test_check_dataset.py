@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskrcnn.cli import main
-from maskrcnn.data.coco import CocoDataset
+from maskrcnn.data.coco import BAD_RLE, CocoDataset
 from maskrcnn.data.shapes import make_shapes
 from maskrcnn.data.validate import KINDS, check_data, polygon_self_intersects, validate_dataset
 
@@ -163,6 +163,20 @@ def test_exit_status_and_table(tmp_path, capsys):
     ann.write_text(json.dumps(data))
     assert main(["check-dataset", _spec(ann, image_dir)]) == 0
     assert "OK: 0 errors, 1 warning" in capsys.readouterr().out
+
+
+def test_rle_short_of_the_image_is_reported_by_check_dataset_and_skipped_by_the_loader(tmp_path, capsys):
+    data = _clean_data()
+    short = _rle(30, 39, (10, 2, 30, 12))["counts"]  # compressed runs that cover 30 x 39 pixels, not 30 x 40
+    _ann(data, 2)["segmentation"] = {"size": [30, 40], "counts": short}
+    assert mask_utils.area({"size": [30, 40], "counts": short.encode()}) == 200  # pycocotools trusts it
+    ann, image_dir = _write(tmp_path, data)
+    findings = validate_dataset(ann, image_dir)
+    assert _kinds(findings) == {"bad-rle": ["ann 2"]}
+    assert findings[0].message == "annotation 2 has RLE counts that cover 1170 pixels, not the image's 30x40 = 1200"
+    assert main(["check-dataset", _spec(ann, image_dir)]) == 1
+    assert "FAILED: 1 error" in capsys.readouterr().out
+    assert dict(CocoDataset(ann, image_dir).skipped) == {BAD_RLE: 1}
 
 
 def test_unreadable_and_truncated_images(tmp_path):

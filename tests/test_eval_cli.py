@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
+from conftest import drawn_in
 from maskrcnn.cli import main
 from maskrcnn.commands.eval import label_to_category
 from maskrcnn.config import Config
@@ -52,7 +53,11 @@ def test_eval_predictions_perfect_gives_100(tmp_path: Path, capsys: pytest.Captu
     assert metrics["bbox"]["AP"] == pytest.approx(100.0)
     assert metrics["segm"]["AP"] == pytest.approx(100.0)
     assert metrics["bbox"]["APl"] is None  # no large objects: not measurable, written as null
-    assert (out / "pr_curve.png").stat().st_size > 1000
+    # Precision 1 at every recall: a flat line along the top of both plots (the last curve drawn, C2,
+    # covers the other two), nothing lower down.
+    plot = out / "pr_curve.png"
+    assert drawn_in(plot, "C2", rows=(0.0, 0.2)).any(axis=0).mean() > 0.7
+    assert not any(drawn_in(plot, colour, rows=(0.25, 0.65)).any() for colour in ("C0", "C1", "C2"))
     printed = capsys.readouterr().out
     assert "AP50" in printed and "square" in printed and str(out / "metrics.json") in printed
     assert "Accumulating" not in printed  # pycocotools' own chatter stays out of the table

@@ -45,6 +45,12 @@ def exported(tmp_path_factory):
     return model, path
 
 
+def assert_parity(model, path, sizes):
+    """check_parity compared some detections, and they all agreed."""
+    report = check_parity(model, path, sizes=sizes)
+    assert report.detections > 0 and report.agrees, report.lines()
+
+
 def assert_same(expected, actual, min_matched=1.0):
     assert len(expected["boxes"]) > 0, "the test weights should give detections"
     assert detection_differences(expected, actual, Tolerances(**PARITY_TOLERANCES), min_matched) == []
@@ -84,17 +90,23 @@ def test_file_has_opset_17_dynamic_size_and_metadata(exported):
     assert json.loads(meta["maskrcnn.class_names"]) == model.class_names
 
 
-@pytest.mark.parametrize("extra", [
-    ["model.input_format=BGR", "model.mask_head.paste=detectron2"],  # Detectron2-style conventions
-    ["model.box_head.score_thresh=0.999"],  # no detection at all: empty outputs, no failure
-], ids=["bgr-detectron2-paste", "no-detections"])
-def test_variants(tmp_path, extra):
-    model = tiny_model(extra)
+def test_detectron2_conventions(tmp_path):
+    model = tiny_model(["model.input_format=BGR", "model.mask_head.paste=detectron2"])
     path = export_onnx(model, tmp_path / "m.onnx")
-    assert check_parity(model, path, sizes=[(240, 320), (150, 100)]) == []
-    if "model.box_head.score_thresh=0.999" in extra:
-        out = OnnxMaskRCNN(path)([torch.rand(3, 64, 80)])[0]
-        assert len(out["boxes"]) == 0 and out["masks"].shape == (0, 64, 80)
+    assert_parity(model, path, [(240, 320), (150, 100)])
+
+
+def test_no_detections_export_but_prove_nothing(tmp_path):
+    """Empty outputs are no failure, but two empty lists are nothing to compare, not agreement."""
+    model = tiny_model(["model.box_head.score_thresh=0.999"])
+    path = export_onnx(model, tmp_path / "m.onnx")
+    out = OnnxMaskRCNN(path)([torch.rand(3, 64, 80)])[0]
+    assert len(out["boxes"]) == 0 and out["masks"].shape == (0, 64, 80)
+    report = check_parity(model, path, sizes=[(240, 320), (150, 100)])
+    assert (report.images, report.detections, report.problems) == (2, 0, [])
+    assert not report.agrees
+    assert report.lines() == ["nothing to compare: neither PyTorch nor ONNX Runtime detected anything on the 2 "
+                              "random test images, so agreement is unproven"]
 
 
 def test_ablated_heads(tmp_path):
@@ -104,7 +116,7 @@ def test_ablated_heads(tmp_path):
     with torch.no_grad():  # class 1 (the decisive one) wins the softmax on about half of the pixels
         model.roi_heads.mask_head.predictor.bias.view(4, 28, 28)[1].normal_(std=3.0)
     path = export_onnx(model, tmp_path / "ablated.onnx")
-    assert check_parity(model, path, sizes=[(240, 320), (150, 100)]) == []
+    assert_parity(model, path, [(240, 320), (150, 100)])
     masks = OnnxMaskRCNN(path)([torch.rand(3, 240, 320)])[0]["masks"]
     assert len(masks) > 0 and masks.flatten(1).any(dim=1).all()  # every detection has a mask to compare
 
@@ -122,13 +134,13 @@ def test_cascade_model(tmp_path):
         boxes, scores, labels, _ = ExportableMaskRCNN(model)(image)
     assert torch.equal(boxes, expected["boxes"]) and torch.equal(scores, expected["scores"])
     path = export_onnx(model, tmp_path / "cascade.onnx")
-    assert check_parity(model, path, sizes=[(240, 320), (150, 100), (333, 333)]) == []
+    assert_parity(model, path, [(240, 320), (150, 100), (333, 333)])
 
 
 def test_class_agnostic_boxes(tmp_path):
     model = tiny_model(["model.box_head.class_agnostic=true"])
     path = export_onnx(model, tmp_path / "agnostic.onnx")
-    assert check_parity(model, path, sizes=[(240, 320)]) == []
+    assert_parity(model, path, [(240, 320)])
 
 
 def test_c4_model(tmp_path):
@@ -140,7 +152,7 @@ def test_c4_model(tmp_path):
     with torch.no_grad():
         model.roi_heads.mask_head.predictor.weight.normal_(std=0.05)
     path = export_onnx(model, tmp_path / "c4.onnx")
-    assert check_parity(model, path, sizes=[(200, 260), (120, 90)]) == []
+    assert_parity(model, path, [(200, 260), (120, 90)])
 
 
 def test_unsupported_parts_are_named():
@@ -151,12 +163,24 @@ def test_unsupported_parts_are_named():
         ExportableMaskRCNN(tiny_model(["model.keypoint_head.enabled=true"]))
 
 
+def saved(model, path):
+    """Write `model` as one of our checkpoints (its config inside) and return the path."""
+    save_checkpoint(path, {"model": model.state_dict(), "config": model.cfg.to_dict(), "iteration": 0})
+    return path
+
+
+def test_cli_check_with_nothing_detected_says_so_and_fails(tmp_path, capsys):
+    ckpt = saved(tiny_model(["model.box_head.score_thresh=0.999"]), tmp_path / "model.pth")
+    assert main(["export", "--weights", str(ckpt), "--out", str(tmp_path / "model.onnx"), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "parity: nothing to compare: neither PyTorch nor ONNX Runtime detected anything" in out
+    assert "same detections" not in out
+
+
 def test_cli_export_then_predict_with_onnxruntime(tmp_path, capsys):
     from PIL import Image
 
-    model = tiny_model()
-    ckpt = tmp_path / "model.pth"
-    save_checkpoint(ckpt, {"model": model.state_dict(), "config": model.cfg.to_dict(), "iteration": 0})
+    ckpt = saved(tiny_model(), tmp_path / "model.pth")
     onnx_path = tmp_path / "model.onnx"
     assert main(["export", "--weights", str(ckpt), "--format", "onnx", "--out", str(onnx_path), "--check"]) == 0
     assert "parity: ONNX Runtime gives the same detections" in capsys.readouterr().out
@@ -183,9 +207,7 @@ def test_cli_export_then_predict_with_onnxruntime(tmp_path, capsys):
 
 
 def test_eval_with_onnxruntime_matches_pytorch(tmp_path, shapes, capsys):
-    model = tiny_model()
-    ckpt = tmp_path / "model.pth"
-    save_checkpoint(ckpt, {"model": model.state_dict(), "config": model.cfg.to_dict(), "iteration": 0})
+    ckpt = saved(tiny_model(), tmp_path / "model.pth")
     onnx_path = tmp_path / "model.onnx"
     assert main(["export", "--weights", str(ckpt), "--format", "onnx", "--out", str(onnx_path)]) == 0
     ann, images = shapes["val"]

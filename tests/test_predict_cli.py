@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from maskrcnn.cli import main
+from maskrcnn.data.image_io import read_image
 
 
 @pytest.fixture()
@@ -41,6 +43,11 @@ def test_predict_folder_writes_overlays_and_coco_results(checkpoint, images, tmp
         assert r["category_id"] in (1, 2, 3) and len(r["bbox"]) == 4 and r["score"] >= 0.2
         assert set(r["segmentation"]) == {"size", "counts"}
         assert "broken" not in r["file_name"]
+    for name in ("colour.jpg", "gray.png", "rgba.png", "deep.tif"):
+        assert sum(Path(r["file_name"]).name == name for r in results) > 0, f"no detections on {name}"
+        # The overlay is the image as read plus what was drawn on it: some pixels changed, most did not.
+        changed = np.any(np.asarray(Image.open(out / f"{Path(name).stem}.png")) != read_image(images / name), axis=-1)
+        assert 0 < changed.mean() < 0.9, (name, changed.mean())
     assert not list(out.glob(".*tmp*")), "no temporary files left behind"
 
 
@@ -58,9 +65,11 @@ def test_predict_missing_inputs_is_one_line_error(checkpoint, tmp_path, capsys):
 
 
 def test_predict_with_override_after_inputs(checkpoint, images, tmp_path):
-    out = tmp_path / "out"
-    (images / "broken.png").unlink()
-    status = main(["predict", str(images / "colour.jpg"), "model.box_head.detections_per_image=1",
-                   "--weights", str(checkpoint), "--out", str(out), "--score-threshold", "0"])
-    assert status == 0
-    assert len(json.loads((out / "predictions.json").read_text())) <= 1
+    def detections(*overrides: str) -> list[dict]:
+        out = tmp_path / f"out{len(overrides)}"
+        assert main(["predict", str(images / "colour.jpg"), *overrides, "--weights", str(checkpoint),
+                     "--out", str(out), "--score-threshold", "0"]) == 0
+        return json.loads((out / "predictions.json").read_text())
+
+    assert len(detections()) == 10  # the checkpoint's detections_per_image, every score passes 0
+    assert len(detections("model.box_head.detections_per_image=1")) == 1

@@ -90,7 +90,8 @@ def test_time_budget_is_spent_and_ends_the_schedule(cfg, monkeypatch):
     """The run trains until the budget is spent (not a fitted guess short of it), and the LR ends at ~0."""
     import time
 
-    monkeypatch.setattr(_FakeModel, "hook", lambda call: time.sleep(0.02) or 1.0)
+    step = 0.02  # every iteration sleeps this long, so the budget fits at most 1.8 / step of them
+    monkeypatch.setattr(_FakeModel, "hook", lambda call: time.sleep(step) or 1.0)
     cfg.solver.max_iter = 100_000
     cfg.solver.steps = [60_000, 80_000]
     cfg.solver.schedule = "cosine"
@@ -102,7 +103,12 @@ def test_time_budget_is_spent_and_ends_the_schedule(cfg, monkeypatch):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step_seconds = max(r["time"] for r in records if "time" in r)
     assert 1.8 <= state["train_seconds"] <= 1.8 + step_seconds + 0.05
-    assert state["scheduler"]["lr_lambdas"][0]["max_iter"] == state["iteration"] < 100_000
+    iterations = state["iteration"]
+    assert state["scheduler"]["lr_lambdas"][0]["max_iter"] == iterations
+    # It stops at the first iteration that ends past the budget: the ones before it ended inside it.
+    assert (iterations - 1) * step < 1.8
+    assert [r["iter"] for r in records if "time" in r] == list(range(1, iterations + 1))
+    assert sum(r["time"] for r in records if "time" in r) <= state["train_seconds"]
     lrs = [r["lr"] for r in records if "lr" in r]
     assert lrs[-1] < 0.01 * max(lrs)  # the cosine reached its end with the budget, not at iteration 100 000
 

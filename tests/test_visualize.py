@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import drawn_in
 from maskrcnn.errors import UserError
 from maskrcnn.visualize import draw_instances, plot_loss_curve
 
@@ -46,6 +47,9 @@ def test_loss_curve_png(tmp_path: Path) -> None:
     rows = [{"iter": i, "total_loss": 2.0 / (i + 1), "loss_mask": 0.7 / (i + 1), "lr": 0.01} for i in range(20)]
     log.write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"iter\": 20, \"tota")  # torn last line
     out = plot_loss_curve(log, tmp_path / "loss.png")
-    assert out.stat().st_size > 1000
+    assert not drawn_in(out, "C2").any()  # two series: the learning rate is not a loss
+    total, mask = (np.nonzero(drawn_in(out, colour))[0] for colour in ("C0", "C1"))  # their pixels' rows
+    assert len(total) > 500 and len(mask) > 300
+    assert total.mean() < mask.mean()  # the total loss is drawn above the mask loss
     with pytest.raises(UserError, match="does not exist"):
         plot_loss_curve(tmp_path / "nope.jsonl", tmp_path / "x.png")

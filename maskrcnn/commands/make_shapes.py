@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from maskrcnn.data.shapes import STYLES, make_shapes, shape_categories
 from maskrcnn.errors import UserError
 
 HELP = ("Write a synthetic COCO-format dataset of squares, circles and triangles (--style fine: thin rings, "
@@ -25,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shapes", type=int, default=None,
                    help="at most this many shapes (or figures) per image (default 4, with --keypoints 3, with "
                         "--style blobs 45: blobs images try at least 20, or this many if fewer)")
-    p.add_argument("--style", choices=STYLES, default="basic",
+    # No `choices=`: the style names live with numpy's drawing code, not imported for --help; an unknown
+    # style is a one-line error from make_shapes before anything is written.
+    p.add_argument("--style", default="basic", metavar="STYLE",
                    help="basic: squares, circles, triangles (default); fine: small rings, crosses and stars with "
                         "thin parts and sharp corners, where a pixel of RoI misalignment costs mask AP (RoIAlign "
                         "vs RoIPool); blobs: 20 to 45 soft-edged, nucleus-like ellipses per 512-px grey image on a "
@@ -36,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the dataset and print the data specs to train and evaluate on it."""
+    from maskrcnn.data.shapes import make_shapes
+
     start = time.perf_counter()
     extra = ""
     if args.keypoints and args.style != "basic":
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         splits = make_shapes(args.out, args.train, args.val, seed=args.seed, image_size=args.size,
                              max_shapes=args.max_shapes, style=args.style, num_test=args.test)
-        extra = _class_overrides(args.style)
+        # The blobs preset names its one class itself; the shapes preset needs other styles' names.
+        extra = "" if args.style == "blobs" else _class_overrides(args.style)
     test = f" and {args.test} test" if "test" in splits else ""
     print(f"wrote {args.train} train, {args.val} val{test} images to {args.out} in {time.perf_counter() - start:.1f}s")
     (train_json, train_dir), (val_json, val_dir) = splits["train"], splits["val"]
@@ -60,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _class_overrides(style: str) -> str:
     """Return the overrides that name a style's classes for a model built for the basic shapes' (as `shapes` is)."""
+    from maskrcnn.data.shapes import shape_categories
+
     names = [c["name"] for c in shape_categories(style)]
     basic = [c["name"] for c in shape_categories("basic")]
     extra = f" model.num_classes={len(names)}" if len(names) != len(basic) else ""

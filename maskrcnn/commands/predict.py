@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from maskrcnn.errors import ImageReadError, UserError
-from maskrcnn.video import VIDEO_SUFFIXES
 
 HELP = "Detect and segment objects in images; write overlay PNGs and predictions.json (COCO results)."
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
@@ -46,6 +45,8 @@ def expand_inputs(items: list[str]) -> list[Path]:
 
     Names that match nothing are returned as they are, so they are reported as missing later.
     """
+    from maskrcnn.video import VIDEO_SUFFIXES  # numpy: imported here, not when the parser is built
+
     files: list[Path] = []
     for item in items:
         path = Path(item)
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from maskrcnn.config import atomic_path
     from maskrcnn.data.image_io import image_to_tensor, read_image
     from maskrcnn.engine.evaluator import predictions_to_coco, write_predictions
+    from maskrcnn.video import VIDEO_SUFFIXES
     from maskrcnn.visualize import draw_instances
 
     items, overrides = split_overrides(args.inputs)

@@ -270,23 +270,12 @@ def _prepare_segmentation(seg: Any, h: int, w: int) -> tuple[Any, list[float], s
             return None, [], BAD_SEGMENTATION
         if [size[0], size[1]] != [h, w]:
             return None, [], SIZE_MISMATCH
-        if isinstance(counts, list):  # uncompressed RLE: pycocotools compresses it
-            if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-                return None, [], BAD_SEGMENTATION
-            runs = counts
-        else:
-            try:
-                encoded = counts.encode("ascii") if isinstance(counts, str) else counts
-                runs = rle_counts(encoded)
-            except (UnicodeEncodeError, ValueError):
-                return None, [], BAD_SEGMENTATION
-        # pycocotools trusts the runs: ones that do not add up to H*W give garbage areas and boxes.
-        if any(c < 0 for c in runs) or sum(runs) != h * w:
+        try:
+            rle = rle_from_counts(counts, h, w)
+        except RleCoverageError:
             return None, [], BAD_RLE
-        if isinstance(counts, list):
-            rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-        else:
-            rle = {"size": [h, w], "counts": encoded}
+        except RleError:
+            return None, [], BAD_SEGMENTATION
         area = int(mask_utils.area(rle))
         if area == 0:
             return None, [], EMPTY_MASK
@@ -303,6 +292,40 @@ def _collinear(points: np.ndarray) -> bool:
         return True
     v = d[nonzero[0]]
     return bool((v[0] * d[:, 1] - v[1] * d[:, 0] == 0).all())
+
+
+class RleError(ValueError):
+    """RLE counts that are not runs at all: not integers, or a string outside COCO's format."""
+
+
+class RleCoverageError(RleError):
+    """RLE runs that are negative or do not add up to the image's pixels."""
+
+
+def rle_from_counts(counts: list[int] | str | bytes, h: int, w: int) -> dict[str, Any]:
+    """Return pycocotools' RLE of an h x w mask from uncompressed (a list) or compressed (a string) counts.
+
+    Raises RleCoverageError for runs that do not add up to h * w (pycocotools trusts them and gives
+    garbage areas and boxes), RleError for counts that are not runs. The loader and check-dataset both
+    judge RLEs here, so what one skips the other reports.
+    """
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            raise RleError("uncompressed RLE counts that are not all integers")
+        runs = counts
+    else:
+        try:
+            encoded = counts.encode("ascii") if isinstance(counts, str) else counts
+            runs = rle_counts(encoded)
+        except (UnicodeEncodeError, ValueError) as e:
+            raise RleError(f"compressed RLE counts that cannot be read ({e})") from None
+    if any(c < 0 for c in runs):
+        raise RleCoverageError("RLE counts with a negative run")
+    if sum(runs) != h * w:
+        raise RleCoverageError(f"RLE counts that cover {sum(runs)} pixels, not the image's {h}x{w} = {h * w}")
+    if isinstance(counts, list):  # uncompressed: pycocotools compresses it
+        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    return {"size": [h, w], "counts": encoded}
 
 
 def rle_counts(encoded: bytes) -> list[int]:

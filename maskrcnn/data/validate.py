@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn.data.coco import _load_json
+from maskrcnn.data.coco import RleError, _load_json, rle_from_counts
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS, _check_size, read_image
 from maskrcnn.errors import ImageReadError, UserError
 
@@ -515,17 +515,11 @@ class _Checker:
                      f"(size must be [height, width] = [{size[1]}, {size[0]}]){hint}", **where)
             return
         try:
-            if isinstance(counts, list):
-                if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != rh * rw:
-                    self.add("bad-rle", f"{name} has uncompressed RLE counts that do not sum to {rh}x{rw}", **where)
-                    return
-                rle = mask_utils.frPyObjects({"size": [rh, rw], "counts": counts}, rh, rw)
-            else:
-                rle = {"size": [rh, rw], "counts": counts.encode("ascii")}
-            area = int(mask_utils.area(rle))
-        except (TypeError, ValueError, UnicodeEncodeError) as e:
-            self.add("bad-rle", f"{name} has an RLE pycocotools cannot read ({e})", **where)
+            rle = rle_from_counts(counts, rh, rw)  # the loader's judgement: what it would skip is reported
+        except RleError as e:
+            self.add("bad-rle", f"{name} has {e}", **where)
             return
+        area = int(mask_utils.area(rle))
         if area == 0:
             self.add("empty-mask", f"{name} has an RLE mask with no foreground pixel", **where)
 
