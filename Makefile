@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_MINUTES ?= 8
+DEMO_MINUTES ?= 8.5
 DEMO_OUT ?= runs/demo
 
 .PHONY: install test test-slow test-all demo clean

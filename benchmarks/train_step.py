@@ -10,6 +10,7 @@ first source of the same kind.
 
     .venv/bin/python benchmarks/train_step.py --sources 6399329 WORKTREE --kinds native avx2 [--runs 3]
     .venv/bin/python benchmarks/train_step.py --sources WORKTREE --profile      # op table of one run
+    .venv/bin/python benchmarks/train_step.py --init runs/demo/train-*/checkpoints/model_final.pth  # trained model
 
 Timing: after `--warmup` steps, `--steps` steps of data loading + forward + backward + optimizer update,
 in the precision the preset's `solver.amp` picks on that kind (bf16 where native, else float32).
@@ -65,6 +66,11 @@ def worker(args: argparse.Namespace) -> None:
     cfg = load_config("shapes", [f"data.train=['{args.data}/train.json:{args.data}/train']", *args.overrides])
     seed_all(0)
     model = build_model(cfg)
+    if args.init:
+        # A trained model's step: once the RPN finds the objects, most sampled RoIs near them are
+        # positives, and the mask head runs on every one of them.
+        state = torch.load(args.init, map_location="cpu", weights_only=False)
+        model.load_state_dict(state.get("model", state))
     dataset = build_train_dataset(cfg)
     loader = build_train_loader(dataset, batch_size=cfg.solver.ims_per_batch, num_workers=0,
                                 aspect_ratio_grouping=True, seed=0, start_iter=0, max_bad_images=5,
@@ -149,6 +155,8 @@ def run_variant(source_dir: Path, kind: str, args: argparse.Namespace) -> dict:
                "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.profile:
         command.append("--profile")
+    if args.init:
+        command += ["--init", str(args.init.resolve())]
     command += ["--", *args.overrides]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=source_dir)
     if done.returncode:
@@ -169,6 +177,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler op table per run")
     parser.add_argument("--data", type=Path, default=None, help="shapes dataset folder (default: made in a temp dir)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this checkpoint (a trained shapes model: the steady-state step)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--source-dir", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every variant")
