@@ -155,6 +155,7 @@ class MaskHeadConfig:
     # sampled positives); 0 = all of them, as in the paper. Few objects per image each matched by many
     # proposals make most mask RoIs near-duplicates, and the head's cost grows with their number.
     max_rois_per_image: int = 0
+    loss_weight: float = 1.0  # the mask loss's weight in the total (the paper's L = L_cls + L_box + L_mask: 1)
     threshold: float = 0.5
     paste: str = "torchvision"  # torchvision (integer box, padded mask) | detectron2 (grid_sample)
 
@@ -625,6 +626,8 @@ def validate(cfg: Config) -> None:
             f"config key 'model.class_names' has {len(m.class_names)} names but "
             f"model.num_classes = {m.num_classes}"
         )
+    if m.mask_head.loss_weight < 0:
+        raise ConfigError(f"config key 'model.mask_head.loss_weight' must be >= 0, got {m.mask_head.loss_weight}")
     if m.mask_head.max_rois_per_image < 0:
         raise ConfigError(f"config key 'model.mask_head.max_rois_per_image' must be >= 0 (0 = every positive RoI), "
                           f"got {m.mask_head.max_rois_per_image}")

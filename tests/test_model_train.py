@@ -208,3 +208,15 @@ def test_mask_head_rois_per_image_cap(cap):
     else:
         assert seen[0] > 2 * 3
     assert model.roi_heads.mask_head.predictor.weight.grad.abs().sum() > 0
+
+
+def test_mask_loss_weight_scales_the_mask_loss_only():
+    images = [torch.rand(3, 120, 160)]
+    targets = [_target([[20, 10, 80, 50], [90, 60, 150, 110]], [1, 3], [0, 0])]
+    losses = {}
+    for weight in (1.0, 2.5):
+        model = _model("fpn", [f"model.mask_head.loss_weight={weight}"]).train()
+        torch.manual_seed(1)  # the same RoI samples for both
+        losses[weight] = model(images, targets)
+    assert losses[2.5]["loss_mask"].item() == pytest.approx(2.5 * losses[1.0]["loss_mask"].item(), rel=1e-5)
+    assert losses[2.5]["loss_classifier"].item() == pytest.approx(losses[1.0]["loss_classifier"].item(), rel=1e-6)

@@ -305,7 +305,7 @@ class RoIHeads(nn.Module):
         sampled = self.sample_proposals(proposals, targets)
         losses, res5 = self.box_branch_losses(features, sampled, targets, image_sizes)
         if self.mask_cfg.enabled:
-            losses["loss_mask"] = self.mask_loss(features, sampled, targets, res5)
+            losses["loss_mask"] = self.mask_loss(features, sampled, targets, res5) * self.mask_cfg.loss_weight
         if self.keypoint_cfg.enabled:
             losses["loss_keypoint"] = self.keypoint_loss(features, sampled, targets) * self.keypoint_cfg.loss_weight
         return losses
