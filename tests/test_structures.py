@@ -213,3 +213,25 @@ def test_paste_chunking_does_not_change_result():
     whole = paste_masks(probs, boxes, 40, 40)
     tiny_chunks = paste_masks(probs, boxes, 40, 40, masks_per_batch=2)
     assert torch.equal(whole, tiny_chunks)
+
+
+def test_exact_box_paste_returns_a_small_mask_as_it_was():
+    """A perfect 28x28 mask of a small ellipse, pasted back: exact (grid_sample) vs integer-rounded box.
+
+    Why the shapes and blobs presets paste with `detectron2`: torchvision's rounding grows small masks.
+    """
+    from maskrcnn.modeling.roi_heads import mask_targets
+    from maskrcnn.structures import paste_masks_grid_sample
+
+    yy, xx = torch.meshgrid(torch.arange(96) + 0.5, torch.arange(96) + 0.5, indexing="ij")
+    exact, rounded = [], []
+    for a, b, cx, cy in [(7.3, 4.1, 40.2, 50.7), (11.6, 9.0, 47.9, 44.4), (15.2, 8.3, 51.1, 49.6)]:
+        ellipse = ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1
+        ys, xs = torch.nonzero(ellipse, as_tuple=True)
+        box = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+        target = mask_targets(ellipse[None].to(torch.uint8), torch.tensor([0]), box, 28)
+        for paste, ious in ((paste_masks_grid_sample, exact), (paste_masks, rounded)):
+            pasted = paste(target, box, 96, 96, 0.5)[0].bool()
+            ious.append(((pasted & ellipse).sum() / (pasted | ellipse).sum()).item())
+    assert min(exact) > 0.98
+    assert sum(rounded) / 3 < sum(exact) / 3 - 0.02  # the rounded box costs IoU on objects this small
