@@ -164,7 +164,11 @@ class RoIPooler(nn.Module):
 
     def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
         """Return [R, C, S, S] pooled features for all boxes of all images, in input order."""
-        rois = boxes_to_rois(boxes).to(features[0].dtype)
+        return self.pool_rois(features, boxes_to_rois(boxes))
+
+    def pool_rois(self, features: list[Tensor], rois: Tensor) -> Tensor:
+        """Return [R, C, S, S] pooled features for [R, 5] rows (image index, x1, y1, x2, y2)."""
+        rois = rois.to(features[0].dtype)
         if len(features) == 1:
             return self._pool(features[0], rois, self.scales[0])
         levels = assign_levels(

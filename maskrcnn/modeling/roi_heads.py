@@ -19,7 +19,7 @@ from maskrcnn.config import BoxHeadConfig, KeypointHeadConfig, MaskHeadConfig
 from maskrcnn.modeling.backbone import ConvNorm, norm_factory
 from maskrcnn.modeling.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from maskrcnn.modeling.matcher import Matcher, sample_balanced
-from maskrcnn.modeling.poolers import RoIPooler
+from maskrcnn.modeling.poolers import RoIPooler, boxes_to_rois
 from maskrcnn.modeling.rpn import label_with_crowd, non_crowd, smooth_l1, target_crowd
 from maskrcnn.structures import BoxCoder, clip_boxes, nonempty_boxes
 
@@ -37,6 +37,9 @@ class SampledRoIs:
         """Return the RoIs at `index` (indices or a boolean mask)."""
         return SampledRoIs(self.boxes[index], self.labels[index], self.gt_index[index], self.gt_boxes[index])
 
+
+# RoIs the mask head runs on at once at inference; more detections run in chunks of this many.
+MASK_ROIS_PER_CHUNK = 256
 
 # What a box stage computes for RoIs [R, 4] (all images' concatenated): (class logits, box deltas).
 # Inference and ONNX export pool features differently and pass their own.
@@ -435,14 +438,24 @@ class RoIHeads(nn.Module):
             for d in detections:
                 d["mask_probs"] = d["boxes"].new_zeros((0, self.mask_size, self.mask_size))
             return
-        if self.shares_res5:
-            mask_logits = self.mask_head(self.box_head.features(self.box_pooler(features, boxes)))
-        else:
-            mask_logits = self.mask_head(self.mask_pooler(features, boxes))
+        rois = boxes_to_rois(boxes)
         labels = torch.cat([d["labels"] for d in detections])
-        probs = mask_probabilities(mask_logits, labels, self.mask_cfg.loss)
+        # Dense outputs (detections_per_image in the thousands) run the head a chunk of RoIs at a
+        # time: its activations (256 x 28 x 28 floats per RoI after the deconvolution, and K+1
+        # logit maps) would otherwise grow with every detection. Up to one chunk, one call as before.
+        probs = torch.cat([self.mask_probs_of(features, rois[i : i + MASK_ROIS_PER_CHUNK],
+                                              labels[i : i + MASK_ROIS_PER_CHUNK])
+                           for i in range(0, len(rois), MASK_ROIS_PER_CHUNK)])
         for d, p in zip(detections, probs.split([len(b) for b in boxes])):
             d["mask_probs"] = p
+
+    def mask_probs_of(self, features: list[Tensor], rois: Tensor, labels: Tensor) -> Tensor:
+        """Return [R, m, m] mask probabilities of `labels` for [R, 5] RoIs (image index, xyxy)."""
+        if self.shares_res5:
+            mask_logits = self.mask_head(self.box_head.features(self.box_pooler.pool_rois(features, rois)))
+        else:
+            mask_logits = self.mask_head(self.mask_pooler.pool_rois(features, rois))
+        return mask_probabilities(mask_logits, labels, self.mask_cfg.loss)
 
     def predict_keypoints(self, features: list[Tensor], detections: list[dict[str, Tensor]]) -> None:
         """Add `keypoints` [D, K, 3] (x, y, 1 in resized-image pixels) and `keypoint_scores` [D, K]."""
