@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         gt_file = _ground_truth_file(spec)
         if gt_file.is_file():  # the same one-line schema errors as training and model evaluation give
             check_annotation_file(gt_file)
-        metrics = evaluate_results(gt_file, args.predictions, out)
+        # Dense detectors are scored at their own count per image (model.box_head.detections_per_image).
+        metrics = evaluate_results(gt_file, args.predictions, out, max_dets=cfg.model.box_head.detections_per_image)
         written = ["metrics.json", "pr_curve.png"]
     else:
         metrics = _run_model(args, cfg, spec, out, onnx_model)

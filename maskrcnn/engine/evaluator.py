@@ -27,8 +27,13 @@ from pycocotools.cocoeval import COCOeval
 from maskrcnn.config import atomic_path, atomic_write_text
 from maskrcnn.errors import UserError
 
-# Order and names of COCOeval.stats for boxes and masks.
+# Order and names of COCOeval.stats for boxes and masks at COCO's standard 100 detections per image
+# (`stat_names` gives them for another count).
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+# COCO counts at most 100 detections per image; a model that keeps more (dense scenes) is scored at its own count.
+STANDARD_MAX_DETS = 100
+# Masks turned into RLE at a time (see encode_masks).
+RLE_MASKS_PER_CHUNK = 64
 # For keypoints (OKS instead of IoU, 20 detections per image, no small objects).
 KEYPOINT_STAT_NAMES = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
 IOU_TYPES = ("bbox", "segm", "keypoints")
@@ -49,6 +54,22 @@ def _masks_to_numpy(masks: torch.Tensor) -> np.ndarray:
     return masks.to(torch.uint8).cpu().numpy()
 
 
+def encode_masks(masks: torch.Tensor, chunk: int = RLE_MASKS_PER_CHUNK) -> list[dict]:
+    """Return one COCO RLE (counts as str) per mask of [D,H,W] or [D,1,H,W], `chunk` masks at a time.
+
+    Chunks bound the copies encoding needs (uint8, then Fortran order: two D x H x W arrays at once
+    otherwise), which matters with thousands of detections on a large image.
+    """
+    rles: list[dict] = []
+    for start in range(0, masks.shape[0], chunk):
+        m = _masks_to_numpy(masks[start : start + chunk])
+        # One encode call per chunk: pycocotools wants an HxWxD Fortran-ordered array.
+        rles += mask_util.encode(np.asfortranarray(m.transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON-serialisable
+    return rles
+
+
 def predictions_to_coco(output: dict, image_id: int, category_ids: list[int]) -> list[dict]:
     """Convert one image's model output (xyxy boxes, labels 1..K, masks) into COCO result dicts."""
     boxes = output["boxes"].detach().float().cpu()
@@ -63,14 +84,8 @@ def predictions_to_coco(output: dict, image_id: int, category_ids: list[int]) ->
     xywh[:, 2:] -= xywh[:, :2]
     xywh = xywh.tolist()
 
-    rles: list[dict] | None = None
     masks = output.get("masks")
-    if masks is not None:
-        m = _masks_to_numpy(masks.detach())
-        # One encode call for all D masks: pycocotools wants an HxWxD Fortran-ordered array.
-        rles = mask_util.encode(np.asfortranarray(m.transpose(1, 2, 0)))
-        for rle in rles:
-            rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON-serialisable
+    rles = encode_masks(masks.detach()) if masks is not None else None
 
     keypoints = None
     if output.get("keypoints") is not None:
@@ -161,12 +176,23 @@ def _percent(x: float) -> float:
     return float("nan") if x < 0 else float(x) * 100.0
 
 
+def stat_names(max_dets: int = STANDARD_MAX_DETS) -> list[str]:
+    """Return the names of the box/mask stats when up to `max_dets` (>= 100) detections per image count."""
+    return [f"AR{max_dets}" if name == "AR100" else name for name in STAT_NAMES]
+
+
+def _precision_all_sizes(ev: COCOeval) -> np.ndarray:
+    """Return precision [T, R, K] for objects of all sizes at the most detections scored (maxDets[-1])."""
+    area = ev.params.areaRngLbl.index("all")
+    return ev.eval["precision"][:, :, :, area, len(ev.params.maxDets) - 1]  # eval["precision"]: [T, R, K, A, M]
+
+
 def _per_category_ap(ev: COCOeval, coco_gt: COCO) -> dict[str, float]:
-    """AP@[.5:.95] per category (area all, 100 detections), in percent; NaN without ground truth."""
-    precision = ev.eval["precision"]  # [T, R, K, A, M]
+    """AP@[.5:.95] per category (all sizes, at maxDets), in percent; NaN without ground truth."""
+    precision = _precision_all_sizes(ev)
     out = {}
     for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
+        p = precision[:, :, k]
         p = p[p > -1]
         name = coco_gt.cats[cat_id].get("name", str(cat_id))
         out[name] = float(np.mean(p)) * 100.0 if p.size else float("nan")
@@ -188,9 +214,12 @@ def _prepare_keypoint_gt(coco_gt: COCO) -> None:
 
 
 def _run_cocoeval(coco_gt: COCO, coco_dt: COCO, iou_type: str, image_ids: list[int] | None,
-                  kpt_oks_sigmas: list[float] | None = None) -> COCOeval:
+                  kpt_oks_sigmas: list[float] | None = None, max_dets: int = STANDARD_MAX_DETS) -> COCOeval:
+    """Run COCOeval; boxes and masks count up to `max_dets` (>= 100) detections per image, keypoints COCO's 20."""
     ev = COCOeval(coco_gt, coco_dt, iou_type)
-    if iou_type == "keypoints":
+    if iou_type != "keypoints":
+        ev.params.maxDets = [1, 10, max_dets]
+    else:
         num = _num_gt_keypoints(coco_gt)
         if kpt_oks_sigmas:
             ev.params.kpt_oks_sigmas = np.asarray(kpt_oks_sigmas, dtype=np.float64)
@@ -203,6 +232,12 @@ def _run_cocoeval(coco_gt: COCO, coco_dt: COCO, iou_type: str, image_ids: list[i
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    if iou_type != "keypoints" and max_dets != STANDARD_MAX_DETS:
+        # summarize() takes AP (stats[0]) at a hard-coded maxDets=100 (-1 when 100 is not among
+        # params.maxDets) while every other stat reads maxDets[2]: compute AP the same way at maxDets[2].
+        precision = _precision_all_sizes(ev)
+        valid = precision[precision > -1]
+        ev.stats[0] = float(np.mean(valid)) if valid.size else -1.0
     return ev
 
 
@@ -213,10 +248,13 @@ def evaluate_results(
     iou_types: Iterable[str] = IOU_TYPES,
     image_ids: list[int] | None = None,
     kpt_oks_sigmas: list[float] | None = None,
+    max_dets: int = STANDARD_MAX_DETS,
 ) -> dict[str, Any]:
     """Score COCO results against ground truth; write metrics.json and pr_curve.png when out_dir is set.
 
     `image_ids` restricts evaluation to the images that were actually run (e.g. with --max-images).
+    Box and mask AP count up to max(100, `max_dets`) detections per image (pycocotools' maxDets
+    [1, 10, that]; pass the model's `detections_per_image`), and the AR100 stat is named for that count.
     Keypoint AP (OKS) is scored when the results carry `keypoints` and the ground truth has keypoint
     categories; `kpt_oks_sigmas` defaults to COCO's for 17 keypoints, else DEFAULT_OKS_SIGMA each.
     """
@@ -224,6 +262,7 @@ def evaluate_results(
         coco_gt = load_coco_gt(coco_gt)
     if not isinstance(results, list):
         results = load_results(results)
+    max_dets = max(STANDARD_MAX_DETS, int(max_dets))
     has_masks = any("segmentation" in r for r in results)
     has_keypoints = any("keypoints" in r for r in results) and _num_gt_keypoints(coco_gt) > 0
     metrics: dict[str, Any] = {}
@@ -238,8 +277,9 @@ def evaluate_results(
             if not has_keypoints:
                 continue  # no keypoint head, or no keypoint ground truth
             _prepare_keypoint_gt(coco_gt)
-        ev = _run_cocoeval(coco_gt, _results_for(coco_gt, results, iou_type), iou_type, image_ids, kpt_oks_sigmas)
-        names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+        ev = _run_cocoeval(coco_gt, _results_for(coco_gt, results, iou_type), iou_type, image_ids, kpt_oks_sigmas,
+                           max_dets)
+        names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else stat_names(max_dets)
         metrics[iou_type] = {name: _percent(v) for name, v in zip(names, ev.stats)}
         per_category[iou_type] = _per_category_ap(ev, coco_gt)
         evals[iou_type] = ev
@@ -279,7 +319,7 @@ def plot_pr_curves(evals: dict[str, COCOeval], out_png: Path) -> None:
 
     fig, axes = plt.subplots(1, len(evals), figsize=(5 * len(evals), 4.2), squeeze=False)
     for ax, (iou_type, ev) in zip(axes[0], evals.items()):
-        p = ev.eval["precision"][:, :, :, 0, -1]  # [T, R, K], area all, maxDets 100
+        p = _precision_all_sizes(ev)  # [T, R, K]
         rec = ev.params.recThrs
         valid = p > -1
         # Mean over categories that have ground truth; -1 marks categories without any.
@@ -321,7 +361,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     col = 14 if "keypoints" in types else 9  # room for "keypoints AP"
     header = f"{'':<8}" + "".join(f"{t:>{col}}" for t in types)
     lines = [header]
-    for name in STAT_NAMES + [n for n in KEYPOINT_STAT_NAMES if n not in STAT_NAMES and "keypoints" in types]:
+    box_names = next((list(metrics[t]) for t in types if t != "keypoints"), STAT_NAMES)  # AR100 may be AR<N>
+    for name in box_names + [n for n in KEYPOINT_STAT_NAMES if n not in box_names and "keypoints" in types]:
         lines.append(f"{name:<8}" + "".join(f"{_fmt(metrics[t].get(name)):>{col}}" for t in types))
     per_cat = metrics.get("per_category", {})
     names = list(dict.fromkeys(n for t in types for n in per_cat.get(t, {})))
@@ -356,7 +397,8 @@ def evaluate(
     Under torch.distributed every rank calls this with the same arguments: rank r predicts images
     r, r+W, r+2W, ... of the first `max_images`; rank 0 gathers the detections back into dataset
     order (so predictions.json and the numbers equal a single process's), writes the files and
-    scores them once; every rank returns the metrics.
+    scores them once; every rank returns the metrics. Box and mask AP count up to the model's
+    `detections_per_image` (at least 100) detections per image.
     """
     from torch.utils.data import Subset
     from tqdm import tqdm
@@ -393,7 +435,9 @@ def evaluate(
     results = [r for _, detections in per_image for r in detections]
     if out_dir is not None:
         write_predictions(results, Path(out_dir) / "predictions.json")
-    sigmas = getattr(getattr(getattr(model, "cfg", None), "model", None), "keypoint_head", None)
-    metrics = evaluate_results(dataset.coco, results, out_dir, image_ids=image_ids,
-                               kpt_oks_sigmas=list(sigmas.oks_sigmas) if sigmas is not None else None)
+    model_cfg = getattr(getattr(model, "cfg", None), "model", None)  # ours and the ONNX Runtime wrapper have one
+    keypoint_cfg = getattr(model_cfg, "keypoint_head", None)
+    max_dets = getattr(getattr(model_cfg, "box_head", None), "detections_per_image", STANDARD_MAX_DETS)
+    metrics = evaluate_results(dataset.coco, results, out_dir, image_ids=image_ids, max_dets=max_dets,
+                               kpt_oks_sigmas=list(keypoint_cfg.oks_sigmas) if keypoint_cfg is not None else None)
     return du.broadcast_object(metrics) if world > 1 else metrics
