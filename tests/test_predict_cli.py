@@ -73,3 +73,88 @@ def test_predict_with_override_after_inputs(checkpoint, images, tmp_path):
 
     assert len(detections()) == 10  # the checkpoint's detections_per_image, every score passes 0
     assert len(detections("model.box_head.detections_per_image=1")) == 1
+
+
+# ---- streaming to predictions.jsonl, and --resume -------------------------------------------------
+
+
+def _interrupt_after(monkeypatch, drawn: int) -> None:
+    """Make the `drawn + 1`-th overlay drawing raise KeyboardInterrupt, as Ctrl-C in the middle of an image."""
+    import maskrcnn.visualize
+
+    real = maskrcnn.visualize.draw_instances
+    calls = []
+
+    def draw(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > drawn:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(maskrcnn.visualize, "draw_instances", draw)
+
+
+def test_predict_interrupted_then_resumed_equals_one_run(checkpoint, images, tmp_path, capsys, monkeypatch):
+    argv = ["predict", str(images), "--weights", str(checkpoint), "--score-threshold", "0.2"]
+    whole = tmp_path / "whole"
+    assert main([*argv, "--out", str(whole)]) == 1  # broken.png: reported, the others predicted
+    lines = (whole / "predictions.jsonl").read_text().splitlines()
+    assert [Path(json.loads(line)["file_name"]).name for line in lines] == ["colour.jpg", "deep.tif", "gray.png",
+                                                                            "rgba.png"]
+    capsys.readouterr()
+
+    # colour.jpg cannot be read this time (say, still being copied), then Ctrl-C while rgba.png is in
+    # flight: the two finished images (deep.tif, gray.png) are on disk.
+    import maskrcnn.data.image_io
+    from maskrcnn.errors import ImageReadError
+
+    real_read = maskrcnn.data.image_io.read_image
+
+    def read_image_but_colour(path, **kwargs):
+        if Path(path).name == "colour.jpg":
+            raise ImageReadError(f"image '{path}' is being copied")
+        return real_read(path, **kwargs)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(maskrcnn.data.image_io, "read_image", read_image_but_colour)
+        _interrupt_after(m, drawn=2)
+        assert main([*argv, "--out", str(out)]) == 130
+    assert "--resume" in capsys.readouterr().err
+    log = out / "predictions.jsonl"
+    assert len(log.read_text().splitlines()) == 2 and not (out / "predictions.json").exists()
+    # A crash in the middle of writing the second line (gray.png): it is cut short.
+    log.write_bytes(log.read_bytes()[:-25])
+
+    assert main([*argv, "--out", str(out), "--resume"]) == 1  # broken.png is tried (and reported) again
+    err = capsys.readouterr().err
+    assert "incomplete last line" in err and "resuming: 1 of 5" in err and "broken.png" in err
+    # The log lists images in the order they finished (deep.tif first); predictions.json in input order.
+    assert Path(json.loads(log.read_text().splitlines()[0])["file_name"]).name == "deep.tif"
+    # Byte-equal to the uninterrupted run: detections, their order, image ids; the overlays too.
+    assert (out / "predictions.json").read_bytes() == (whole / "predictions.json").read_bytes()
+    assert sorted(log.read_text().splitlines()) == sorted(lines)
+    for name in ("colour", "deep", "gray", "rgba"):
+        assert np.array_equal(np.asarray(Image.open(out / f"{name}.png")), np.asarray(Image.open(whole / f"{name}.png")))
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_predict_resume_refuses_a_log_that_does_not_match(checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["predict", "--weights", str(checkpoint), "--out", str(out)]
+    assert main([*argv, str(images)]) == 1
+    capsys.readouterr()
+    # Other inputs: colour.jpg was image 2 of the folder, but is image 1 alone.
+    assert main([*argv, str(images / "colour.jpg"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "colour.jpg" in err and "--resume" in err and "\n" not in err
+    # A damaged line before the last one is not a cut-short write: named, not skipped.
+    log = out / "predictions.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0][:-5], *lines[1:]]) + "\n")
+    assert main([*argv, str(images), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "line 1" in err and str(log) in err and "\n" not in err
+    # Without --resume the log starts over.
+    assert main([*argv, str(images)]) == 1
+    assert len(log.read_text().splitlines()) == 4

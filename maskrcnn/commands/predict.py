@@ -7,8 +7,12 @@ import glob
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from maskrcnn.errors import ImageReadError, UserError
+
+if TYPE_CHECKING:
+    from maskrcnn.engine.detections_log import DetectionsLog
 
 HELP = "Detect and segment objects in images; write overlay PNGs and predictions.json (COCO results)."
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
@@ -29,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_backend_argument(p)
     p.add_argument("--every", type=int, default=1, metavar="N",
                    help="videos: run on every N-th frame only (default: 1, every frame)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run with the same inputs and --out: skip the images already in "
+                        "OUT/predictions.jsonl (videos run again)")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -122,14 +129,33 @@ def predict_videos(model, videos: list[Path], out: Path, score_threshold: float,
     return failed
 
 
+def resumed_images(log: "DetectionsLog", files: list[Path]) -> set[int]:
+    """Return the image ids (1-based input positions) the log already holds, checking it matches `files`."""
+    done: set[int] = set()
+    for entry in log.entries:
+        image_id, name = entry.key["image_id"], entry.key["file_name"]
+        if not (isinstance(image_id, int) and 1 <= image_id <= len(files) and str(files[image_id - 1]) == name):
+            raise UserError(f"'{log.path}' holds detections of '{name}' as image {image_id}, which these inputs do "
+                            "not match; resume with the same inputs as the interrupted run, or drop --resume")
+        if image_id in done:
+            raise UserError(f"'{log.path}' holds image {image_id} ('{name}') twice; drop --resume to start over")
+        done.add(image_id)
+    return done
+
+
 def run(args: argparse.Namespace) -> int:
-    """Predict every image; a bad image is reported and skipped; exit 1 if any failed."""
+    """Predict every image; a bad image is reported and skipped; exit 1 if any failed.
+
+    Each image's detections go to OUT/predictions.jsonl as soon as it is done (see
+    maskrcnn.engine.detections_log); predictions.json is assembled from that file at the end.
+    """
     from tqdm import tqdm
 
     from maskrcnn.api import category_ids
     from maskrcnn.config import atomic_path
     from maskrcnn.data.image_io import image_to_tensor, read_image
-    from maskrcnn.engine.evaluator import predictions_to_coco, write_predictions
+    from maskrcnn.engine.detections_log import DetectionsLog, write_results_json
+    from maskrcnn.engine.evaluator import predictions_to_coco
     from maskrcnn.video import VIDEO_SUFFIXES
     from maskrcnn.visualize import draw_instances
 
@@ -145,30 +171,52 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     videos = [f for f in files if f.suffix.lower() in VIDEO_SUFFIXES]
     files = [f for f in files if f not in videos]
-    results, failed, used = [], [], set()
-    failed += predict_videos(model, videos, out, args.score_threshold, args.every, ids)
+    failed = predict_videos(model, videos, out, args.score_threshold, args.every, ids)
+    if not files and videos:
+        return report_failures(failed)
+    used: set[str] = set()
+    # Named for every input up front, so that a name does not depend on which images failed or were resumed.
+    overlays = [overlay_name(path, used) for path in files]
     max_pixels = model.cfg.input.max_pixels
-    for image_id, path in enumerate(tqdm(files, desc="predict", unit="img", disable=len(files) < 2), start=1):
+    with DetectionsLog(out / "predictions.jsonl", ("file_name", "image_id"), resume=args.resume) as log:
+        done = resumed_images(log, files)
+        if done:
+            print(f"resuming: {len(done)} of {len(files)} image(s) already in {log.path}", file=sys.stderr)
+        todo = [(i, path) for i, path in enumerate(files, start=1) if i not in done]
         try:
-            image = read_image(path, max_pixels=max_pixels)
-        except ImageReadError as e:
-            tqdm.write(f"skipped: {e}", file=sys.stderr)
-            failed.append(path)
-            continue
-        output = model.predict(image_to_tensor(image), score_threshold=args.score_threshold)[0]
-        output = {k: v.cpu() if hasattr(v, "cpu") else v for k, v in output.items()}
-        for r in predictions_to_coco(output, image_id, ids):
-            r["file_name"] = str(path)
-            results.append(r)
-        overlay = draw_instances(image, output, model.class_names, args.score_threshold)
-        with atomic_path(out / overlay_name(path, used)) as tmp:
-            overlay.save(tmp, format="PNG")
-    if files or not videos:
-        write_predictions(results, out / "predictions.json")
-        done = len(files) - len([f for f in failed if f not in videos])
-        print(f"predicted {done} image(s), {len(results)} detection(s); overlays and predictions.json in {out}")
-    if failed:
-        shown = ", ".join(str(f) for f in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
-        print(f"{len(failed)} image(s) failed (each reported above): {shown}", file=sys.stderr)
-        return 1
-    return 0
+            for image_id, path in tqdm(todo, desc="predict", unit="img", disable=len(todo) < 2):
+                try:
+                    image = read_image(path, max_pixels=max_pixels)
+                except ImageReadError as e:
+                    tqdm.write(f"skipped: {e}", file=sys.stderr)
+                    failed.append(path)
+                    continue
+                output = model.predict(image_to_tensor(image), score_threshold=args.score_threshold)[0]
+                output = {k: v.cpu() if hasattr(v, "cpu") else v for k, v in output.items()}
+                overlay = draw_instances(image, output, model.class_names, args.score_threshold)
+                with atomic_path(out / overlays[image_id - 1]) as tmp:
+                    overlay.save(tmp, format="PNG")
+                # The log line last: an image counts as done only once its overlay is written too.
+                log.append({"file_name": str(path), "image_id": image_id,
+                            "detections": predictions_to_coco(output, image_id, ids)})
+        except KeyboardInterrupt:
+            print(f"{len(log.entries)} of {len(files)} image(s) are saved in {log.path}; "
+                  "run the same command with --resume to continue", file=sys.stderr)
+            raise
+        # In input order whatever the order the images ran in; each detection names its file.
+        entries = sorted(log.entries, key=lambda e: e.key["image_id"])
+        write_results_json(out / "predictions.json", ([{**d, "file_name": r["file_name"]} for d in r["detections"]]
+                                                      for r in log.read(entries)))
+    detections = sum(e.num_detections for e in entries)
+    print(f"predicted {len(entries)} image(s), {detections} detection(s); overlays, predictions.json and "
+          f"predictions.jsonl in {out}")
+    return report_failures(failed)
+
+
+def report_failures(failed: list[Path]) -> int:
+    """Print the one-line summary of the inputs that failed (each was reported already); return the exit status."""
+    if not failed:
+        return 0
+    shown = ", ".join(str(f) for f in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+    print(f"{len(failed)} image(s) failed (each reported above): {shown}", file=sys.stderr)
+    return 1
