@@ -70,6 +70,7 @@ def test_eval_predictions_perfect_gives_100(tmp_path: Path, capsys: pytest.Captu
     (["--data", "{tmp}/gt.json:{tmp}"], "--weights"),
     (["--weights", "{tmp}/w.pth", "--predictions", "{tmp}/perfect.json", "--data", "{tmp}/gt.json:{tmp}"],
      "not both"),
+    (["--predictions", "{tmp}/perfect.json", "--data", "{tmp}/gt.json:{tmp}", "--resume"], "--resume"),
 ])
 def test_eval_mistakes_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str],
                                            message: str) -> None:
@@ -122,3 +123,11 @@ def test_eval_runs_a_saved_model_on_a_dataset(checkpoint, tmp_path: Path, capsys
     assert results and {r["category_id"] for r in results} <= {1, 2, 3}
     assert any(p.suffix == ".png" for p in out.iterdir())
     assert "segm" in capsys.readouterr().out
+    # Detections were streamed, one line per image; --resume finds all three done and scores them again.
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+    predictions = (out / "predictions.json").read_bytes()
+    assert main(["eval", "--weights", str(checkpoint), "--config", str(config), "--data", f"{ann}:{images}",
+                 "--out", str(out), "--resume"]) == 0
+    assert "resuming: 3 of 3" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert (out / "predictions.json").read_bytes() == predictions

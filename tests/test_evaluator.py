@@ -297,3 +297,49 @@ def test_evaluate_runs_model_and_restores_training_mode(tmp_path: Path) -> None:
     # max_images evaluates only the images that were run: image 1 alone is still perfect.
     metrics = evaluate(model, TinyDataset(gt_file), None, max_images=1, progress=False)
     assert metrics["bbox"]["AP"] == pytest.approx(100.0)
+
+
+class InterruptedModel(OracleModel):
+    """The oracle, stopped by Ctrl-C at its call number `stop` (never, by default); counts its calls."""
+
+    def __init__(self, outputs: list[dict], stop: int = 0) -> None:
+        super().__init__(outputs)
+        self.calls, self.stop = 0, stop
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict]:
+        self.calls += 1
+        if self.calls == self.stop:
+            raise KeyboardInterrupt
+        return super().forward(images)
+
+
+def test_evaluate_streams_detections_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    gt_file = write_gt(tmp_path / "gt.json")
+    outputs = [output_from(DETS[i]) for i in (1, 2, 3)]  # imperfect: the numbers tell runs apart
+    whole = evaluate(InterruptedModel(outputs), TinyDataset(gt_file), tmp_path / "whole", progress=False)
+    lines = (tmp_path / "whole" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["image_id"] for line in lines] == [1, 2, 3]
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C during the third image: two are on disk
+        evaluate(InterruptedModel(outputs, stop=3), TinyDataset(gt_file), out, progress=False)
+    log = out / "predictions.jsonl"
+    assert log.read_text().splitlines() == lines[:2] and not (out / "predictions.json").exists()
+    log.write_bytes(log.read_bytes()[:-10])  # ... and the second line was cut short by a crash
+
+    model = InterruptedModel(outputs)
+    metrics = evaluate(model, TinyDataset(gt_file), out, progress=False, resume=True)
+    assert model.calls == 2  # images 2 and 3 only
+    assert "incomplete last line" in capsys.readouterr().err
+    assert metrics == whole
+    assert (out / "predictions.json").read_bytes() == (tmp_path / "whole" / "predictions.json").read_bytes()
+    assert log.read_text().splitlines() == lines
+
+    # All done already: nothing runs, same numbers.
+    model = InterruptedModel(outputs)
+    assert evaluate(model, TinyDataset(gt_file), out, progress=False, resume=True) == whole and model.calls == 0
+    # A log from other images (here: evaluated on the first image only, resumed on none) is refused.
+    with pytest.raises(UserError, match="not among the images evaluated"):
+        evaluate(InterruptedModel(outputs), TinyDataset(gt_file), out, max_images=1, progress=False, resume=True)
+    with pytest.raises(UserError, match="--resume"):
+        evaluate(InterruptedModel(outputs), TinyDataset(gt_file), None, progress=False, resume=True)

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=None, metavar="N",
                    help="evaluate only the first N images (default: test.max_images; 0 = all)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the config's device)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted evaluation into the same --out: skip the images already in "
+                        "OUT/predictions.jsonl (one process only)")
     add_backend_argument(p)
     p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.mask_head.threshold=0.4")
 
@@ -111,14 +114,16 @@ def _run_model(args: argparse.Namespace, cfg: Any, spec: str, out: Path, onnx_mo
     ids = label_to_category(cfg, dataset)  # before the (slow) model load, so mistakes show at once
     max_images = cfg.test.max_images if args.max_images is None else args.max_images
     if onnx_model is not None:
-        return evaluate(onnx_model, dataset, out, max_images=max_images, progress=True, category_ids=ids)
+        return evaluate(onnx_model, dataset, out, max_images=max_images, progress=True, category_ids=ids,
+                        resume=args.resume)
     from maskrcnn import distributed as du
 
     s = cfg.solver
     # Under torchrun every rank predicts its share of the images and rank 0 scores them (docs/distributed.md).
     with du.session(resolve_device(args.device or cfg.device), s.dist_timeout_minutes, s.dist_heartbeat_timeout) as device:
         model = load_model(cfg, args.weights, device=str(device))
-        return evaluate(model, dataset, out, max_images=max_images, progress=True, category_ids=ids)
+        return evaluate(model, dataset, out, max_images=max_images, progress=True, category_ids=ids,
+                        resume=args.resume)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
     if args.predictions:
         if args.max_images:
             raise UserError("--max-images applies to running a model; filter the --predictions file instead")
+        if args.resume:
+            raise UserError("--resume continues running a model; drop it to score a --predictions file")
         from maskrcnn.data.coco import check_annotation_file
 
         gt_file = _ground_truth_file(spec)
@@ -159,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         written = ["metrics.json", "pr_curve.png"]
     else:
         metrics = _run_model(args, cfg, spec, out, onnx_model)
-        written = ["predictions.json", "metrics.json", "pr_curve.png"]
+        written = ["predictions.json", "predictions.jsonl", "metrics.json", "pr_curve.png"]
         if os.environ.get("RANK", "0") != "0":
             return 0  # distributed: rank 0 prints the tables
 

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,6 +26,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskrcnn.config import atomic_path, atomic_write_text
+from maskrcnn.engine.detections_log import DetectionsLog
 from maskrcnn.errors import UserError
 
 # Order and names of COCOeval.stats for boxes and masks at COCO's standard 100 detections per image
@@ -383,6 +385,63 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _open_log(out_dir: Path | str | None, resume: bool, world: int) -> DetectionsLog | None:
+    """Return the per-image detections log of an evaluation into `out_dir` (None: not written).
+
+    Under torch.distributed no log is written: each rank would need its own, and a resumed run
+    with another world size would have to reshard them; `--resume` is refused there.
+    """
+    if world > 1 or out_dir is None:
+        if resume:
+            raise UserError("--resume needs a single process and an output folder (--out); "
+                            "run the evaluation again from the start")
+        return None
+    return DetectionsLog(Path(out_dir) / "predictions.jsonl", ("image_id",), resume=resume)
+
+
+def _resumed_detections(log: DetectionsLog, image_ids: list[int]) -> dict[int, list[dict]]:
+    """Return the detections of the images the log already holds, by image id, checking they are among `image_ids`."""
+    wanted = set(image_ids)
+    done: dict[int, list[dict]] = {}
+    for record in log.read(log.entries):
+        image_id = record["image_id"]
+        if image_id not in wanted or image_id in done:
+            raise UserError(f"'{log.path}' holds detections of image id {image_id}, which is "
+                            f"{'listed twice' if image_id in done else 'not among the images evaluated'}; "
+                            "resume with the same --data and --max-images, or drop --resume to start over")
+        done[image_id] = record["detections"]
+    return done
+
+
+def _predict_images(model: torch.nn.Module, dataset: Any, positions: list[int], category_ids: list[int],
+                    log: DetectionsLog | None, progress: bool) -> list[tuple[int, list[dict]]]:
+    """Return (image id, COCO detections) of the dataset images at `positions`, appending each to `log`."""
+    from torch.utils.data import Subset
+    from tqdm import tqdm
+
+    from maskrcnn.data.loader import build_test_loader
+
+    loader = build_test_loader(dataset if len(positions) == len(dataset) else Subset(dataset, positions))
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    per_image = []
+    try:
+        with torch.no_grad():
+            for images, targets in tqdm(loader, total=len(positions), desc="eval", unit="img", disable=not progress,
+                                        dynamic_ncols=True):
+                outputs = model([im.to(device) for im in images])
+                for output, target in zip(outputs, targets):
+                    image_id = int(target["image_id"])
+                    detections = predictions_to_coco(output, image_id, category_ids)
+                    per_image.append((image_id, detections))
+                    if log is not None:
+                        log.append({"image_id": image_id, "detections": detections})
+    finally:
+        model.train(was_training)  # periodic evaluation during training must not leave eval mode on
+    return per_image
+
+
 def evaluate(
     model: torch.nn.Module,
     dataset: Any,
@@ -390,47 +449,44 @@ def evaluate(
     max_images: int = 0,
     progress: bool = True,
     category_ids: list[int] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run `model` over `dataset`, write predictions.json, and return (and write) COCO metrics.
 
     `category_ids[label - 1]` names each label's dataset category (default: `dataset.category_ids`).
+    With `out_dir`, each image's detections are appended to predictions.jsonl as soon as it is done;
+    `resume` skips the images already there (the dataset must list `image_ids`), so the files and
+    numbers equal an uninterrupted run's. Box and mask AP count up to the model's
+    `detections_per_image` (at least 100) detections per image.
     Under torch.distributed every rank calls this with the same arguments: rank r predicts images
     r, r+W, r+2W, ... of the first `max_images`; rank 0 gathers the detections back into dataset
     order (so predictions.json and the numbers equal a single process's), writes the files and
-    scores them once; every rank returns the metrics. Box and mask AP count up to the model's
-    `detections_per_image` (at least 100) detections per image.
+    scores them once; every rank returns the metrics.
     """
-    from torch.utils.data import Subset
-    from tqdm import tqdm
-
     from maskrcnn import distributed as du
-    from maskrcnn.data.loader import build_test_loader
 
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     rank, world = du.get_rank(), du.get_world_size()
-    shard = range(rank, n, world)
-    loader = build_test_loader(dataset if len(shard) == len(dataset) else Subset(dataset, shard))
-    category_ids = list(dataset.category_ids if category_ids is None else category_ids)
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    per_image: list[tuple[int, list[dict]]] = []  # (image id, its detections) in shard order
+    log = _open_log(out_dir, resume, world)
     try:
-        with torch.no_grad():
-            for images, targets in tqdm(loader, total=len(shard), desc="eval", unit="img",
-                                        disable=not progress or rank != 0, dynamic_ncols=True):
-                outputs = model([im.to(device) for im in images])
-                for output, target in zip(outputs, targets):
-                    image_id = int(target["image_id"])
-                    per_image.append((image_id, predictions_to_coco(output, image_id, category_ids)))
+        done = _resumed_detections(log, dataset.image_ids[:n]) if log is not None and log.entries else {}
+        if done:
+            print(f"resuming: {len(done)} of {n} image(s) already in {log.path}", file=sys.stderr)
+        shard = [i for i in range(rank, n, world) if not done or dataset.image_ids[i] not in done]
+        category_ids = list(dataset.category_ids if category_ids is None else category_ids)
+        per_image = _predict_images(model, dataset, shard, category_ids, log, progress and rank == 0)
     finally:
-        model.train(was_training)  # periodic evaluation during training must not leave eval mode on
+        if log is not None:
+            log.close()
     if world > 1:
         shards = du.gather_object(per_image)
         if rank != 0:
             return du.broadcast_object(None)
         # Interleave the shards back: dataset position i was rank i % W's (i // W)-th image.
         per_image = [shards[i % world][i // world] for i in range(n)]
+    elif done:
+        position = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
+        per_image = sorted([*done.items(), *per_image], key=lambda item: position[item[0]])
     image_ids = [image_id for image_id, _ in per_image]
     results = [r for _, detections in per_image for r in detections]
     if out_dir is not None:
