@@ -129,7 +129,7 @@ def predict_videos(model, videos: list[Path], out: Path, score_threshold: float,
     return failed
 
 
-def resumed_images(log: "DetectionsLog", files: list[Path]) -> set[int]:
+def resumed_images(log: DetectionsLog, files: list[Path]) -> set[int]:
     """Return the image ids (1-based input positions) the log already holds, checking it matches `files`."""
     done: set[int] = set()
     for entry in log.entries:
