@@ -101,6 +101,8 @@ def test_labelme_polygons_rectangles_circles_groups_and_masks(tmp_path, caplog):
         _labelme_shape("cat", [[20, 22], [24, 26]], "mask", mask=_png_b64(patch)),
         _labelme_shape("cat", [[1, 1], [5, 5]], "line"),
         _labelme_shape("cat", [[1, 1], [5, 5]]),  # two points: no polygon
+        _labelme_shape("dog", [[32, 24], [46, 24], [46, 35], [32, 35]]),  # past the corner: clipped
+        _labelme_shape("dog", [[-9, 2], [-2, 2], [-2, 9]]),  # wholly outside
     ])
     # A subfolder whose image lives elsewhere, named the Windows way.
     _labelme_file(root / "sub" / "b.json", "..\\..\\photos\\b.png", [_labelme_shape("cat", [[1, 1], [9, 1], [5, 8]])])
@@ -110,8 +112,12 @@ def test_labelme_polygons_rectangles_circles_groups_and_masks(tmp_path, caplog):
     assert _names(data) == {1: "cat", 2: "dog"}  # sorted names -> 1..N
     assert [i["file_name"] for i in data["images"]] == ["a.png", "../photos/b.png"]
     anns = data["annotations"]
-    assert len(anns) == 6
-    poly, rect, circle, group, mask, tri = anns
+    assert len(anns) == 7
+    poly, rect, circle, group, mask, clipped, tri = anns
+    corners = [tuple(c) for c in np.array(clipped["segmentation"][0]).reshape(-1, 2)]
+    start = corners.index((32.0, 24.0))
+    assert corners[start:] + corners[:start] == [(32, 24), (40, 24), (40, 30), (32, 30)]  # cut at the border
+    assert clipped["bbox"] == [32, 24, 8, 6] and clipped["area"] == 48
     assert poly["segmentation"] == [[2.5, 3.0, 14.0, 3.0, 14.0, 12.5, 2.5, 12.5]] and poly["category_id"] == 2
     assert poly["bbox"] == [2.5, 3.0, 11.5, 9.5]
     assert rect["segmentation"] == [[16.0, 2.0, 30.0, 2.0, 30.0, 9.0, 16.0, 9.0]] and rect["area"] == 14 * 7
@@ -123,8 +129,9 @@ def test_labelme_polygons_rectangles_circles_groups_and_masks(tmp_path, caplog):
     assert (_mask(mask["segmentation"]) == expected).all() and mask["area"] == 6
     assert tri["image_id"] == 2
     lines = _warnings(caplog)
-    assert len(lines) == 1 and "a.json: skipped 2 of 8 shapes" in lines[0]
-    assert "unsupported shape ('line')" in lines[0] and "polygon with < 3 points" in lines[0]
+    assert len(lines) == 1 and "a.json: skipped 3 of 10 shapes" in lines[0]
+    for part in ("1 unsupported shape ('line')", "1 polygon with < 3 points", "1 outside the image"):
+        assert part in lines[0], lines[0]
     assert _errors(data, image_dir) == []
 
 
@@ -140,17 +147,20 @@ def test_warning_line_one_per_file_naming_what_was_skipped(tmp_path, caplog):
     ])
     _labelme_file(root / "b.json", "b.png", [_labelme_shape("dog", square)])
     _labelme_file(root / "c.json", "gone.png", [_labelme_shape("dog", square), _labelme_shape("dog", square)])
+    _labelme_file(root / "d.json", "c.png", [_labelme_shape("dog", square)], w=80, h=60)  # drawn on a larger copy
     (root / "classes.txt").write_text("cat\ndog\n")
     with caplog.at_level(logging.WARNING, logger="maskrcnn.data.convert"):
         data, image_dir = _convert("labelme", root, class_map=root / "classes.txt")
     lines = _warnings(caplog)
-    assert len(lines) == 2, lines  # b.json is clean: no line
-    a_line, c_line = lines
+    assert len(lines) == 3, lines  # b.json is clean: no line
+    a_line, c_line, d_line = lines
     assert a_line.startswith(f"{root / 'a.json'}: skipped 5 of 6 shapes (")
     for part in ("2 unknown label ('dgo', 'catt')", "1 polygon with < 3 points", "1 polygon with zero area",
                  "1 degenerate box"):
         assert part in a_line, a_line
     assert c_line == f"{root / 'c.json'}: skipped 1 of 1 images (1 missing image file ('gone.png'); 2 shapes on them)"
+    assert d_line == (f"{root / 'd.json'}: skipped 1 of 1 images (1 image size differs from the annotation's "
+                      "('c.png: file 40x30, annotation 80x60'); 1 shapes on them)")
     assert _names(data) == {1: "cat", 2: "dog"}  # the class file's order
     assert len(data["annotations"]) == 2 and _errors(data, image_dir) == []
 
@@ -331,7 +341,7 @@ def _voc_palette_png(path: Path, values: np.ndarray, rgb: bool = False) -> None:
     (im.convert("RGB") if rgb else im).save(path)
 
 
-def test_voc_masks_void_holes_touching_objects_and_split(tmp_path):
+def test_voc_masks_void_holes_touching_objects_and_split(tmp_path, caplog):
     root = tmp_path / "VOC2012"
     objects = np.zeros((H, W), np.uint8)
     classes = np.zeros((H, W), np.uint8)
@@ -347,7 +357,9 @@ def test_voc_masks_void_holes_touching_objects_and_split(tmp_path):
     _photo(root / "JPEGImages" / "2007_000032.jpg")
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000032\n")
-    data, image_dir = _convert("voc-masks", root, split="train")
+    with caplog.at_level(logging.WARNING, logger="maskrcnn.data.convert"):
+        data, image_dir = _convert("voc-masks", root, split="train")
+    assert _warnings(caplog) == []  # void is neither an object nor a skipped one
     assert image_dir == root / "JPEGImages"
     assert len(data["categories"]) == 20 and _names(data)[15] == "person" and _names(data)[12] == "dog"
     assert [i["file_name"] for i in data["images"]] == ["2007_000032.jpg"]
