@@ -220,6 +220,17 @@ def mask_rings(mask: np.ndarray) -> list[np.ndarray]:
     return rings
 
 
+def mask_polygon(mask: np.ndarray) -> np.ndarray | None:
+    """Return one polygon [P,2] covering exactly the mask's pixels (rings traced, then joined), or None
+    if the mask is empty. Traces only the mask's bounding box, so small objects on big images are cheap."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return None
+    y0, x0 = int(rows[0]), int(cols[0])
+    rings = mask_rings(mask[y0 : rows[-1] + 1, x0 : cols[-1] + 1])
+    return join_rings(rings) + [x0, y0]
+
+
 def join_rings(rings: list[np.ndarray]) -> np.ndarray:
     """Return one polygon [P,2] holding all rings, joined by zero-width bridges.
 

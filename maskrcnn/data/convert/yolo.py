@@ -278,8 +278,8 @@ def object_polygon(seg: Any, w: int, h: int) -> np.ndarray | str:
             return BAD_SEGMENTATION
     else:
         return BAD_SEGMENTATION
-    rings = geometry.mask_rings(mask)
-    return geometry.join_rings(rings) if rings else EMPTY_MASK
+    polygon = geometry.mask_polygon(mask)
+    return EMPTY_MASK if polygon is None else polygon
 
 
 def _data_yaml(out_dir: Path, categories: list[dict[str, Any]], source: str) -> str:
