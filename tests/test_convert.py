@@ -158,9 +158,9 @@ def test_warning_line_one_per_file_naming_what_was_skipped(tmp_path, caplog):
     for part in ("2 unknown label ('dgo', 'catt')", "1 polygon with < 3 points", "1 polygon with zero area",
                  "1 degenerate box"):
         assert part in a_line, a_line
-    assert c_line == f"{root / 'c.json'}: skipped 1 of 1 images (1 missing image file ('gone.png'); 2 shapes on them)"
-    assert d_line == (f"{root / 'd.json'}: skipped 1 of 1 images (1 image size differs from the annotation's "
-                      "('c.png: file 40x30, annotation 80x60'); 1 shapes on them)")
+    assert c_line == f"{root / 'c.json'}: skipped 1 of 1 image (1 missing image file ('gone.png'); 2 shapes on it)"
+    assert d_line == (f"{root / 'd.json'}: skipped 1 of 1 image (1 image size differs from the annotation's "
+                      "('c.png: file 40x30, annotation 80x60'); 1 shape on it)")
     assert _names(data) == {1: "cat", 2: "dog"}  # the class file's order
     assert len(data["annotations"]) == 2 and _errors(data, image_dir) == []
 
@@ -230,7 +230,7 @@ def test_cvat_xml_boxes_polygons_masks_ellipses(tmp_path, caplog):
     assert ellipse["bbox"] == pytest.approx([6, 16, 4, 8], abs=0.05)  # turned 90 degrees: 4 wide, 8 high
     lines = _warnings(caplog)
     assert len(lines) == 1
-    assert "skipped 1 of 2 images (1 missing image file ('frame_001.png'); 1 shapes on them)" in lines[0]
+    assert "skipped 1 of 2 images (1 missing image file ('frame_001.png'); 1 shape on it)" in lines[0]
     assert "1 degenerate box" in lines[0] and "1 unsupported shape ('polyline')" in lines[0]
     assert _errors(data, image_dir) == []
 
@@ -325,7 +325,7 @@ def test_yolo_seg_labels_folder(tmp_path, caplog):
     lines = _warnings(caplog)
     assert len(lines) == 2
     assert "a.txt: skipped 2 of 4 lines (1 unknown label ('class 7'); 1 malformed coordinates)" in lines[0]
-    assert "b.txt: skipped 1 of 1 images (1 missing image file ('b.*'); 1 lines on them)" in lines[1]
+    assert "b.txt: skipped 1 of 1 image (1 missing image file ('b.*'); 1 line on it)" in lines[1]
     assert _errors(data, image_dir) == []
 
 

@@ -318,13 +318,19 @@ class FileReport:
         """Return the file's warning line, or None if nothing was skipped."""
         parts = []
         if self.skipped_images:
-            lost = f"; {self.lost_objects} {self.noun} on them" if self.lost_objects else ""
-            parts.append(f"{sum(self.skipped_images.values())} of {self.images} images "
-                         f"({self.describe(self.skipped_images)}{lost})")
+            n = sum(self.skipped_images.values())
+            lost = (f"; {_count(self.lost_objects, self.noun)} on {'it' if n == 1 else 'them'}"
+                    if self.lost_objects else "")
+            parts.append(f"{n} of {_count(self.images, 'images')} ({self.describe(self.skipped_images)}{lost})")
         if self.skipped_objects:
-            parts.append(f"{sum(self.skipped_objects.values())} of {self.objects} {self.noun} "
+            parts.append(f"{sum(self.skipped_objects.values())} of {_count(self.objects, self.noun)} "
                          f"({self.describe(self.skipped_objects)})")
         return f"{self.source}: skipped " + " and ".join(parts) if parts else None
+
+
+def _count(n: int, plural: str) -> str:
+    """Return '1 image' or '3 images' for a plural noun ending in s."""
+    return f"{n} {plural[:-1] if n == 1 else plural}"
 
 
 class CocoBuilder:
