@@ -549,7 +549,7 @@ def test_command_writes_a_file_check_dataset_accepts(tmp_path, capsys):
     out.write_text("old")
     assert main(["convert", "--from", "labelme", str(root), "--out", str(out), "--rle"]) == 0
     printed = capsys.readouterr().out
-    assert f"wrote {out}: 1 images, 1 annotations, 1 categories" in printed
+    assert f"wrote {out}: 1 image, 1 annotation, 1 category" in printed
     assert f"maskrcnn check-dataset {out}:{root}" in printed
     data = json.loads(out.read_text())
     assert isinstance(data["annotations"][0]["segmentation"], dict)  # --rle

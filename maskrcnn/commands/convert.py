@@ -99,12 +99,12 @@ def run(args: argparse.Namespace) -> int:
     if options.images is not None and not options.images.is_dir():
         raise UserError(f"--images '{options.images}' is not a folder; give the folder holding the images")
     data, image_dir, builder = read_annotations(args.fmt, source, options)
-    counts = (f"{len(data['images'])} images, {len(data['annotations'])} annotations, "
-              f"{len(data['categories'])} categories")
+    counts = (f"{_plural(len(data['images']), 'image')}, {_plural(len(data['annotations']), 'annotation')}, "
+              f"{_plural(len(data['categories']), 'category', 'categories')}")
     skipped = ""
     if builder is not None and (builder.skipped_objects or builder.skipped_images):
-        skipped = (f"; skipped {builder.skipped_objects} {builder.noun} and {builder.skipped_images} images "
-                   "(warnings above)")
+        skipped = (f"; skipped {_plural(builder.skipped_objects, builder.noun[:-1])} and "
+                   f"{_plural(builder.skipped_images, 'image')} (warnings above)")
     if args.to == "coco":
         write_coco(data, out)
         print(f"wrote {out}: {counts}{skipped}")
@@ -114,7 +114,12 @@ def run(args: argparse.Namespace) -> int:
     from maskrcnn.data.convert import yolo
 
     files, lines = yolo.write(data, out, str(source))
-    print(f"wrote {files} label files ({lines} objects) to {out / 'labels'} and {out / 'data.yaml'} "
+    print(f"wrote {_plural(files, 'label file')} ({_plural(lines, 'object')}) to {out / 'labels'} and {out / 'data.yaml'} "
           f"from {counts}{skipped}")
     print(f"put the images under {out / 'images'} with the same relative paths (images from {image_dir})")
     return 0
+
+
+def _plural(n: int, word: str, plural: str = "") -> str:
+    """Return '1 image' or '3 images'."""
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
