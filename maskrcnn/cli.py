@@ -13,8 +13,8 @@ import sys
 from maskrcnn.config import ConfigError
 from maskrcnn.errors import UserError
 
-COMMANDS = ["train", "eval", "predict", "demo", "make_shapes", "benchmark", "check_dataset", "export", "serve",
-            "models"]
+COMMANDS = ["train", "eval", "predict", "demo", "make_shapes", "benchmark", "check_dataset", "convert", "export",
+            "serve", "models"]
 
 
 def build_parser() -> argparse.ArgumentParser:
