@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,9 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
-    """`name:key=value,key=value` -> (name, overrides)."""
+    """`name:key=value,key=value` -> (name, overrides); commas inside [...] belong to a list value."""
     name, _, rest = text.partition(":")
-    return name, [o for o in rest.split(",") if o]
+    return name, [o for o in re.split(r",(?![^\[]*\])", rest) if o]
 
 
 def train_variant(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
