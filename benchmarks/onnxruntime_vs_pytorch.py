@@ -1,19 +1,23 @@
-"""ONNX Runtime (CPU, the file `maskrcnn export` writes) against PyTorch FP32 and BF16 autocast, same weights.
+"""ONNX Runtime and OpenVINO (CPU, the file `maskrcnn export` writes) against PyTorch FP32 and BF16 autocast.
 
 For each model: export once, then time one image end to end (input tensor → boxes, scores, labels and
-pasted masks) for PyTorch FP32, PyTorch BF16 autocast and ONNX Runtime FP32, runs interleaved so that
-machine noise hits all alike. Agreement with PyTorch FP32 is counted with the parity tests' tolerances
-(boxes 0.05 px, scores 1e-4, mask IoU 0.99). Weights are random and seeded; the torchvision preset's
+pasted masks) for PyTorch FP32, PyTorch BF16 autocast, ONNX Runtime FP32, OpenVINO FP32 and OpenVINO
+BF16 (only on a CPU with native bfloat16; `--backends` picks), runs interleaved so that machine noise
+hits all alike, same weights. Agreement with PyTorch FP32 is counted with the parity tests' tolerances
+(boxes 0.05 px, scores 1e-4, mask IoU 0.99), and with compare_torchvision.py's looser "same detection"
+ones (2 px, 0.02, mask IoU 0.9) that BF16 can meet. Weights are random and seeded; the torchvision preset's
 classifier is scaled by 0.5 so that 100 detections survive, as with a trained model.
 
     .venv/bin/python benchmarks/onnxruntime_vs_pytorch.py [--runs 5] [--models torchvision-r50-fpn,shapes]
-        [--json out.json] [--markdown out.md]
+        [--backends pytorch-fp32,pytorch-bf16,onnxruntime,openvino-fp32,openvino-bf16] [--json out.json]
+        [--markdown out.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,7 +31,11 @@ import torch
 from maskrcnn.config import load_config
 from maskrcnn.engine.compare import Tolerances, agreement_summary
 from maskrcnn.export import PARITY_TOLERANCES, OnnxMaskRCNN, export_onnx
+from maskrcnn.engine.trainer import native_bf16
 from maskrcnn.modeling import build_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compare_torchvision import BF16_TOLERANCES  # noqa: E402  "the same detection": boxes 2 px, scores 0.02, IoU 0.9
 
 SIZES = {"torchvision-r50-fpn": (800, 1067), "shapes": (128, 171)}
 
@@ -57,8 +65,14 @@ def measure(calls: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict
     return times
 
 
-def bench_model(name: str, runs: int, warmup: int, threads: int) -> list[dict[str, Any]]:
-    """Return one row per backend for the preset `name`."""
+# --backends name: (table label, exported-file runtime or None for PyTorch, precision)
+BACKENDS = {"pytorch-fp32": ("PyTorch FP32", None, "fp32"), "pytorch-bf16": ("PyTorch BF16 autocast", None, "bf16"),
+            "onnxruntime": ("ONNX Runtime FP32", "onnxruntime", "fp32"),
+            "openvino-fp32": ("OpenVINO FP32", "openvino", "fp32"), "openvino-bf16": ("OpenVINO BF16", "openvino", "bf16")}
+
+
+def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[str]) -> list[dict[str, Any]]:
+    """Return one row per backend for the preset `name` (PyTorch FP32 always: the reference)."""
     model = seeded_model(name)
     size = SIZES.get(name, (800, 1067))
     image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
@@ -67,7 +81,6 @@ def bench_model(name: str, runs: int, warmup: int, threads: int) -> list[dict[st
         path = export_onnx(model, Path(tmp) / f"{name}.onnx")
         export_s = time.perf_counter() - start
         file_mb = path.stat().st_size / 2**20
-        onnx_model = OnnxMaskRCNN(path, threads=threads)
 
         def pytorch_fp32():
             with torch.inference_mode():
@@ -77,10 +90,15 @@ def bench_model(name: str, runs: int, warmup: int, threads: int) -> list[dict[st
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                 return model([image])[0]
 
-        def onnxruntime():
-            return onnx_model([image])[0]
-
-        calls = {"PyTorch FP32": pytorch_fp32, "PyTorch BF16 autocast": pytorch_bf16, "ONNX Runtime FP32": onnxruntime}
+        calls = {"PyTorch FP32": pytorch_fp32}
+        for key in backends:
+            label, runtime, precision = BACKENDS[key]
+            if runtime is None:
+                if precision == "bf16":
+                    calls[label] = pytorch_bf16
+                continue
+            exported = OnnxMaskRCNN(path, threads=threads, backend=runtime, precision=precision)
+            calls[label] = lambda exported=exported: exported([image])[0]
         reference = pytorch_fp32()
         outputs = {label: call() for label, call in calls.items()}
         times = measure(calls, runs, warmup)
@@ -88,34 +106,40 @@ def bench_model(name: str, runs: int, warmup: int, threads: int) -> list[dict[st
     base = statistics.median(times["PyTorch FP32"])
     for label, values in times.items():
         agree = agreement_summary(reference, outputs[label], Tolerances(**PARITY_TOLERANCES))
+        same = agreement_summary(reference, outputs[label], BF16_TOLERANCES)
         rows.append({"model": name, "size": f"{size[0]}x{size[1]}", "backend": label,
                      "median_s": statistics.median(values), "min_s": min(values),
                      "speed_vs_fp32": base / statistics.median(values),
                      "detections": agree["actual"], "agree_with_fp32": f"{agree['matched']}/{agree['expected']}",
-                     "export_s": export_s if label.startswith("ONNX") else None,
-                     "file_mb": file_mb if label.startswith("ONNX") else None})
+                     "same_detections": f"{same['matched']}/{same['expected']}",
+                     "export_s": export_s if not label.startswith("PyTorch") else None,
+                     "file_mb": file_mb if not label.startswith("PyTorch") else None})
     return rows
 
 
 def environment(threads: int) -> dict[str, Any]:
     """Return the versions and machine the numbers were taken on."""
     import onnxruntime
+    import openvino
 
     return {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": threads}
+            "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__.split("-")[0],
+            "cpu": platform.processor() or platform.machine(), "threads": threads,
+            "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg())}
 
 
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any], runs: int) -> str:
     """Return the result table as Markdown."""
-    lines = [f"Measured {env['date']}: torch {env['torch']}, onnxruntime {env['onnxruntime']}, "
-             f"{env['threads']} threads, median of {runs} runs (one image, input tensor to pasted masks).", "",
-             "| model | image | backend | median s | min s | vs PyTorch FP32 | detections | agree with FP32 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Measured {env['date']}: torch {env['torch']}, onnxruntime {env['onnxruntime']}, openvino "
+             f"{env['openvino']}, {env['threads']} threads, median of {runs} runs (one image, input tensor to pasted "
+             f"masks), load average {env['load_average']} at the end.", "",
+             "| model | image | backend | median s | min s | vs PyTorch FP32 | detections | agree with FP32 | "
+             "same detection (2 px, 0.02, IoU 0.9) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['size']} | {r['backend']} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
-                     f"{r['speed_vs_fp32']:.2f}x | {r['detections']} | {r['agree_with_fp32']} |")
-    exports = [r for r in rows if r["export_s"] is not None]
+                     f"{r['speed_vs_fp32']:.2f}x | {r['detections']} | {r['agree_with_fp32']} | {r['same_detections']} |")
+    exports = list({r["model"]: r for r in rows if r["export_s"] is not None}.values())  # one per model
     lines.append("")
     lines.extend(f"- {r['model']}: export {r['export_s']:.1f} s, file {r['file_mb']:.1f} MB" for r in exports)
     return "\n".join(lines) + "\n"
@@ -126,11 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="torchvision-r50-fpn,shapes", help="comma-separated presets")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help=f"comma-separated, of {', '.join(BACKENDS)} (PyTorch FP32 always runs: the reference)")
     parser.add_argument("--json", default=None, help="write the rows and environment as JSON here")
     parser.add_argument("--markdown", default=None, help="write the Markdown table here")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
-    rows = [row for name in args.models.split(",") for row in bench_model(name, args.runs, args.warmup, threads)]
+    backends = args.backends.split(",")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    if not native_bf16(torch.device("cpu")):
+        print("no native bfloat16 on this CPU: skipping the BF16 rows", file=sys.stderr)
+        backends = [b for b in backends if BACKENDS[b][2] != "bf16"]
+    rows = [row for name in args.models.split(",")
+            for row in bench_model(name, args.runs, args.warmup, threads, backends)]
     env = environment(threads)
     table = markdown(rows, env, args.runs)
     print(table)

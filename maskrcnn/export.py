@@ -1,5 +1,5 @@
 """ONNX export of a whole Mask R-CNN (resize, backbone, RPN, RoI heads, NMS, top-k, mask selection) and
-an ONNX Runtime model with the same `predict` as `MaskRCNN`.
+a model that runs the file in ONNX Runtime or OpenVINO with the same `predict` as `MaskRCNN`.
 
 The exported graph takes one image, float32 [3, H, W] RGB in 0..1 of any size, and returns, in that
 image's pixels, `boxes` [D, 4] (xyxy), `scores` [D], `labels` [D] (int64, 1..K) and `mask_probs`
@@ -32,9 +32,9 @@ from maskrcnn.errors import UserError
 from maskrcnn.modeling.mask_rcnn import MaskRCNN
 from maskrcnn.modeling.poolers import RoIPooler, assign_levels
 from maskrcnn.modeling.roi_heads import mask_probabilities
+from maskrcnn.onnx_backends import OUTPUT_NAMES
 
 OPSET = 17
-OUTPUT_NAMES = ["boxes", "scores", "labels", "mask_probs"]
 
 
 class ExportError(UserError):
@@ -241,29 +241,26 @@ def export_onnx(model: MaskRCNN, out: str | os.PathLike, example_size: tuple[int
 
 
 class OnnxMaskRCNN:
-    """An exported model run by ONNX Runtime on the CPU, with `MaskRCNN.predict`'s inputs and outputs."""
+    """An exported model run on the CPU by ONNX Runtime or OpenVINO, with `MaskRCNN.predict`'s inputs and outputs.
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        import onnxruntime as ort
+    `backend` names the runtime (maskrcnn.onnx_backends.BACKENDS); `precision` is fp32, or bf16 for OpenVINO.
+    """
 
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, backend: str = "onnxruntime",
+                 precision: str = "fp32"):
         from maskrcnn.config import Config, merge_dict
+        from maskrcnn.onnx_backends import open_runner
 
         path = Path(path)
         if not path.is_file():
             raise UserError(f"ONNX file '{path}' not found; write one with `maskrcnn export --format onnx`")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own classes for every kind of bad file
-            raise UserError(f"ONNX Runtime cannot load '{path}': {str(e).splitlines()[0]}") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "maskrcnn.config" not in meta:
+        self.runner = open_runner(backend, path, threads, precision)
+        config = self.runner.metadata("maskrcnn.config")
+        if config is None:
             raise UserError(f"'{path}' was not written by `maskrcnn export` (no maskrcnn.config metadata)")
         self.cfg = Config()
-        merge_dict(self.cfg, json.loads(meta["maskrcnn.config"]))
-        self.class_names = json.loads(meta["maskrcnn.class_names"])
+        merge_dict(self.cfg, json.loads(config))
+        self.class_names = json.loads(self.runner.metadata("maskrcnn.class_names") or "[]")
         self.path = path
         self.device = torch.device("cpu")
 
@@ -291,7 +288,7 @@ class OnnxMaskRCNN:
 
     def run(self, image: Tensor) -> dict[str, Tensor]:
         """Return the raw graph outputs for one [3,H,W] float image as tensors."""
-        arrays = self.session.run(OUTPUT_NAMES, {"image": image.detach().cpu().float().contiguous().numpy()})
+        arrays = self.runner.run(image.detach().cpu().float().contiguous().numpy())
         return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in zip(OUTPUT_NAMES, arrays)}
 
     def __call__(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
@@ -339,6 +336,7 @@ class ParityReport:
     images: int
     detections: int
     problems: list[str]
+    runtime: str = "ONNX Runtime"  # the runtime compared with PyTorch, as messages name it
 
     @property
     def agrees(self) -> bool:
@@ -350,18 +348,19 @@ class ParityReport:
         if self.problems:
             return self.problems
         if self.detections == 0:
-            return [f"nothing to compare: neither PyTorch nor ONNX Runtime detected anything on the {self.images} "
+            return [f"nothing to compare: neither PyTorch nor {self.runtime} detected anything on the {self.images} "
                     "random test images, so agreement is unproven"]
-        return [f"ONNX Runtime gives the same detections as PyTorch on the test images ({self.detections} "
+        return [f"{self.runtime} gives the same detections as PyTorch on the test images ({self.detections} "
                 f"detections on {self.images} images)"]
 
 
-def check_parity(model: MaskRCNN, onnx_path: str | os.PathLike,
-                 sizes: Sequence[tuple[int, int]] = PARITY_SIZES, seed: int = 0) -> ParityReport:
-    """Compare PyTorch and ONNX Runtime on random images of `sizes`; return what was compared and what differs."""
+def check_parity(model: MaskRCNN, onnx_path: str | os.PathLike, sizes: Sequence[tuple[int, int]] = PARITY_SIZES,
+                 seed: int = 0, backend: str = "onnxruntime") -> ParityReport:
+    """Compare PyTorch and the `backend` runtime (FP32) on random images of `sizes`; return what was compared and
+    what differs."""
     from maskrcnn.engine.compare import Tolerances, detection_differences
 
-    onnx_model = OnnxMaskRCNN(onnx_path)
+    onnx_model = OnnxMaskRCNN(onnx_path, backend=backend)
     generator = torch.Generator().manual_seed(seed)
     problems, detections = [], 0
     for h, w in sizes:
@@ -372,4 +371,4 @@ def check_parity(model: MaskRCNN, onnx_path: str | os.PathLike,
         detections += len(expected["boxes"])
         for line in detection_differences(expected, actual, Tolerances(**PARITY_TOLERANCES), PARITY_MATCHED):
             problems.append(f"{h}x{w}: {line}")
-    return ParityReport(images=len(sizes), detections=detections, problems=problems)
+    return ParityReport(images=len(sizes), detections=detections, problems=problems, runtime=onnx_model.runner.name)

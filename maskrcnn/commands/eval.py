@@ -14,9 +14,9 @@ HELP = ("evaluate box and mask AP on a COCO-format set: maskrcnn eval --config C
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the eval command's options."""
     from maskrcnn.commands.predict import add_backend_argument
 
-    """Add the eval command's options."""
     p.add_argument("--config", "-c", default=None,
                    help="preset name or YAML file (default: the config stored in --weights)")
     p.add_argument("--weights", default=None, metavar="NAME_OR_FILE",
@@ -95,7 +95,7 @@ def _short(ids: list[int], limit: int = 8) -> str:
 
 
 def _run_model(args: argparse.Namespace, cfg: Any, spec: str, out: Path, onnx_model: Any = None) -> dict:
-    """Build the dataset and model (or take the ONNX Runtime one), then run the evaluator."""
+    """Build the dataset and model (or take the exported one), then run the evaluator."""
     from maskrcnn.api import load_model
     from maskrcnn.data.coco import CocoDataset, parse_data_spec
     from maskrcnn.engine.evaluator import evaluate
@@ -132,8 +132,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.predictions and args.weights:
         raise UserError("give either --weights (run the model) or --predictions (score a results file), not both")
+    from maskrcnn.commands.predict import backend_precision
+    from maskrcnn.onnx_backends import BACKENDS
+
+    backend_precision(args)  # refused early where it does not apply
     onnx_model = None
-    if args.backend == "onnxruntime":  # the exported file carries its config
+    if args.backend in BACKENDS:  # the exported file carries its config
         from maskrcnn.commands.predict import load_backend
 
         args.device = args.device or "cpu"

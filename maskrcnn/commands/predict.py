@@ -79,20 +79,38 @@ def overlay_name(path: Path, used: set[str]) -> str:
 
 
 def add_backend_argument(p: argparse.ArgumentParser) -> None:
-    """`--backend pytorch|onnxruntime`, shared by predict and eval."""
-    p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
-                   help="pytorch, or onnxruntime (CPU) with --weights a file from `maskrcnn export --format onnx`")
+    """`--backend pytorch|onnxruntime|openvino` and OpenVINO's `--precision`, shared by predict, eval and serve."""
+    from maskrcnn.onnx_backends import BACKENDS, PRECISIONS
+
+    p.add_argument("--backend", choices=["pytorch", *BACKENDS], default="pytorch",
+                   help="pytorch, or onnxruntime / openvino (CPU) with --weights a file from "
+                        "`maskrcnn export --format onnx`")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="openvino only: its inference precision (default: fp32); bf16 needs a CPU with native "
+                        "bfloat16 (AVX-512/AMX). For PyTorch use the override test.precision=bf16")
+
+
+def backend_precision(args: argparse.Namespace) -> str:
+    """Return the --precision to run an exported file with (fp32 unless given); refuse it where it does not apply."""
+    backend, precision = getattr(args, "backend", "pytorch"), getattr(args, "precision", None)
+    if precision is not None and backend != "openvino":
+        hint = "set test.precision=bf16 for PyTorch" if backend == "pytorch" else "ONNX Runtime runs float32"
+        raise UserError(f"--precision applies to --backend openvino only ({hint})")
+    return precision or "fp32"
 
 
 def load_backend(args: argparse.Namespace, overrides: list[str]):
-    """Return the model to predict with: a PyTorch MaskRCNN, or an exported file run by ONNX Runtime.
+    """Return the model to predict with: a PyTorch MaskRCNN, or an exported file run by ONNX Runtime or OpenVINO.
 
     Given neither --weights nor --config, the default COCO model of the zoo is used (fetched once).
     """
     from maskrcnn.api import load_model, random_weights_note
+    from maskrcnn.onnx_backends import BACKENDS
     from maskrcnn.zoo import DEFAULT_MODEL
 
-    if getattr(args, "backend", "pytorch") != "onnxruntime":
+    backend = getattr(args, "backend", "pytorch")
+    precision = backend_precision(args)
+    if backend not in BACKENDS:
         if not args.weights and not args.config:
             print(f"no --weights or --config: using the default COCO model '{DEFAULT_MODEL}' "
                   "(`maskrcnn models` lists the others)", file=sys.stderr)
@@ -102,13 +120,13 @@ def load_backend(args: argparse.Namespace, overrides: list[str]):
     from maskrcnn.export import OnnxMaskRCNN
 
     if not args.weights or not str(args.weights).endswith(".onnx"):
-        raise UserError("--backend onnxruntime needs --weights MODEL.onnx (written by `maskrcnn export --format onnx`)")
+        raise UserError(f"--backend {backend} needs --weights MODEL.onnx (written by `maskrcnn export --format onnx`)")
     if args.config or overrides:
-        raise UserError("--backend onnxruntime uses the config stored in the .onnx file; "
+        raise UserError(f"--backend {backend} uses the config stored in the .onnx file; "
                         "drop --config and KEY=VALUE overrides (export again to change the model)")
     if args.device != "cpu":
-        raise UserError("--backend onnxruntime runs on the CPU only; drop --device")
-    return OnnxMaskRCNN(args.weights)
+        raise UserError(f"--backend {backend} runs on the CPU only; drop --device")
+    return OnnxMaskRCNN(args.weights, backend=backend, precision=precision)
 
 
 def predict_videos(model, videos: list[Path], out: Path, score_threshold: float, every: int,

@@ -12,14 +12,15 @@ HELP = ("Serve a model over HTTP: POST /predict (image → JSON or ?overlay=1 PN
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the serve command's arguments."""
+    from maskrcnn.commands.predict import add_backend_argument
+
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (PyTorch backend)")
     p.add_argument("--config", "--preset", dest="config", default=None,
                    help="preset name or YAML file (default: the config stored in --weights)")
     p.add_argument("--weights", default=None,
                    help="a model name from `maskrcnn models`, our checkpoint, torchvision/Detectron2 weights, or a "
                         ".onnx file (default without --config: maskrcnn_resnet50_fpn_v2, COCO)")
-    p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
-                   help="pytorch, or onnxruntime with --weights MODEL.onnx")
+    add_backend_argument(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch backend)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")

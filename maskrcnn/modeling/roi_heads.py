@@ -195,8 +195,12 @@ def select_class(per_class: Tensor, labels: Tensor) -> Tensor:
     """Return per_class[i, labels[i]] (or channel 0 when there is a single, class-agnostic channel)."""
     if per_class.shape[1] == 1:
         return per_class[:, 0]
-    index = labels.view(-1, *[1] * (per_class.dim() - 1)).expand(-1, 1, *per_class.shape[2:])
-    return per_class.gather(1, index)[:, 0]  # a gather, so that ONNX export reads it too
+    # Row i*C + labels[i] of the [N*C, ...] flattening, a plain Gather in ONNX whose output length is the
+    # index's. per_class.gather(1, ...) exports as GatherElements, which OpenVINO (2026.4, CPU) fails to run
+    # in the exported graph: its shape check wants data and indices equal on every axis but `axis`, and the
+    # CPU plugin drops the [:-1] slice that makes them equal (docs/deploy.md).
+    rows = torch.arange(labels.shape[0], device=labels.device) * per_class.shape[1] + labels
+    return per_class.flatten(0, 1)[rows]
 
 
 def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor, kind: str) -> Tensor:

@@ -1,0 +1,145 @@
+"""Runtimes that execute the file `maskrcnn export --format onnx` writes: ONNX Runtime and OpenVINO.
+
+Both read the same .onnx file. A runner only loads it and maps one image array to the graph's output
+arrays; everything else (checks, metadata, mask pasting, `predict`) is `maskrcnn.export.OnnxMaskRCNN`'s,
+shared by every runtime. This module imports nothing heavy at the top, so the command line can list
+the backends without loading numpy or a runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from maskrcnn.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+OUTPUT_NAMES = ["boxes", "scores", "labels", "mask_probs"]
+PRECISIONS = ("fp32", "bf16")
+
+
+def first_line(error: BaseException) -> str:
+    """Return the first non-empty line of an exception's message (runtimes raise pages of C++ context)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+class OnnxRunner(ABC):
+    """One exported file loaded by one runtime: a float32 [3, H, W] image in, the OUTPUT_NAMES arrays out."""
+
+    backend: ClassVar[str]  # the --backend name
+    name: ClassVar[str]  # the runtime's name in messages
+    package: ClassVar[str]  # the Python package it needs
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+
+    def __init__(self, path: Path, threads: int | None = None, precision: str = "fp32"):
+        if precision not in self.precisions:
+            raise UserError(f"--backend {self.backend} runs the file in {' or '.join(self.precisions)}, "
+                            f"not {precision}")
+        runtime = self._import_runtime()
+        try:
+            self._load(runtime, path, threads, precision)
+        except UserError:
+            raise
+        except Exception as e:  # runtimes raise their own classes for every kind of bad file
+            raise UserError(f"{self.name} cannot load '{path}': {first_line(e)}") from None
+        self.precision = precision
+
+    def _import_runtime(self) -> ModuleType:
+        try:
+            return importlib.import_module(self.package)
+        except ImportError:
+            raise UserError(f"--backend {self.backend} needs the {self.package} package, which is not installed: "
+                            f"pip install {self.package} (or the deploy extra: pip install 'maskrcnn[deploy]')"
+                            ) from None
+
+    @abstractmethod
+    def _load(self, runtime: ModuleType, path: Path, threads: int | None, precision: str) -> None:
+        """Read and prepare the file with `runtime` (the imported package)."""
+
+    @abstractmethod
+    def metadata(self, key: str) -> str | None:
+        """Return the file's metadata entry `key` (written by `maskrcnn export`), or None."""
+
+    @abstractmethod
+    def run(self, image: np.ndarray) -> list[np.ndarray]:
+        """Return the outputs, in OUTPUT_NAMES order, for one contiguous float32 [3, H, W] image."""
+
+
+class OnnxRuntimeRunner(OnnxRunner):
+    """ONNX Runtime's CPU execution provider (float32)."""
+
+    backend, name, package = "onnxruntime", "ONNX Runtime", "onnxruntime"
+
+    def _load(self, runtime: ModuleType, path: Path, threads: int | None, precision: str) -> None:
+        options = runtime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = runtime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._metadata = self.session.get_modelmeta().custom_metadata_map
+
+    def metadata(self, key: str) -> str | None:
+        return self._metadata.get(key)
+
+    def run(self, image: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(OUTPUT_NAMES, {"image": image})
+
+
+class OpenVinoRunner(OnnxRunner):
+    """OpenVINO's CPU plugin, which reads the .onnx file directly (no conversion step), FP32 or BF16."""
+
+    backend, name, package = "openvino", "OpenVINO", "openvino"
+    precisions = PRECISIONS
+
+    def _load(self, runtime: ModuleType, path: Path, threads: int | None, precision: str) -> None:
+        core = runtime.Core()
+        if precision == "bf16":
+            require_native_bf16()
+        self.model = core.read_model(str(path))
+        # The hint is always set: on a CPU with native bfloat16 OpenVINO otherwise picks bf16 by itself
+        # (2026.4 does here), which would silently break parity with PyTorch's float32.
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                                  "PERFORMANCE_HINT": "LATENCY"}  # one image at a time
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(self.model, "CPU", config)
+
+    def metadata(self, key: str) -> str | None:
+        # OpenVINO keeps an ONNX file's metadata_props under the model's "framework" runtime info.
+        if not self.model.has_rt_info(["framework", key]):
+            return None
+        return self.model.get_rt_info(["framework", key]).astype(str)
+
+    def run(self, image: np.ndarray) -> list[np.ndarray]:
+        outputs = self.compiled({"image": image})  # copies the results out of the request's buffers
+        return [outputs[name] for name in OUTPUT_NAMES]
+
+
+def require_native_bf16() -> None:
+    """Raise unless this CPU computes bfloat16 natively, by the rule `solver.amp=auto` uses (AVX-512/AMX).
+
+    Elsewhere bfloat16 is emulated, far slower than float32 (maskrcnn.engine.trainer.native_bf16).
+    """
+    import torch
+
+    from maskrcnn.engine.trainer import native_bf16
+
+    if not native_bf16(torch.device("cpu")):
+        raise UserError("--precision bf16 needs a CPU with native bfloat16 (AVX-512 or AMX), which this one lacks; "
+                        "use --precision fp32")
+
+
+RUNNERS: dict[str, type[OnnxRunner]] = {r.backend: r for r in (OnnxRuntimeRunner, OpenVinoRunner)}
+BACKENDS = tuple(RUNNERS)
+
+
+def open_runner(backend: str, path: Path, threads: int | None = None, precision: str = "fp32") -> OnnxRunner:
+    """Return `path` loaded by the runtime named `backend` (one of BACKENDS)."""
+    if backend not in RUNNERS:
+        raise UserError(f"unknown ONNX backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    return RUNNERS[backend](path, threads, precision)
