@@ -14,8 +14,8 @@ IMAGES_PER_BATCH = 4
 # Measured at these settings on 2026-12-02, 2-core AMD EPYC with AVX-512 and native bf16 (no AMX), with
 # the GroupNorm preset and another 1-thread training running beside it: box / mask AP 19.9 / 22.9 in bf16
 # (5 min 50 s), and 21.5 / 22.2 in float32 as an AVX2-only CPU (ONEDNN_MAX_CPU_ISA=AVX2
-# ATEN_CPU_CAPABILITY=avx2; 6 min 10 s). With the BatchNorm preset (same machine, bf16, three other jobs
-# running): 26.1 / 26.0.
+# ATEN_CPU_CAPABILITY=avx2; 6 min 10 s). With the BatchNorm preset (same machine, three other jobs running):
+# 26.1 / 26.0 in bf16 (11 min), 23.7 / 21.2 in float32 as AVX2 (12 min 25 s).
 # Chance is ~0; the bar sits well below what a working pipeline reaches on either kind and far above what
 # a broken loss, target or paste gives.
 MIN_MASK_AP = 12.0
