@@ -223,3 +223,17 @@ def test_bad_values_are_one_line_errors(override, message):
         load_config(None, extra + crop_on + [override])
     assert "\n" not in str(e.value)
 
+
+def test_show_data_draws_a_grid(shapes, tmp_path):
+    from PIL import Image
+
+    from maskrcnn.cli import main
+
+    ann, images = shapes["train"]
+    out = tmp_path / "grid.png"
+    status = main(["show-data", "--data", f"{ann}:{images}", "--out", str(out), "--n", "3", "--cell", "64",
+                   "solver.ims_per_batch=2", *AUGMENTED])
+    assert status == 0
+    grid = Image.open(out)
+    assert grid.size == (2 * 68 + 4, 2 * 68 + 4)  # 3 samples: 2 x 2 cells of 64 px with 4-px gaps
+    assert main(["show-data", "--data", f"{ann}:{images}", "--out", str(out), "--n", "0"]) == 2
