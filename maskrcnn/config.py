@@ -647,7 +647,8 @@ def _validate_input(i: InputConfig) -> None:
     """Raise ConfigError unless sizes, probabilities, the crop and the colour jitter make sense."""
     if not i.min_size_train or any(v < 1 for v in i.min_size_train):
         raise ConfigError(f"config key 'input.min_size_train' needs one or more sizes >= 1, got {i.min_size_train}")
-    if i.min_size_train_sampling == "range" and (len(i.min_size_train) != 2 or i.min_size_train[0] > i.min_size_train[1]):
+    sizes = i.min_size_train
+    if i.min_size_train_sampling == "range" and (len(sizes) != 2 or sizes[0] > sizes[1]):
         raise ConfigError("config key 'input.min_size_train' needs [lo, hi] with lo <= hi when "
                           f"input.min_size_train_sampling=range, got {i.min_size_train}")
     for key in ("horizontal_flip", "vertical_flip", "rotate90"):
