@@ -14,7 +14,7 @@ from maskrcnn.config import ConfigError
 from maskrcnn.errors import UserError
 
 COMMANDS = ["train", "eval", "predict", "demo", "make_shapes", "benchmark", "check_dataset", "convert", "export",
-            "serve", "models"]
+            "serve", "models", "show_data"]
 
 
 def build_parser() -> argparse.ArgumentParser:

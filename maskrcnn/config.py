@@ -201,14 +201,43 @@ class ModelConfig:
 
 
 @dataclass
+class CropConfig:
+    """Random crop of training images, before the model's resize (docs/augmentation.md)."""
+
+    enabled: bool = False
+    type: str = "absolute"  # absolute: size = [h, w] pixels | relative_range: size = [lo, hi] of each side
+    size: list[float] = field(default_factory=lambda: [512.0, 512.0])
+    # instances cut to fewer pixels than this, or to less than this fraction of their pixels, become crowd
+    # regions (ignored: neither object nor background); instances with no pixel left are removed
+    min_visible_area_px: float = 0.0
+    min_visible_fraction: float = 0.0
+
+
+@dataclass
+class ColorJitterConfig:
+    """Photometric jitter of training images: each factor is drawn uniformly in [1 - v, 1 + v]; 0 = off."""
+
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+
+
+@dataclass
 class InputConfig:
     """Resizing and augmentation. Images are resized inside the model (one path for train and test)."""
 
     min_size_train: list[int] = field(default_factory=lambda: [800])  # several = multi-scale
+    # choice: one of min_size_train per image | range: min_size_train = [lo, hi], an integer drawn uniformly
+    # in lo..hi (Detectron2's ResizeShortestEdge with sample_style="range": scale jitter)
+    min_size_train_sampling: str = "choice"
     max_size_train: int = 1333
     min_size_test: int = 800
     max_size_test: int = 1333
     horizontal_flip: float = 0.5  # probability
+    vertical_flip: float = 0.0  # probability
+    rotate90: float = 0.0  # probability of a quarter turn (90, 180 or 270 degrees, equally likely)
+    crop: CropConfig = field(default_factory=CropConfig)
+    color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
     max_pixels: int = 100_000_000  # larger images are refused with a clear error
     # tensor: bilinear on the float tensor, sizes floored (torchvision); pil: uint8 image resized by
     # PIL bilinear, sizes rounded, normalised afterwards (Detectron2's ResizeShortestEdge)
@@ -572,6 +601,8 @@ _CHOICES = {
     "model.mask_head.type": ("fcn", "mlp"),
     "model.mask_head.loss": ("sigmoid", "softmax"),
     "input.resize": ("tensor", "pil"),
+    "input.min_size_train_sampling": ("choice", "range"),
+    "input.crop.type": ("absolute", "relative_range"),
     "solver.optimizer": ("sgd", "adamw"),
     "solver.schedule": ("step", "cosine"),
     "solver.amp": ("", "bf16", "fp16", "auto"),
@@ -610,6 +641,38 @@ def _validate_cascade(m: ModelConfig) -> None:
     if m.box_head.type == "res5":
         raise ConfigError(f"config: {key}.enabled=true needs an FPN-style box head (model.box_head.type=2fc "
                           "or 4conv1fc): the C4 res5 head belongs to the backbone and cannot be repeated")
+
+
+def _validate_input(i: InputConfig) -> None:
+    """Raise ConfigError unless sizes, probabilities, the crop and the colour jitter make sense."""
+    if not i.min_size_train or any(v < 1 for v in i.min_size_train):
+        raise ConfigError(f"config key 'input.min_size_train' needs one or more sizes >= 1, got {i.min_size_train}")
+    sizes = i.min_size_train
+    if i.min_size_train_sampling == "range" and (len(sizes) != 2 or sizes[0] > sizes[1]):
+        raise ConfigError("config key 'input.min_size_train' needs [lo, hi] with lo <= hi when "
+                          f"input.min_size_train_sampling=range, got {i.min_size_train}")
+    for key in ("horizontal_flip", "vertical_flip", "rotate90"):
+        if not 0.0 <= getattr(i, key) <= 1.0:
+            raise ConfigError(f"config key 'input.{key}' is a probability in 0..1, got {getattr(i, key)}")
+    for key in ("brightness", "contrast", "saturation"):
+        value = getattr(i.color_jitter, key)
+        if not 0.0 <= value <= 1.0:  # a factor 1 - value below 0 would invert the image
+            raise ConfigError(f"config key 'input.color_jitter.{key}' must be in 0..1 (0 = off), got {value}")
+    c = i.crop
+    if not c.enabled:
+        return
+    if len(c.size) != 2:
+        raise ConfigError(f"config key 'input.crop.size' needs 2 values ([h, w] or [lo, hi]), got {c.size}")
+    if c.type == "absolute" and not all(v >= 1 and float(v).is_integer() for v in c.size):
+        raise ConfigError(f"config key 'input.crop.size' needs whole pixel sizes [h, w] >= 1 with "
+                          f"input.crop.type=absolute, got {c.size}")
+    if c.type == "relative_range" and not 0 < c.size[0] <= c.size[1] <= 1:
+        raise ConfigError(f"config key 'input.crop.size' needs fractions [lo, hi] with 0 < lo <= hi <= 1 with "
+                          f"input.crop.type=relative_range, got {c.size}")
+    if c.min_visible_area_px < 0:
+        raise ConfigError(f"config key 'input.crop.min_visible_area_px' must be >= 0, got {c.min_visible_area_px}")
+    if not 0.0 <= c.min_visible_fraction <= 1.0:
+        raise ConfigError(f"config key 'input.crop.min_visible_fraction' must be in 0..1, got {c.min_visible_fraction}")
 
 
 def validate(cfg: Config) -> None:
@@ -668,6 +731,7 @@ def validate(cfg: Config) -> None:
                               f"numbers in 1..{kp.num_keypoints} (COCO's 1-based convention)")
     if m.backbone.kind == "fpn" and len(m.anchors.sizes) != 5:
         raise ConfigError("config key 'model.anchors.sizes' needs 5 lists (P2..P6) for FPN")
+    _validate_input(cfg.input)
     s = cfg.solver
     if s.reference_world_size < 0:
         raise ConfigError(f"config key 'solver.reference_world_size' must be >= 0 (0 = off), got {s.reference_world_size}")

@@ -44,11 +44,13 @@ def draw_instances(
     class_names: list[str] | None = None,
     score_threshold: float = 0.5,
     skeleton: list[list[int]] | None = None,
+    captions: list[str] | None = None,
 ) -> Image.Image:
     """Draw translucent masks, box outlines and "name 0.93" labels for detections above the threshold.
 
     Keypoints (`keypoints` [D,K,3]) are drawn as dots joined by the `skeleton` (1-based pairs, COCO's
-    convention; COCO's person skeleton by default when K = 17).
+    convention; COCO's person skeleton by default when K = 17). `captions`, one per instance, replace
+    the "name 0.93" labels (ground truth has no scores).
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -85,13 +87,13 @@ def draw_instances(
     if keypoints is not None and len(keep):
         _draw_keypoints(draw, _to_numpy(keypoints).reshape(len(scores), -1, 3)[keep], colours, skeleton)
     font = ImageFont.load_default()
-    for box, label, score, c in zip(boxes, labels, scores[keep], colours):
+    for i, box, label, score, c in zip(keep, boxes, labels, scores[keep], colours):
         colour = tuple(int(v) for v in c)
         x0, y0, x1, y1 = (float(v) for v in box)
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
         idx = int(label) - 1
         name = class_names[idx] if class_names and 0 <= idx < len(class_names) else str(int(label))
-        text = f"{name} {score:.2f}"
+        text = captions[i] if captions is not None else f"{name} {score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tw, th = right - left, bottom - top
         # Above the box when there is room, otherwise just inside its top edge.
@@ -116,6 +118,23 @@ def _draw_keypoints(draw: ImageDraw.ImageDraw, keypoints: np.ndarray, colours: n
         for x, y, v in points:
             if v > 0:
                 draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=colour, outline=(255, 255, 255))
+
+
+def image_grid(images: list[Image.Image], cell: int = 256, columns: int = 0, gap: int = 4) -> Image.Image:
+    """Return the images shrunk to fit `cell` x `cell` squares, laid out in rows (about square by default)."""
+    if not images:
+        raise ValueError("no images to lay out")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * (cell + gap) + gap, rows * (cell + gap) + gap), (255, 255, 255))
+    for i, image in enumerate(images):
+        image = image.copy()
+        image.thumbnail((cell, cell), Image.Resampling.LANCZOS)  # keeps the aspect ratio
+        r, c = divmod(i, columns)
+        x = gap + c * (cell + gap) + (cell - image.width) // 2
+        y = gap + r * (cell + gap) + (cell - image.height) // 2
+        grid.paste(image, (x, y))
+    return grid
 
 
 def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -10,6 +10,7 @@ import math
 import os
 import warnings
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +21,8 @@ from pycocotools.coco import COCO
 from torch.utils.data import ConcatDataset, Dataset
 
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS, image_to_tensor, read_image
-from maskrcnn.data.transforms import hflip, keypoint_flip_map
+from maskrcnn.data.augment import Augmenter
+from maskrcnn.data.transforms import keypoint_flip_map
 from maskrcnn.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -64,9 +66,11 @@ class CocoDataset(Dataset):
         flip_prob: float = 0.0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_keypoints: int = 1,
+        augment: Augmenter | None = None,
     ) -> None:
         """`min_keypoints`: with `filter_empty` and `train`, a keypoint dataset's images with fewer
-        labelled keypoints (all instances together) are left out, as Detectron2 does."""
+        labelled keypoints (all instances together) are left out, as Detectron2 does. `augment`: the
+        training augmentation (with `train`); without it, a horizontal flip with chance `flip_prob`."""
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.train = train
@@ -88,6 +92,10 @@ class CocoDataset(Dataset):
         self.skeleton: list[list[int]] = [[int(a), int(b)] for a, b in skeleton]  # 1-based, as COCO's
         self.num_keypoints = len(self.keypoint_names)
         self.keypoint_flip_map: list[int] = keypoint_flip_map(self.keypoint_names)
+        augment = augment if augment is not None else Augmenter(horizontal_flip=self.flip_prob)
+        # Flips need to know which keypoints mirror which: this dataset's own names tell (a copy, so
+        # one Augmenter can serve several datasets).
+        self.augment = augment if augment.flip_map is not None else replace(augment, flip_map=self.keypoint_flip_map)
 
         self.skipped: Counter[str] = Counter()
         self.bad_keypoints = 0
@@ -151,8 +159,8 @@ class CocoDataset(Dataset):
                 np.stack([r["keypoints"] for r in records]) if records else np.zeros((0, self.num_keypoints, 3))
             ).float()
         tensor = image_to_tensor(image)
-        if self.train and self.flip_prob > 0 and torch.rand(()).item() < self.flip_prob:
-            tensor, target = hflip(tensor, target, self.keypoint_flip_map)
+        if self.train and self.augment.active:
+            tensor, target = self.augment(tensor, target)
         return tensor, target
 
     def __repr__(self) -> str:

@@ -1,10 +1,10 @@
 """Batching: an infinite, seeded, aspect-ratio-grouped, resumable train stream and an ordered test loader.
 
 Every batch of the train stream is a pure function of (seed, iteration): the order of images comes
-from a permutation per epoch seeded by (seed, epoch), and each image's random augmentation (flips)
-runs under a torch seed derived from (seed, iteration, position). Resuming at iteration N replays
-the index stream N batches without loading any image, so it yields exactly what an uninterrupted
-run would have, whatever `num_workers` is.
+from a permutation per epoch seeded by (seed, epoch), and each image's random augmentation (flips,
+crops, turns, colour: `maskrcnn.data.augment`) runs under a torch seed derived from (seed, iteration,
+position). Resuming at iteration N replays the index stream N batches without loading any image, so
+it yields exactly what an uninterrupted run would have, whatever `num_workers` is.
 
 Distributed training (`world_size` > 1): `batch_size` is the global batch. Every process builds the
 same global stream and takes its own contiguous slice of each global batch (rank r of W gets

@@ -239,13 +239,14 @@ def build_train_dataset(cfg: Config) -> Any:
     """Return the (concatenated) training dataset for `cfg.data.train`."""
     if not cfg.data.train:
         raise UserError("no training data: set data.train=ANN.json:IMAGE_DIR (in the config or as an override)")
+    from maskrcnn.data.augment import Augmenter
     from maskrcnn.data.coco import build_dataset
 
     return build_dataset(
         cfg.data.train,
         filter_empty=cfg.data.filter_empty,
         train=True,
-        flip_prob=cfg.input.horizontal_flip,
+        augment=Augmenter.from_config(cfg.input),
         max_pixels=cfg.input.max_pixels,
         min_keypoints=cfg.model.keypoint_head.min_keypoints_per_image if cfg.model.keypoint_head.enabled else 0,
     )

@@ -184,6 +184,9 @@ class MaskRCNN(nn.Module):
         cfg = self.cfg.input
         if not self.training:
             return cfg.min_size_test, cfg.max_size_test
+        if cfg.min_size_train_sampling == "range":  # scale jitter: any whole size in [lo, hi]
+            lo, hi = cfg.min_size_train
+            return int(torch.randint(lo, hi + 1, (1,)).item()), cfg.max_size_train
         choice = int(torch.empty(1).uniform_(0.0, float(len(cfg.min_size_train))).item())
         return cfg.min_size_train[choice], cfg.max_size_train
 
