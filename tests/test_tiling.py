@@ -13,6 +13,7 @@ from pycocotools import mask as mask_util
 from maskrcnn.api import load_model
 from maskrcnn.cli import main
 from maskrcnn.config import ConfigError, load_config
+from maskrcnn.data.image_io import read_image
 from maskrcnn.serve.records import detection_records
 from maskrcnn.structures import RLEMasks, rle_from_crop
 from maskrcnn.tiling import (Detections, merge_detections, should_tile, tile_windows, window_detections,
@@ -163,21 +164,24 @@ def test_merge_of_box_only_detections_compares_boxes() -> None:
 
 
 def test_window_detections_move_boxes_masks_and_keypoints_to_the_image() -> None:
-    masks = torch.zeros(2, 50, 60, dtype=torch.bool)
+    masks = torch.zeros(3, 50, 60, dtype=torch.bool)
     masks[0, 10:20, 5:25] = True
     masks[1, 40:50, 50:60] = True  # reaches the window's bottom-right corner
-    output = {"boxes": torch.tensor([[5.0, 10, 25, 20], [50, 40, 60, 50]]), "scores": torch.tensor([0.9, 0.8]),
-              "labels": torch.tensor([1, 3]), "masks": masks,
-              "keypoints": torch.tensor([[[7.0, 12, 1], [20, 15, 1]], [[55, 45, 1], [59, 49, 0]]]),
-              "keypoint_scores": torch.ones(2, 2)}
+    masks[2, 45:50, 30:40] = True  # reaches its bottom only
+    output = {"boxes": torch.tensor([[5.0, 10, 25, 20], [50, 40, 60, 50], [30, 45, 40, 50]]),
+              "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([1, 3, 2]), "masks": masks,
+              "keypoints": torch.tensor([[[7.0, 12, 1], [20, 15, 1]], [[55, 45, 1], [59, 49, 0]], [[35, 47, 1]] * 2]),
+              "keypoint_scores": torch.ones(3, 2)}
     # The window (y 100..150, x 200..260) in a 150 x 300 image: its bottom border is the image's edge.
     dets = window_detections(output, (100, 200, 150, 260), 3, 150, 300)
-    assert dets.boxes.tolist() == [[205, 110, 225, 120], [250, 140, 260, 150]]
-    assert dets.cut.tolist() == [False, True]  # the second touches the inner border at x = 260
-    assert dets.window.tolist() == [3, 3]
-    (crop0, y0, x0), (crop1, y1, x1) = dets.masks
+    assert dets.boxes.tolist() == [[205, 110, 225, 120], [250, 140, 260, 150], [230, 145, 240, 150]]
+    # The second touches the inner border at x = 260; the third only the image's bottom edge: not cut.
+    assert dets.cut.tolist() == [False, True, False]
+    assert dets.window.tolist() == [3, 3, 3]
+    (crop0, y0, x0), (crop1, y1, x1), _ = dets.masks
     assert (y0, x0, crop0.shape, bool(crop0.all())) == (110, 205, (10, 20), True)
     assert (y1, x1, crop1.shape) == (140, 250, (10, 10))
+    assert dets.masks[2][1:] == (145, 230)
     assert dets.keypoints[0].tolist() == [[207, 112, 1], [220, 115, 1]]
     assert dets.keypoints[1, 1].tolist() == [259, 149, 0]  # visibility kept
 
@@ -243,3 +247,10 @@ def test_tiled_predict_and_eval_from_the_command_line(checkpoint, shapes, tmp_pa
     predictions = json.loads((eval_out / "predictions.json").read_text())
     assert predictions and all(p["segmentation"]["size"] == [48, 48] for p in predictions)
     assert "bbox" in json.loads((eval_out / "metrics.json").read_text())
+    # the same detections as the Python API's tiled predict on that image
+    first = json.loads(ann.read_text())["images"][0]
+    expected = load_model(None, checkpoint, ["test.tiling.enabled=true", "test.tiling.tile_size=32"]).predict(
+        read_image(images / first["file_name"]))[0]
+    scores = [p["score"] for p in predictions if p["image_id"] == first["id"]]
+    assert scores == pytest.approx(expected["scores"].tolist(), abs=1e-6)
+    assert [p["segmentation"] for p in predictions if p["image_id"] == first["id"]] == expected["masks"].rles
