@@ -254,3 +254,23 @@ def test_tiled_predict_and_eval_from_the_command_line(checkpoint, shapes, tmp_pa
     scores = [p["score"] for p in predictions if p["image_id"] == first["id"]]
     assert scores == pytest.approx(expected["scores"].tolist(), abs=1e-6)
     assert [p["segmentation"] for p in predictions if p["image_id"] == first["id"]] == expected["masks"].rles
+
+
+def test_tiled_predict_with_an_exported_model(checkpoint, tmp_path) -> None:
+    """ONNX Runtime runs the windows; test.tiling.* overrides apply to an exported model (others do not)."""
+    pytest.importorskip("onnxruntime")
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", "--weights", str(checkpoint), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    image = np.random.default_rng(2).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "large.png")
+    runs = {}
+    for backend, weights in (("pytorch", checkpoint), ("onnxruntime", onnx_path)):
+        out = tmp_path / backend
+        assert main(["predict", str(tmp_path / "large.png"), *TILED, "--weights", str(weights), "--backend", backend,
+                     "--out", str(out), "--score-threshold", "0"]) == 0
+        runs[backend] = sorted(json.loads((out / "predictions.json").read_text()), key=lambda r: -r["score"])
+    assert len(runs["pytorch"]) == len(runs["onnxruntime"]) == 10
+    for a, b in zip(runs["pytorch"], runs["onnxruntime"]):
+        assert abs(a["score"] - b["score"]) < 1e-4 and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 0.05
+    assert main(["predict", str(tmp_path / "large.png"), "model.num_classes=5", "--weights", str(onnx_path),
+                 "--backend", "onnxruntime", "--out", str(tmp_path / "x")]) == 2
