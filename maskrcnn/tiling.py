@@ -180,24 +180,32 @@ def _overlap_of_smaller(dets: Detections, i: int, j: int) -> float:
     return float(inter) / smaller
 
 
-def _candidate_pairs(dets: Detections) -> list[list[int]]:
-    """Return, per detection, the detections that may duplicate it: same class, another window, boxes touching.
+def _candidate_pairs(dets: Detections, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return, per detection, the earlier-ranked ones that may duplicate it, as CSR arrays (offsets, partners).
 
-    One boxes-against-boxes comparison per class, PAIR_BLOCK rows at a time, so memory stays bounded by the block.
+    A candidate has the same class, comes from another window and has a box touching its box; only
+    partners ranked earlier (`rank`, the merge's order) can be kept by the time a detection is looked
+    at, so only those are listed. Compared PAIR_BLOCK detections at a time against the rest of their
+    class, and stored as two int arrays: memory stays small with tens of thousands of detections.
     """
-    partners: list[list[int]] = [[] for _ in range(len(dets))]
+    rows, cols = [], []
     for label in dets.labels.unique():
         idx = torch.nonzero(dets.labels == label).flatten()
-        boxes, window = dets.boxes[idx], dets.window[idx]
+        boxes, window, order = dets.boxes[idx], dets.window[idx], torch.from_numpy(rank)[idx]
         for start in range(0, len(idx), PAIR_BLOCK):
             block = slice(start, start + PAIR_BLOCK)
             a = boxes[block]
-            touching = ((torch.min(a[:, None, 2:], boxes[None, :, 2:]) - torch.max(a[:, None, :2], boxes[None, :, :2]))
-                        > 0).all(dim=2)
-            touching &= window[block, None] != window[None, :]
-            for r, c in torch.nonzero(touching).tolist():
-                partners[int(idx[start + r])].append(int(idx[c]))
-    return partners
+            sides = torch.min(a[:, None, 2:], boxes[None, :, 2:]) - torch.max(a[:, None, :2], boxes[None, :, :2])
+            candidate = (sides > 0).all(dim=2) & (window[block, None] != window[None, :])
+            candidate &= order[None, :] < order[block, None]
+            r, c = torch.nonzero(candidate, as_tuple=True)
+            rows.append(idx[start + r].numpy().astype(np.int32))
+            cols.append(idx[c].numpy().astype(np.int32))
+    rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int32)
+    cols_all = np.concatenate(cols) if cols else np.zeros(0, np.int32)
+    by_row = np.argsort(rows_all, kind="stable")
+    offsets = np.searchsorted(rows_all[by_row], np.arange(len(dets) + 1))
+    return offsets, cols_all[by_row]
 
 
 def merge_detections(dets: Detections, threshold: float) -> Tensor:
@@ -210,11 +218,14 @@ def merge_detections(dets: Detections, threshold: float) -> Tensor:
         return torch.zeros(0, dtype=torch.long)
     # lexsort: the last key sorts first: whole (cut=False) before cut, then higher scores first.
     order = np.lexsort((-dets.scores.numpy(), dets.cut.numpy()))
-    partners = _candidate_pairs(dets)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    offsets, partners = _candidate_pairs(dets, rank)
     kept = np.zeros(len(dets), dtype=bool)
     # A loop over detections, once per image; only pairs from neighbouring windows are ever compared.
     for i in order.tolist():
-        if not any(kept[j] and _overlap_of_smaller(dets, i, j) > threshold for j in partners[i]):
+        earlier = partners[offsets[i] : offsets[i + 1]]
+        if not any(_overlap_of_smaller(dets, i, int(j)) > threshold for j in earlier[kept[earlier]]):
             kept[i] = True
     keep = torch.from_numpy(np.flatnonzero(kept))
     return keep[torch.argsort(dets.scores[keep], descending=True, stable=True)]
