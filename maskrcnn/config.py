@@ -292,6 +292,38 @@ class SolverConfig:
     dist_heartbeat_timeout: float = 60.0  # seconds without a heartbeat after which a process counts as dead
 
 
+class Switch(str):
+    """The type of a three-way config switch: true, false or auto (YAML's true/false/yes/no/on/off too).
+
+    Stored as the plain string "true", "false" or "auto" (see `_coerce`), so configs stay plain YAML.
+    """
+
+    VALUES = ("false", "true", "auto")
+
+
+@dataclass
+class TilingConfig:
+    """Tiled inference for large images (maskrcnn.tiling): overlapping windows at the model's own scale.
+
+    Off by default: an image is resized to the test size whole, as ever.
+    """
+
+    # false: never tile | true: tile every image larger than one tile | auto: tile images whose longer
+    # side exceeds `threshold`
+    enabled: Switch = "false"
+    # side of a square window in image pixels; each window is then resized like any input (shorter side
+    # to input.min_size_test). Pick the size the training images had, so objects appear at the scale the
+    # model learned. 0 = input.min_size_test (windows seen at their own resolution).
+    tile_size: int = 0
+    # share of tile_size that neighbouring windows overlap (0 <= overlap < 1): an object no longer than
+    # this band is seen whole by some window, which the merge relies on
+    overlap: float = 0.25
+    threshold: int = 0  # auto: tile images whose longer side is above this many pixels; 0 = 2 x tile size
+    # detections from different windows are duplicates when their masks (or, without masks, boxes) overlap
+    # by more than this share of the smaller one (intersection over the smaller area)
+    merge_threshold: float = 0.5
+
+
 @dataclass
 class TestConfig:
     """Evaluation options."""
@@ -300,6 +332,7 @@ class TestConfig:
     # inference precision: fp32, or bf16/fp16 autocast for the network (box decoding, rescaling and
     # mask pasting stay float32); bf16 is fast on CPUs with AMX/AVX-512-BF16
     precision: str = "fp32"
+    tiling: TilingConfig = field(default_factory=TilingConfig)
 
 
 @dataclass
@@ -374,7 +407,8 @@ def _describe(annotation: Any) -> str:
     if typing.get_origin(annotation) is list:
         (item_type,) = typing.get_args(annotation)
         return "a list of " + _plural(item_type)
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            Switch: "true, false or auto"}.get(annotation, str(annotation))
 
 
 def _plural(annotation: Any) -> str:
@@ -425,6 +459,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
+        raise _wrong_type(key, annotation, value)
+    if annotation is Switch:
+        # YAML 1.1 reads on/off/yes/no as booleans: take them as true/false
+        text = ("true" if value else "false") if isinstance(value, bool) else value
+        if isinstance(text, str) and text.strip().lower() in Switch.VALUES:
+            return text.strip().lower()  # a plain str: yaml.safe_dump cannot write a str subclass
         raise _wrong_type(key, annotation, value)
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -675,6 +715,22 @@ def _validate_input(i: InputConfig) -> None:
         raise ConfigError(f"config key 'input.crop.min_visible_fraction' must be in 0..1, got {c.min_visible_fraction}")
 
 
+def _validate_tiling(t: TilingConfig) -> None:
+    """Raise ConfigError unless the tiling sizes and fractions are usable."""
+    key = "test.tiling"
+    if t.tile_size < 0 or 0 < t.tile_size < 32:
+        raise ConfigError(f"config key '{key}.tile_size' must be 0 (input.min_size_test) or at least 32 pixels, "
+                          f"got {t.tile_size}")
+    if not 0 <= t.overlap < 1:
+        raise ConfigError(f"config key '{key}.overlap' is a share of the tile, 0 <= overlap < 1 (e.g. 0.25), "
+                          f"got {t.overlap}")
+    if t.threshold < 0:
+        raise ConfigError(f"config key '{key}.threshold' must be >= 0 pixels (0 = twice the tile size), "
+                          f"got {t.threshold}")
+    if not 0 < t.merge_threshold <= 1:
+        raise ConfigError(f"config key '{key}.merge_threshold' must be in (0, 1], got {t.merge_threshold}")
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError when a value is outside its allowed choices or inconsistent."""
     for key, choices in _CHOICES.items():
@@ -732,6 +788,7 @@ def validate(cfg: Config) -> None:
     if m.backbone.kind == "fpn" and len(m.anchors.sizes) != 5:
         raise ConfigError("config key 'model.anchors.sizes' needs 5 lists (P2..P6) for FPN")
     _validate_input(cfg.input)
+    _validate_tiling(cfg.test.tiling)
     s = cfg.solver
     if s.reference_world_size < 0:
         raise ConfigError(f"config key 'solver.reference_world_size' must be >= 0 (0 = off), got {s.reference_world_size}")

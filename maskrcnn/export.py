@@ -307,13 +307,17 @@ class OnnxMaskRCNN:
     @torch.no_grad()
     def predict(self, images: Any | Sequence[Any], score_threshold: float | None = None,
                 batch_size: int = 1) -> list[dict[str, Any]]:
-        """Return per image: `boxes` (xyxy px), `scores`, `labels` (1..K), `masks` (bool HxW), `names`."""
+        """Return per image: `boxes` (xyxy px), `scores`, `labels` (1..K), `masks` (bool HxW), `names`.
+
+        As `MaskRCNN.predict`, an image that the exported config's `test.tiling` tiles runs window by window.
+        """
         from maskrcnn.modeling.mask_rcnn import as_image_tensor
+        from maskrcnn.tiling import run_model
 
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         results = []
         for item in items:
-            out = self([as_image_tensor(item, self.cfg.input.max_pixels)])[0]
+            out = run_model(self, [as_image_tensor(item, self.cfg.input.max_pixels)])[0]
             if score_threshold is not None:
                 keep = out["scores"] >= score_threshold
                 out = {k: v[keep] for k, v in out.items()}

@@ -6,6 +6,7 @@ import math
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -221,3 +222,78 @@ def paste_masks_grid_sample(
 
     _paste_in_windows(out, y0, x0, win_h, win_w, sample, masks_per_batch)
     return out
+
+
+# ---- image-sized masks as RLE (tiled inference) -------------------------------------------------
+
+
+def rle_from_crop(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> dict:
+    """Return the COCO RLE (counts as str) of a `height` x `width` mask that is `crop` at (y0, x0), zero elsewhere.
+
+    Built from the crop's columns alone: COCO's RLE runs down the columns of the whole image, so the
+    columns left and right of the crop are one run of zeros each, and the crop's columns need only a
+    full-height strip (height x crop width), never the image-sized array.
+    """
+    from pycocotools import mask as mask_util
+
+    h, w = crop.shape
+    strip = np.zeros((height, w), dtype=bool)
+    strip[y0 : y0 + h] = crop
+    flat = strip.ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate(([0], changes, [flat.size])))
+    if flat.size and flat[0]:
+        runs = np.concatenate(([0], runs))  # RLE counts start with a run of zeros, maybe empty
+    if runs.size == 0:
+        runs = np.zeros(1, dtype=np.int64)
+    runs[0] += x0 * height  # the all-zero columns left of the crop
+    after = (width - x0 - w) * height  # and right of it
+    if runs.size % 2:  # the last run is zeros: extend it
+        runs[-1] += after
+    elif after:
+        runs = np.concatenate((runs, [after]))
+    rle = mask_util.frPyObjects({"counts": [int(v) for v in runs], "size": [height, width]}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+class RLEMasks:
+    """Image-sized binary masks of D detections kept as COCO RLEs (counts as str), in detection order.
+
+    What tiled inference returns in place of a bool [D, H, W] tensor, whose size grows with the image
+    times the detections. `masks[i]` decodes one mask (bool H x W array); `masks[index]` with a slice,
+    index list or bool tensor/array selects detections, as it would on a tensor; `numpy()` decodes all.
+    """
+
+    def __init__(self, rles: list[dict], height: int, width: int):
+        self.rles = list(rles)
+        self.height, self.width = int(height), int(width)
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(D, H, W), as the dense masks would have."""
+        return len(self.rles), self.height, self.width
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            from pycocotools import mask as mask_util
+
+            return mask_util.decode(self.rles[index]).astype(bool)
+        if isinstance(index, slice):
+            return RLEMasks(self.rles[index], self.height, self.width)
+        index = np.asarray(index.cpu() if isinstance(index, Tensor) else index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        return RLEMasks([self.rles[int(i)] for i in index], self.height, self.width)
+
+    def numpy(self) -> np.ndarray:
+        """Return all masks decoded, bool [D, H, W] (D x H x W bytes: for a few detections)."""
+        out = np.zeros(self.shape, dtype=bool)
+        for i in range(len(self)):
+            out[i] = self[i]
+        return out
+
+    def __repr__(self) -> str:
+        return f"RLEMasks({len(self)} masks of {self.height}x{self.width})"

@@ -38,6 +38,18 @@ def _contour(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
+def _kept_masks(masks: Any, keep: np.ndarray) -> Any:
+    """Return the masks of the detections at `keep`: a bool [N,H,W] array, or an `RLEMasks` decoded one at a time."""
+    from maskrcnn.structures import RLEMasks
+
+    if masks is None or isinstance(masks, RLEMasks):  # tiled inference: never all decoded at once
+        return None if masks is None else masks[keep]
+    masks = _to_numpy(masks)
+    if masks.ndim == 4:  # torchvision's [D,1,H,W] soft masks
+        masks = masks[:, 0]
+    return (masks >= 0.5 if masks.dtype.kind == "f" else masks.astype(bool))[keep]
+
+
 def draw_instances(
     image: np.ndarray,
     output: dict,
@@ -60,12 +72,7 @@ def draw_instances(
     keep = np.nonzero(scores >= score_threshold)[0]
     boxes = _to_numpy(output.get("boxes", np.zeros((0, 4)))).reshape(-1, 4)[keep]
     labels = _to_numpy(output.get("labels", np.zeros(0, dtype=np.int64))).reshape(-1)[keep]
-    masks = output.get("masks")
-    if masks is not None:
-        masks = _to_numpy(masks)
-        if masks.ndim == 4:  # torchvision's [D,1,H,W] soft masks
-            masks = masks[:, 0]
-        masks = (masks >= 0.5 if masks.dtype.kind == "f" else masks.astype(bool))[keep]
+    masks = _kept_masks(output.get("masks"), keep)
     colours = PALETTE[np.arange(len(keep)) % len(PALETTE)]
 
     canvas = image.astype(np.float32)
@@ -74,12 +81,14 @@ def draw_instances(
         # not per instance, and later (lower-scoring) instances never darken earlier ones twice.
         layer = np.zeros_like(canvas)
         covered = np.zeros((h, w), dtype=bool)
-        for m, c in zip(masks[::-1], colours[::-1]):  # reversed: the best detection ends on top
-            layer[m] = c
+        last_first = range(len(keep) - 1, -1, -1)  # reversed: the best detection ends on top
+        for i in last_first:
+            m = masks[i]
+            layer[m] = colours[i]
             covered |= m
         canvas[covered] = canvas[covered] * (1 - MASK_ALPHA) + layer[covered] * MASK_ALPHA
-        for m, c in zip(masks[::-1], colours[::-1]):
-            canvas[_contour(m)] = c
+        for i in last_first:
+            canvas[_contour(masks[i])] = colours[i]
     pil = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
 
     draw = ImageDraw.Draw(pil)

@@ -117,16 +117,22 @@ def load_backend(args: argparse.Namespace, overrides: list[str]):
             args.weights = DEFAULT_MODEL
         random_weights_note(args.config, args.weights)
         return load_model(args.config, args.weights, overrides, device=args.device)
+    from maskrcnn.config import apply_overrides
     from maskrcnn.export import OnnxMaskRCNN
 
     if not args.weights or not str(args.weights).endswith(".onnx"):
         raise UserError(f"--backend {backend} needs --weights MODEL.onnx (written by `maskrcnn export --format onnx`)")
-    if args.config or overrides:
+    # Tiling happens outside the graph (windows in, detections merged), so its keys still apply.
+    tiling = [item for item in overrides if item.split("=", 1)[0].strip().startswith("test.tiling.")]
+    if args.config or len(tiling) < len(overrides):
         raise UserError(f"--backend {backend} uses the config stored in the .onnx file; "
-                        "drop --config and KEY=VALUE overrides (export again to change the model)")
+                        "drop --config and KEY=VALUE overrides other than test.tiling.* "
+                        "(export again to change the model)")
     if args.device != "cpu":
         raise UserError(f"--backend {backend} runs on the CPU only; drop --device")
-    return OnnxMaskRCNN(args.weights, backend=backend, precision=precision)
+    model = OnnxMaskRCNN(args.weights, backend=backend, precision=precision)
+    apply_overrides(model.cfg, tiling)
+    return model
 
 
 def predict_videos(model, videos: list[Path], out: Path, score_threshold: float, every: int,

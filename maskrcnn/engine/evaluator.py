@@ -28,6 +28,7 @@ from pycocotools.cocoeval import COCOeval
 from maskrcnn.config import atomic_path, atomic_write_text
 from maskrcnn.engine.detections_log import DetectionsLog
 from maskrcnn.errors import UserError
+from maskrcnn.structures import RLEMasks
 
 # Order and names of COCOeval.stats for boxes and masks at COCO's standard 100 detections per image
 # (`stat_names` gives them for another count).
@@ -87,7 +88,10 @@ def predictions_to_coco(output: dict, image_id: int, category_ids: list[int]) ->
     xywh = xywh.tolist()
 
     masks = output.get("masks")
-    rles = encode_masks(masks.detach()) if masks is not None else None
+    if isinstance(masks, RLEMasks):  # tiled inference: already RLE, never a [D,H,W] array
+        rles = [dict(rle) for rle in masks.rles]
+    else:
+        rles = encode_masks(masks.detach()) if masks is not None else None
 
     keypoints = None
     if output.get("keypoints") is not None:
@@ -420,6 +424,7 @@ def _predict_images(model: torch.nn.Module, dataset: Any, positions: list[int], 
     from tqdm import tqdm
 
     from maskrcnn.data.loader import build_test_loader
+    from maskrcnn.tiling import run_model
 
     loader = build_test_loader(dataset if len(positions) == len(dataset) else Subset(dataset, positions))
     device = _model_device(model)
@@ -430,7 +435,7 @@ def _predict_images(model: torch.nn.Module, dataset: Any, positions: list[int], 
         with torch.no_grad():
             for images, targets in tqdm(loader, total=len(positions), desc="eval", unit="img", disable=not progress,
                                         dynamic_ncols=True):
-                outputs = model([im.to(device) for im in images])
+                outputs = run_model(model, [im.to(device) for im in images])  # tiled where test.tiling says
                 for output, target in zip(outputs, targets):
                     image_id = int(target["image_id"])
                     detections = predictions_to_coco(output, image_id, category_ids)

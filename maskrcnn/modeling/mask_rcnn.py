@@ -271,8 +271,12 @@ class MaskRCNN(nn.Module):
     ) -> list[dict[str, Any]]:
         """Return per image: `boxes` (xyxy px), `scores`, `labels` (1..K), `masks` (bool HxW), `names`.
 
-        Accepts file paths, PIL images, HxWx3 uint8 arrays or [3,H,W] float tensors in 0..1.
+        Accepts file paths, PIL images, HxWx3 uint8 arrays or [3,H,W] float tensors in 0..1. An image
+        that `test.tiling` tiles is predicted window by window (maskrcnn.tiling); its `masks` are then
+        an `RLEMasks` (image-sized COCO RLEs; `masks[i]` decodes one, `masks.numpy()` all).
         """
+        from maskrcnn.tiling import run_model
+
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         was_training = self.training
@@ -282,7 +286,7 @@ class MaskRCNN(nn.Module):
             for start in range(0, len(items), batch_size):
                 chunk = [as_image_tensor(x, self.cfg.input.max_pixels).to(self.device)
                          for x in items[start : start + batch_size]]
-                for out in self(chunk):
+                for out in run_model(self, chunk):  # the whole image, or window by window (test.tiling)
                     if score_threshold is not None:
                         keep = out["scores"] >= score_threshold
                         out = {k: v[keep] for k, v in out.items()}

@@ -19,7 +19,13 @@ def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
 
 def detection_records(output: dict[str, Any], ids: list[int]) -> list[dict[str, Any]]:
     """Return one record per detection: box (xyxy px), label (1..K), category_id, name, score, mask (RLE)."""
-    masks = encode_masks(np.asarray(output["masks"])) if "masks" in output else []
+    from maskrcnn.structures import RLEMasks
+
+    masks = output.get("masks")
+    if isinstance(masks, RLEMasks):  # tiled inference: RLE already
+        masks = [dict(rle) for rle in masks.rles]
+    else:
+        masks = encode_masks(np.asarray(masks)) if masks is not None else []
     names = output.get("names") or [f"class {int(i)}" for i in output["labels"]]
     records = []
     for i in range(len(output["boxes"])):
