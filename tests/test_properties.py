@@ -203,8 +203,24 @@ def test_clipped_polygons_differ_from_pycocotools_by_edge_pixels_only(polys):
     seg, _, reason = _prepare_segmentation(polys, h, w)
     expected = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w)))
     ours = _decode_masks([seg], h, w)[0] if reason is None else np.zeros_like(expected)
-    edges = sum(len(p) // 2 for p in polys)
-    assert int((ours != expected).sum()) <= 3 * edges + 8
+    # Clipping moves where edges are rasterised, never the inside: every pixel that differs touches an edge
+    # (its centre within 1.5 px of one; a count bound fails on long slivers crossing the whole image).
+    ys, xs = np.nonzero(ours != expected)
+    if len(xs):
+        assert _distance_to_edges(np.stack([xs + 0.5, ys + 0.5], 1), polys).max() <= 1.5
+
+
+def _distance_to_edges(points: np.ndarray, polys: list[list[float]]) -> np.ndarray:
+    """Each point's distance to the nearest edge of any of the closed polygons (flat x, y lists)."""
+    nearest = np.full(len(points), np.inf)
+    for poly in polys:
+        a = np.asarray(poly, dtype=float).reshape(-1, 2)
+        b = np.roll(a, -1, axis=0)
+        ab = b - a
+        t = ((points[:, None] - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12)
+        closest = a + np.clip(t, 0, 1)[..., None] * ab
+        nearest = np.minimum(nearest, np.linalg.norm(points[:, None] - closest, axis=-1).min(1))
+    return nearest
 
 
 @FAST
