@@ -126,6 +126,16 @@ _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF rotations by 90 degrees: read_image swaps width and height
 
 
+def upright_header_size(im: Image.Image) -> tuple[int, int]:
+    """Return an opened image's (width, height) as read_image will give it, from the header alone."""
+    w, h = im.size
+    if im.format == "TIFF":  # PIL may report TIFF sizes already rotated; start from the stored ones
+        w, h = im.tag_v2.get(256, w), im.tag_v2.get(257, h)
+    if _orientation(im) in _SWAPPING_ORIENTATIONS:
+        w, h = h, w
+    return int(w), int(h)
+
+
 def _orientation(im: Image.Image) -> int | None:
     """Return the EXIF orientation tag from the header, without decoding pixels."""
     if im.format == "PNG":  # PIL's PNG getexif() decodes the whole image to look past the pixel data
@@ -146,11 +156,7 @@ def probe_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, d
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(path) as im:
-                    w, h = im.size
-                    if im.format == "TIFF":  # PIL may report TIFF sizes already rotated; start from the stored ones
-                        w, h = im.tag_v2.get(256, w), im.tag_v2.get(257, h)
-                    if _orientation(im) in _SWAPPING_ORIENTATIONS:
-                        w, h = h, w
+                    w, h = upright_header_size(im)
             _check_size(path, (w, h), max_pixels)
             return ImageProbe((int(w), int(h)))
         except ImageReadError as e:

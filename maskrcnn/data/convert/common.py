@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from maskrcnn.data.convert import geometry
+from maskrcnn.data.validate import upright_header_size
 from maskrcnn.errors import UserError
 
 logger = logging.getLogger("maskrcnn.data.convert")
@@ -46,10 +47,6 @@ DUPLICATE_IMAGE = "image listed twice"
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 _EXAMPLES = 3  # names shown per reason in a warning line
-
-_EXIF_ORIENTATION = 0x0112
-_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
-
 
 @dataclass
 class Options:
@@ -178,26 +175,10 @@ def image_size(path: Path) -> tuple[int, int] | str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                w, h = im.size
-                if im.format == "TIFF":  # PIL may report TIFF sizes already rotated; start from the stored ones
-                    w, h = im.tag_v2.get(256, w), im.tag_v2.get(257, h)
-                if _orientation(im) in _SWAPPING_ORIENTATIONS:
-                    w, h = h, w
+                return upright_header_size(im)
     except Exception:  # noqa: BLE001 - not an image PIL can read, truncated header, ...
         return UNREADABLE_IMAGE
-    return int(w), int(h)
 
-
-def _orientation(im: Image.Image) -> int | None:
-    """Return the EXIF orientation tag from the header, without decoding pixels."""
-    if im.format == "PNG":  # PIL's PNG getexif() decodes the whole image to look past the pixel data
-        raw = im.info.get("exif")
-        if not raw:
-            return None
-        exif = Image.Exif()
-        exif.load(raw)
-        return exif.get(_EXIF_ORIENTATION)
-    return im.getexif().get(_EXIF_ORIENTATION)
 
 
 def find_image(name: str, folders: Iterable[Path]) -> Path | None:
