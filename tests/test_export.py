@@ -347,3 +347,28 @@ def test_large_model_parity(r50_export, backend, min_matched):
         with torch.no_grad():
             expected = model([image])[0]
         assert_same(expected, runtime([image])[0], min_matched=min_matched)
+
+
+def test_backend_auto_picks_the_fastest_installed_runtime(exported, tmp_path, capsys, monkeypatch):
+    """`--backend auto` (the default): OpenVINO, else ONNX Runtime, for an .onnx file; PyTorch for a checkpoint."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    model, onnx_path = exported
+    ckpt = saved(model, tmp_path / "model.pth")
+    predict = ["predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]
+
+    def chosen(weights) -> str:
+        assert main(predict + ["--weights", str(weights)]) == 0
+        return capsys.readouterr().err
+
+    assert f"--backend auto: running '{onnx_path}' with OpenVINO" in chosen(onnx_path)
+    assert "--backend auto" not in chosen(ckpt)  # PyTorch, silently: as before the choice existed
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    assert f"--backend auto: running '{onnx_path}' with ONNX Runtime" in chosen(onnx_path)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    for command in (predict, ["serve"], ["eval", "--data", "a.json:images"]):
+        assert main(command + ["--weights", str(onnx_path)]) == 2, command
+        assert "is an exported ONNX file, which runs with OpenVINO or ONNX Runtime, and neither is installed" in \
+            one_line_error(capsys)
+    assert "--backend auto" not in chosen(ckpt)

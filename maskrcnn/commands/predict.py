@@ -82,17 +82,29 @@ def add_backend_argument(p: argparse.ArgumentParser) -> None:
     """`--backend pytorch|onnxruntime|openvino` and OpenVINO's `--precision`, shared by predict, eval and serve."""
     from maskrcnn.onnx_backends import BACKENDS, PRECISIONS
 
-    p.add_argument("--backend", choices=["pytorch", *BACKENDS], default="pytorch",
-                   help="pytorch, or onnxruntime / openvino (CPU) with --weights a file from "
-                        "`maskrcnn export --format onnx`")
+    p.add_argument("--backend", choices=["auto", "pytorch", *BACKENDS], default="auto",
+                   help="auto (default): PyTorch for a checkpoint, the fastest installed runtime (openvino, "
+                        "then onnxruntime) for --weights MODEL.onnx from `maskrcnn export --format onnx`; "
+                        "or name one")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="openvino only: its inference precision (default: fp32); bf16 needs a CPU with native "
                         "bfloat16 (AVX-512/AMX). For PyTorch use the override test.precision=bf16")
 
 
+def resolve_backend(args: argparse.Namespace) -> str:
+    """Replace `--backend auto` in `args` by the backend it means for `--weights` (and say so for a file)."""
+    from maskrcnn.onnx_backends import RUNNERS, choose_backend
+
+    if getattr(args, "backend", "auto") == "auto":
+        args.backend = choose_backend(getattr(args, "weights", None))
+        if args.backend in RUNNERS:
+            print(f"--backend auto: running '{args.weights}' with {RUNNERS[args.backend].name}", file=sys.stderr)
+    return args.backend
+
+
 def backend_precision(args: argparse.Namespace) -> str:
     """Return the --precision to run an exported file with (fp32 unless given); refuse it where it does not apply."""
-    backend, precision = getattr(args, "backend", "pytorch"), getattr(args, "precision", None)
+    backend, precision = resolve_backend(args), getattr(args, "precision", None)
     if precision is not None and backend != "openvino":
         hint = "set test.precision=bf16 for PyTorch" if backend == "pytorch" else "ONNX Runtime runs float32"
         raise UserError(f"--precision applies to --backend openvino only ({hint})")
@@ -108,8 +120,8 @@ def load_backend(args: argparse.Namespace, overrides: list[str]):
     from maskrcnn.onnx_backends import BACKENDS
     from maskrcnn.zoo import DEFAULT_MODEL
 
-    backend = getattr(args, "backend", "pytorch")
     precision = backend_precision(args)
+    backend = args.backend
     if backend not in BACKENDS:
         if not args.weights and not args.config:
             print(f"no --weights or --config: using the default COCO model '{DEFAULT_MODEL}' "
