@@ -39,8 +39,16 @@ class BackboneConfig:
     gn_groups: int = 32
     trainable_stages: int = 3  # how many of res5, res4, res3, res2, stem train (0..5)
     # fpn | c4 (res2..res4 at stride 16, res5 as the RoI head) | c5 (res5 at stride 32, FPN-style heads:
-    # the paper's Table 2d backbone, where the res5 head cannot apply)
+    # the paper's Table 2d backbone, where the res5 head cannot apply; with res5_dilation 2, Detectron2's DC5)
     kind: str = "fpn"
+    # 2 = res5 without its stride 2 and with dilation-2 3x3 convs in every block (stride 16: "DC5", as
+    # in R-FCN and the deformable-conv paper); 1 = the plain stage
+    res5_dilation: int = 1
+    # stages (2..5 = res2..res5) whose bottleneck 3x3 convs are deformable (Dai et al. 2017): each learns
+    # per-position sampling offsets from a zero-initialised 3x3 conv (Detectron2's DEFORM_ON_PER_STAGE)
+    deform_stages: list[int] = field(default_factory=list)
+    deform_modulated: bool = False  # v2 (Zhu et al. 2019): a sigmoid mask weighs each sampled value
+    deform_groups: int = 1  # offset groups: channels split in this many groups, each with its own offsets
     fpn_channels: int = 256
     fpn_norm: str = ""  # "" | gn  (torchvision v2 uses BatchNorm in FPN: "bn")
     weights: str = ""  # optional ImageNet state-dict file for the trunk (torchvision layout)
@@ -177,6 +185,9 @@ class KeypointHeadConfig:
     keypoint_names: list[str] = field(default_factory=list)
     skeleton: list[list[int]] = field(default_factory=list)
     oks_sigmas: list[float] = field(default_factory=list)
+    # each keypoint's score: logit (the heat-map logit at the arg-max, torchvision's) | detectron2 (its
+    # softmax over the heat-map, normalised over the m×m logits: Detectron2's pred_keypoints score)
+    score: str = "logit"
 
 
 @dataclass
@@ -636,6 +647,8 @@ _CHOICES = {
     "model.mask_head.pooler.type": ("roialign", "roipool"),
     "model.keypoint_head.pooler.type": ("roialign", "roipool"),
     "model.keypoint_head.norm": ("", "bn", "gn"),
+    "model.keypoint_head.score": ("logit", "detectron2"),
+    "model.backbone.res5_dilation": (1, 2),
     "model.input_format": ("RGB", "BGR"),
     "model.mask_head.paste": ("torchvision", "detectron2"),
     "model.mask_head.type": ("fcn", "mlp"),
@@ -681,6 +694,23 @@ def _validate_cascade(m: ModelConfig) -> None:
     if m.box_head.type == "res5":
         raise ConfigError(f"config: {key}.enabled=true needs an FPN-style box head (model.box_head.type=2fc "
                           "or 4conv1fc): the C4 res5 head belongs to the backbone and cannot be repeated")
+
+
+def _validate_trunk_options(b: BackboneConfig) -> None:
+    """Raise ConfigError unless dilation and deformable convolutions fit the trunk and its outputs."""
+    if b.res5_dilation != 1 and b.kind != "c5":
+        raise ConfigError(f"config: model.backbone.res5_dilation={b.res5_dilation} needs model.backbone.kind=c5 "
+                          "(FPN needs res5 at stride 32; C4 runs res5 as the RoI head)")
+    if b.res5_dilation != 1 and b.depth < 50:
+        raise ConfigError(f"config: model.backbone.res5_dilation={b.res5_dilation} needs a bottleneck ResNet "
+                          f"(depth >= 50), got depth {b.depth}")
+    if any(stage not in (2, 3, 4, 5) for stage in b.deform_stages):
+        raise ConfigError(f"config key 'model.backbone.deform_stages' lists stages 2..5 (res2..res5), got {b.deform_stages}")
+    if b.deform_stages and b.depth < 50:
+        raise ConfigError(f"config key 'model.backbone.deform_stages' needs a bottleneck ResNet (depth >= 50), "
+                          f"got depth {b.depth}")
+    if b.deform_groups < 1:
+        raise ConfigError(f"config key 'model.backbone.deform_groups' must be >= 1, got {b.deform_groups}")
 
 
 def _validate_input(i: InputConfig) -> None:
@@ -764,6 +794,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.backbone.res2_channels' must be 0 (standard) or, with a bottleneck "
                           f"ResNet (depth >= 50), a multiple of 4 dividing 256 x width_per_group; got {res2} at "
                           f"depth {m.backbone.depth}, width_per_group {width}")
+    _validate_trunk_options(m.backbone)
     if not 0 <= m.backbone.trainable_stages <= 5:
         raise ConfigError("config key 'model.backbone.trainable_stages' must be in 0..5")
     if m.category_ids and len(m.category_ids) != m.num_classes:

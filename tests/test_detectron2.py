@@ -16,10 +16,12 @@ from maskrcnn.detectron2 import convert_detectron2_state_dict, read_detectron2_w
 from maskrcnn.detectron2.weights import rename_detectron2_key
 from maskrcnn.modeling import build_model
 from maskrcnn.modeling.backbone import build_trunk
+from maskrcnn.modeling.deform import DeformConv2d
 
 DATA = Path(__file__).parent / "data" / "detectron2"
 ZOO = DATA / "COCO-InstanceSegmentation"
 MISC = DATA / "Misc"
+KEYPOINTS = DATA / "COCO-Keypoints"
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "detectron2-r18-fpn"
 CASCADE_FIXTURE = FIXTURE.parent / "detectron2-cascade-r50thin-fpn"
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"parity fixture not found at {FIXTURE}")
@@ -87,14 +89,89 @@ def test_class_agnostic_model_zoo_config_loads_as_a_plain_model_with_four_box_ou
     assert heads.box_predictor.box_deltas.out_features == 4 and heads.mask_head.predictor.out_channels == 1
 
 
+@pytest.mark.parametrize("schedule, depth, steps", [("R_50_DC5_1x", 50, [60000, 80000]),
+                                                   ("R_50_DC5_3x", 50, [210000, 250000]),
+                                                   ("R_101_DC5_3x", 101, [210000, 250000])])
+def test_dc5_model_zoo_configs_translate_to_a_dilated_res5_with_single_level_heads(schedule, depth, steps):
+    cfg = load_config(str(ZOO / f"mask_rcnn_{schedule}.yaml"))
+    m = cfg.model
+    assert (m.backbone.kind, m.backbone.res5_dilation, m.backbone.depth, m.backbone.stride_in_1x1) == ("c5", 2, depth, True)
+    assert m.anchors.sizes == [[32, 64, 128, 256, 512]] and m.size_divisibility == 1  # one level, no padding
+    assert (m.rpn.pre_nms_top_n_test, m.rpn.post_nms_top_n_test) == (6000, 1000)
+    assert (m.box_head.type, m.box_head.fc_dim, m.box_head.pooler.output_size) == ("2fc", 1024, 7)
+    assert (m.mask_head.num_convs, m.mask_head.pooler.output_size, m.mask_head.paste) == (4, 14, "detectron2")
+    assert cfg.solver.steps == steps and m.category_ids[:3] == [1, 2, 3]
+    model = build_model(cfg)
+    assert model.backbone.strides == [16] and model.backbone.out_channels == 2048
+    assert model.rpn.head.objectness.out_channels == 15  # 5 sizes x 3 ratios at each res5 location
+    res5 = model.backbone.trunk.layer4
+    first = res5[0]
+    # Detectron2 drops res5's stride and dilates every block's 3x3 conv, the first one included.
+    assert first.conv1.stride == first.conv2.stride == first.downsample[0].stride == (1, 1)
+    assert all(block.conv2.dilation == block.conv2.padding == (2, 2) for block in res5)
+    assert model.roi_heads.box_head.fcs[0].in_features == 2048 * 7 * 7
+
+
+@pytest.mark.parametrize("schedule, steps", [("1x", [60000, 80000]), ("3x", [210000, 250000])])
+def test_deformable_model_zoo_configs_make_res3_to_res5_deformable(schedule, steps):
+    cfg = load_config(str(MISC / f"mask_rcnn_R_50_FPN_{schedule}_dconv_c3-c5.yaml"))
+    b = cfg.model.backbone
+    assert (b.deform_stages, b.deform_modulated, b.deform_groups, b.kind) == ([3, 4, 5], False, 1, "fpn")
+    assert cfg.solver.steps == steps
+    trunk = build_model(cfg).backbone.trunk
+    assert not any(isinstance(block.conv2, DeformConv2d) for block in trunk.layer1)
+    for stage in (trunk.layer2, trunk.layer3, trunk.layer4):
+        for i, block in enumerate(stage):
+            conv = block.conv2
+            assert isinstance(conv, DeformConv2d) and conv.offset.out_channels == 18  # (dy, dx) per 3x3 tap
+            assert conv.stride == conv.offset.stride == (1, 1)  # STRIDE_IN_1X1: the stride is in conv1
+            assert block.conv1.stride == ((2, 2) if i == 0 else (1, 1))
+
+
+def test_modulated_deformable_convs_with_offset_groups(tmp_path):
+    path = tmp_path / "dcnv2.yaml"
+    path.write_text(f"_BASE_: {MISC / 'mask_rcnn_R_50_FPN_1x_dconv_c3-c5.yaml'}\n"
+                    "MODEL:\n  RESNETS:\n    DEFORM_MODULATED: True\n    DEFORM_NUM_GROUPS: 2\n"
+                    "    DEFORM_ON_PER_STAGE: [False, False, False, True]\n")
+    cfg = load_config(str(path))
+    assert (cfg.model.backbone.deform_stages, cfg.model.backbone.deform_modulated, cfg.model.backbone.deform_groups) == (
+        [5], True, 2)
+    conv = build_model(cfg).backbone.trunk.layer4[0].conv2
+    assert conv.modulated and conv.offset.out_channels == 2 * 27  # per group: 18 offsets, then 9 mask logits
+
+
+@pytest.mark.parametrize("name, depth, groups", [("R_50_FPN_1x", 50, 1), ("R_50_FPN_3x", 50, 1),
+                                                 ("R_101_FPN_3x", 101, 1), ("X_101_32x8d_FPN_3x", 101, 32)])
+def test_keypoint_model_zoo_configs_translate_to_our_keypoint_head(name, depth, groups):
+    cfg = load_config(str(KEYPOINTS / f"keypoint_rcnn_{name}.yaml"))
+    m = cfg.model
+    assert (m.backbone.depth, m.backbone.groups, m.backbone.kind) == (depth, groups, "fpn")
+    kp = m.keypoint_head
+    assert kp.enabled and not m.mask_head.enabled
+    assert (kp.num_keypoints, kp.num_convs, kp.conv_dim, kp.score) == (17, 8, 512, "detectron2")
+    assert (kp.pooler.output_size, kp.pooler.sampling_ratio, kp.pooler.aligned) == (14, 0, True)
+    assert (m.num_classes, m.class_names, m.category_ids) == (1, ["person"], [1])
+    assert kp.keypoint_names[:3] == ["nose", "left_eye", "right_eye"] and len(kp.skeleton) == 19
+    assert m.box_head.smooth_l1_beta == 0.5 and m.rpn.post_nms_top_n_train == 1500
+    if name == "R_50_FPN_1x":
+        heads = build_model(cfg).roi_heads
+        assert heads.keypoint_head.deconv.out_channels == 17 and len(heads.keypoint_head.convs) == 8
+        assert heads.box_predictor.box_deltas.out_features == 8  # person + background, class-specific
+
+
 @pytest.mark.parametrize("edit, key", [
-    ({"MODEL": {"RESNETS": {"RES5_DILATION": 2}}}, "MODEL.RESNETS.RES5_DILATION"),
-    ({"MODEL": {"RESNETS": {"DEFORM_ON_PER_STAGE": [False, True, True, True]}}}, "MODEL.RESNETS.DEFORM_ON_PER_STAGE"),
+    ({"MODEL": {"RESNETS": {"RES5_DILATION": 2}}}, "MODEL.RESNETS.RES5_DILATION"),  # an FPN needs stride 32
+    ({"MODEL": {"RESNETS": {"RES5_DILATION": 4}}}, "MODEL.RESNETS.RES5_DILATION"),
+    ({"MODEL": {"RESNETS": {"DEFORM_ON_PER_STAGE": [False, True]}}}, "MODEL.RESNETS.DEFORM_ON_PER_STAGE"),
+    ({"MODEL": {"RESNETS": {"DEPTH": 18, "RES2_OUT_CHANNELS": 64, "DEFORM_ON_PER_STAGE": [False, True, True, True]}}},
+     "MODEL.RESNETS.DEFORM_ON_PER_STAGE"),
+    ({"MODEL": {"KEYPOINT_ON": True, "ROI_KEYPOINT_HEAD": {"CONV_DIMS": [512, 256]}}},
+     "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS"),
+    ({"MODEL": {"KEYPOINT_ON": True, "ROI_KEYPOINT_HEAD": {"NAME": "MyKeypointHead"}}}, "MODEL.ROI_KEYPOINT_HEAD.NAME"),
     ({"MODEL": {"ROI_HEADS": {"NAME": "HybridTaskCascadeROIHeads"}}}, "MODEL.ROI_HEADS.NAME"),
     ({"MODEL": {"ROI_HEADS": {"NAME": "CascadeROIHeads"}}}, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG"),
     ({"MODEL": {"ROI_HEADS": {"NAME": "CascadeROIHeads"}, "ROI_BOX_HEAD": {"CLS_AGNOSTIC_BBOX_REG": True},
                 "ROI_BOX_CASCADE_HEAD": {"IOUS": [0.5, 0.6]}}}, "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS"),
-    ({"MODEL": {"KEYPOINT_ON": True}}, "MODEL.KEYPOINT_ON"),
     ({"MODEL": {"META_ARCHITECTURE": "PanopticFPN"}}, "MODEL.META_ARCHITECTURE"),
     ({"TEST": {"AUG": {"ENABLED": True}}}, "TEST.AUG.ENABLED"),
     ({"MODEL": {"FPN": {"FUSE_TYPE": "avg"}}}, "MODEL.FPN.FUSE_TYPE"),
@@ -111,9 +188,17 @@ def test_unsupported_keys_are_refused_by_name(tmp_path, edit, key):
         load_config(str(path))
 
 
-def test_dc5_model_zoo_config_is_refused():
-    with pytest.raises(ConfigError, match="RES5_DILATION = 2 .*DC5"):
-        load_config(str(ZOO / "mask_rcnn_R_50_DC5_1x.yaml"))
+def test_keypoints_and_deformable_res5_on_c4_are_refused_by_name(tmp_path):
+    """Detectron2's Res5ROIHeads asserts an undeformed res5; our keypoint head runs on FPN models."""
+    import yaml
+
+    for edit, key in (({"MODEL": {"KEYPOINT_ON": True}}, "MODEL.KEYPOINT_ON"),
+                      ({"MODEL": {"RESNETS": {"DEFORM_ON_PER_STAGE": [False, False, True, True]}}},
+                       "MODEL.RESNETS.DEFORM_ON_PER_STAGE")):
+        path = tmp_path / "c4.yaml"
+        path.write_text(yaml.safe_dump({"_BASE_": str(ZOO / "mask_rcnn_R_50_C4_1x.yaml"), **edit}))
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(str(path))
 
 
 def test_training_only_differences_are_warned_not_refused(tmp_path, caplog):
@@ -143,6 +228,7 @@ def _our_name_to_detectron2(name: str, c4: bool) -> str:
     trunk = "backbone." if c4 else "backbone.bottom_up."
     stages = {"layer1": "res2", "layer2": "res3", "layer3": "res4", "layer4": "res5"}
     rules = [
+        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.conv2\.offset\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.conv2_offset."),
         (r"^backbone\.trunk\.conv1\.", f"{trunk}stem.conv1."),
         (r"^backbone\.trunk\.bn1\.", f"{trunk}stem.conv1.norm."),
         (r"^backbone\.trunk\.(layer\d)\.(\d+)\.conv(\d)\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.conv{m[3]}."),
@@ -158,6 +244,8 @@ def _our_name_to_detectron2(name: str, c4: bool) -> str:
         (r"^roi_heads\.box_predictor\.(\d\.)?box_deltas\.", r"roi_heads.box_predictor.\1bbox_pred."),
         (r"^roi_heads\.mask_head\.convs\.(\d)\.conv\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}."),
         (r"^roi_heads\.mask_head\.", "roi_heads.mask_head."),
+        (r"^roi_heads\.keypoint_head\.convs\.(\d)\.conv\.", lambda m: f"roi_heads.keypoint_head.conv_fcn{int(m[1]) + 1}."),
+        (r"^roi_heads\.keypoint_head\.deconv\.", "roi_heads.keypoint_head.score_lowres."),
     ]
     for pattern, replacement in rules:
         if re.search(pattern, name):
@@ -167,7 +255,9 @@ def _our_name_to_detectron2(name: str, c4: bool) -> str:
 
 
 @pytest.mark.parametrize("zoo", ["mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_C4_1x", "mask_rcnn_X_101_32x8d_FPN_3x",
-                                 "../Misc/cascade_mask_rcnn_R_50_FPN_3x"])
+                                 "../Misc/cascade_mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_DC5_1x",
+                                 "../Misc/mask_rcnn_R_50_FPN_1x_dconv_c3-c5",
+                                 "../COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x"])
 def test_every_detectron2_name_maps_back_onto_ours(zoo):
     cfg = load_config(str(ZOO / f"{zoo}.yaml"))
     own = build_model(cfg).state_dict()
@@ -198,6 +288,20 @@ def test_class_layers_put_background_first_and_anchors_ratio_major():
     assert objectness.tolist() == [s * 3 + r for r in range(3) for s in range(5)]
     deltas = out["rpn.head.box_deltas.bias"].view(15, 4)
     assert torch.equal(deltas[:, 0], objectness * 4) and torch.equal(deltas[:, 3], objectness * 4 + 3)
+
+
+def test_one_class_box_deltas_are_padded_unless_the_config_says_class_agnostic():
+    """Keypoint R-CNN's person: 4 box outputs are the class-specific layout for one class."""
+    state = {"roi_heads.box_predictor.cls_score.weight": torch.ones(2, 3),
+             "roi_heads.box_predictor.cls_score.bias": torch.tensor([5.0, 7.0]),
+             "roi_heads.box_predictor.bbox_pred.weight": torch.ones(4, 3),
+             "roi_heads.box_predictor.bbox_pred.bias": torch.arange(4.0) + 1}
+    cfg = load_config(str(KEYPOINTS / "keypoint_rcnn_R_50_FPN_1x.yaml")).model
+    out = convert_detectron2_state_dict(state, cfg)
+    assert out["roi_heads.box_predictor.class_logits.bias"].tolist() == [7, 5]
+    assert out["roi_heads.box_predictor.box_deltas.bias"].tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
+    cfg.box_head.class_agnostic = True
+    assert convert_detectron2_state_dict(state, cfg)["roi_heads.box_predictor.box_deltas.bias"].tolist() == [1, 2, 3, 4]
 
 
 def test_class_agnostic_box_deltas_keep_their_four_rows_in_every_cascade_stage():
@@ -252,8 +356,8 @@ def _write_pkl(path: Path, arrays: dict) -> Path:
 def test_extra_and_missing_keys_are_reported_by_name(tmp_path):
     arrays = pickle.loads((FIXTURE / "model.pkl").read_bytes())["model"]
     model = build_model(load_config(str(FIXTURE / "config.yaml")))
-    extra = dict(arrays, **{"roi_heads.keypoint_head.conv_fcn1.weight": np.zeros((2, 2), np.float32)})
-    with pytest.raises(CheckpointError, match=re.escape("roi_heads.keypoint_head.conv_fcn1.weight")):
+    extra = dict(arrays, **{"roi_heads.semantic_head.conv1.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(CheckpointError, match=re.escape("roi_heads.semantic_head.conv1.weight")):
         load_weights(model, _write_pkl(tmp_path / "extra.pkl", extra))
     missing = {k: v for k, v in arrays.items() if k != "roi_heads.mask_head.deconv.weight"}
     with pytest.raises(CheckpointError, match=r"missing keys roi_heads\.mask_head\.deconv\.weight"):

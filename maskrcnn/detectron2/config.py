@@ -2,7 +2,7 @@
 
 Every key of the file is accounted for: translated, checked against the values we can reproduce
 (anything else is a `ConfigError` naming the key), known to be irrelevant to a Mask R-CNN
-(RetinaNet, panoptic and keypoint sections, data-loader threads, ...), or a training-only option we do
+(RetinaNet and panoptic sections, data-loader threads, ...), or a training-only option we do
 not reproduce, which is logged as a warning when it differs from Detectron2's default. A key we do not
 know at all is an error: it might change the model.
 """
@@ -109,6 +109,18 @@ DEFAULTS: dict[str, Any] = {
     "MODEL.RESNETS.RES2_OUT_CHANNELS": 256,
     "MODEL.RESNETS.STEM_OUT_CHANNELS": 64,
     "MODEL.RESNETS.DEFORM_ON_PER_STAGE": [False, False, False, False],
+    "MODEL.RESNETS.DEFORM_MODULATED": False,
+    "MODEL.RESNETS.DEFORM_NUM_GROUPS": 1,
+    "MODEL.ROI_KEYPOINT_HEAD.NAME": "KRCNNConvDeconvUpsampleHead",
+    "MODEL.ROI_KEYPOINT_HEAD.POOLER_RESOLUTION": 14,
+    "MODEL.ROI_KEYPOINT_HEAD.POOLER_SAMPLING_RATIO": 0,
+    "MODEL.ROI_KEYPOINT_HEAD.POOLER_TYPE": "ROIAlignV2",
+    "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS": [512] * 8,
+    "MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS": 17,
+    "MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE": 1,
+    "MODEL.ROI_KEYPOINT_HEAD.NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS": True,
+    "MODEL.ROI_KEYPOINT_HEAD.LOSS_WEIGHT": 1.0,
+    "TEST.KEYPOINT_OKS_SIGMAS": [],
     "INPUT.MIN_SIZE_TRAIN": [800],
     "INPUT.MIN_SIZE_TRAIN_SAMPLING": "choice",
     "INPUT.MAX_SIZE_TRAIN": 1333,
@@ -165,11 +177,13 @@ TRAIN_ONLY = {
     "TEST.PRECISE_BN.ENABLED", "SOLVER.BASE_LR_END", "SOLVER.NESTEROV", "SOLVER.WEIGHT_DECAY_NORM",
     "SOLVER.WEIGHT_DECAY_BIAS", "SOLVER.BIAS_LR_FACTOR", "SOLVER.NUM_DECAYS", "SOLVER.WARMUP_METHOD",
     "SOLVER.RESCALE_INTERVAL", "SOLVER.REFERENCE_WORLD_SIZE", "SOLVER.AMP.ENABLED",
+    "MODEL.ROI_KEYPOINT_HEAD.NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS",
 }
 
 # Sections and keys with no bearing on a GeneralizedRCNN Mask R-CNN as translated here (the switches
-# that would bring them into play, e.g. KEYPOINT_ON, are refused; the cascade section is read when
-# ROI_HEADS.NAME is CascadeROIHeads and has no effect otherwise, in Detectron2 too).
+# that would bring them into play, e.g. META_ARCHITECTURE, are refused). The cascade section is read
+# when ROI_HEADS.NAME is CascadeROIHeads, the keypoint section when KEYPOINT_ON, the deformable options
+# when DEFORM_ON_PER_STAGE has a stage on: otherwise they have no effect, in Detectron2 too.
 IGNORED = (
     "MODEL.RETINANET", "MODEL.SEM_SEG_HEAD", "MODEL.PANOPTIC_FPN", "MODEL.ROI_BOX_CASCADE_HEAD",
     "MODEL.ROI_KEYPOINT_HEAD", "MODEL.ANCHOR_GENERATOR.ANGLES", "MODEL.DEVICE", "MODEL.WEIGHTS",
@@ -298,6 +312,7 @@ def translate_detectron2_config(path: str | os.PathLike) -> Config:
     _check_architecture(keys)
     _translate_backbone(keys, cfg)
     _translate_heads(keys, cfg)
+    _translate_keypoints(keys, cfg)
     _translate_input(keys, cfg)
     _translate_solver(keys, cfg)
     _translate_classes(keys, cfg)
@@ -308,17 +323,13 @@ def translate_detectron2_config(path: str | os.PathLike) -> Config:
 
 def _check_architecture(k: _Keys) -> None:
     k.require("MODEL.META_ARCHITECTURE", ["GeneralizedRCNN"], "only Mask R-CNN / Faster R-CNN is implemented")
-    k.require("MODEL.KEYPOINT_ON", [False], "keypoint heads are not implemented")
     k.require("MODEL.LOAD_PROPOSALS", [False], "precomputed proposals are not supported")
     k.require("MODEL.PROPOSAL_GENERATOR.NAME", ["RPN"], "only the standard RPN is implemented")
     k.require("MODEL.ANCHOR_GENERATOR.NAME", ["DefaultAnchorGenerator"], "only axis-aligned anchors")
     k.require("MODEL.RPN.HEAD_NAME", ["StandardRPNHead"], "only the standard RPN head is implemented")
     k.require("MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", [False], "sigmoid class scores are not implemented")
     k.require("TEST.AUG.ENABLED", [False], "test-time augmentation is not implemented")
-    k.require("MODEL.RESNETS.RES5_DILATION", [1], "dilated res5 (DC5) is not implemented")
     k.require("MODEL.RESNETS.STEM_OUT_CHANNELS", [64], "the stem has 64 channels here")
-    if any(k.get("MODEL.RESNETS.DEFORM_ON_PER_STAGE")):
-        raise k.refuse("MODEL.RESNETS.DEFORM_ON_PER_STAGE", "deformable convolutions are not implemented")
 
 
 def _translate_backbone(k: _Keys, cfg: Config) -> None:
@@ -354,18 +365,54 @@ def _translate_backbone(k: _Keys, cfg: Config) -> None:
         k.require("MODEL.ROI_HEADS.IN_FEATURES", [["p2", "p3", "p4", "p5"]], "RoIs pool from P2..P5")
         k.require("MODEL.ROI_HEADS.NAME", ["StandardROIHeads", "CascadeROIHeads"],
                   "FPN models use StandardROIHeads or CascadeROIHeads")
+    elif out_features == ["res5"]:  # DC5 (res5 dilated, stride 16) or plain C5: one map, FPN-style heads
+        b.kind = "c5"
+        k.require("MODEL.RPN.IN_FEATURES", [["res5"]], "the DC5 / C5 RPN runs on res5")
+        k.require("MODEL.ROI_HEADS.IN_FEATURES", [["res5"]], "DC5 / C5 RoIs pool from res5")
+        k.require("MODEL.ROI_HEADS.NAME", ["StandardROIHeads", "CascadeROIHeads"],
+                  "DC5 / C5 models use StandardROIHeads or CascadeROIHeads")
+        k.skip("MODEL.FPN.IN_FEATURES", "MODEL.FPN.OUT_CHANNELS", "MODEL.FPN.NORM", "MODEL.FPN.FUSE_TYPE")
     else:
         b.kind = "c4"
-        k.require("MODEL.RESNETS.OUT_FEATURES", [["res4"]], "a C4 backbone outputs res4")
+        k.require("MODEL.RESNETS.OUT_FEATURES", [["res4"]], "a C4 backbone outputs res4 (DC5: res5)")
         k.require("MODEL.RPN.IN_FEATURES", [["res4"]], "the C4 RPN runs on res4")
         k.require("MODEL.ROI_HEADS.IN_FEATURES", [["res4"]], "C4 RoIs pool from res4")
         k.require("MODEL.ROI_HEADS.NAME", ["Res5ROIHeads"], "C4 models use Res5ROIHeads")
         k.skip("MODEL.FPN.IN_FEATURES", "MODEL.FPN.OUT_CHANNELS", "MODEL.FPN.NORM", "MODEL.FPN.FUSE_TYPE")
+    _translate_trunk_options(k, cfg)
+
+
+def _translate_trunk_options(k: _Keys, cfg: Config) -> None:
+    """RES5_DILATION (DC5) and the deformable 3x3 convs (DEFORM_ON_PER_STAGE and its two options)."""
+    b = cfg.model.backbone
+    dilation = k.require("MODEL.RESNETS.RES5_DILATION", [1, 2], "1 or 2, as Detectron2 asserts")
+    if dilation == 2 and b.kind == "fpn":
+        raise k.refuse("MODEL.RESNETS.RES5_DILATION", "an FPN needs res5 at stride 32; dilation is for DC5")
+    if dilation == 2 and b.depth < 50:
+        raise k.refuse("MODEL.RESNETS.RES5_DILATION", f"ResNet-{b.depth} has basic blocks, as Detectron2 asserts")
+    # C4: Detectron2's backbone stops at res4 and Res5ROIHeads builds res5 undilated: the key has no effect.
+    b.res5_dilation = dilation if b.kind == "c5" else 1
+    per_stage = k.get("MODEL.RESNETS.DEFORM_ON_PER_STAGE")
+    if len(per_stage) != 4:
+        raise k.refuse("MODEL.RESNETS.DEFORM_ON_PER_STAGE", "one flag per stage res2..res5")
+    b.deform_stages = [stage for stage, on in zip((2, 3, 4, 5), per_stage) if on]
+    if not b.deform_stages:
+        k.skip("MODEL.RESNETS.DEFORM_MODULATED", "MODEL.RESNETS.DEFORM_NUM_GROUPS")
+        return
+    if b.depth < 50:
+        raise k.refuse("MODEL.RESNETS.DEFORM_ON_PER_STAGE", f"ResNet-{b.depth} has basic blocks, no deformable convs")
+    if b.kind == "c4" and 5 in b.deform_stages:
+        raise k.refuse("MODEL.RESNETS.DEFORM_ON_PER_STAGE", "the C4 res5 head is not deformable, as Detectron2 asserts")
+    b.deform_modulated = bool(k.get("MODEL.RESNETS.DEFORM_MODULATED"))
+    b.deform_groups = k.get("MODEL.RESNETS.DEFORM_NUM_GROUPS")
+    if b.deform_groups < 1:
+        raise k.refuse("MODEL.RESNETS.DEFORM_NUM_GROUPS", "at least 1")
 
 
 def _translate_heads(k: _Keys, cfg: Config) -> None:
     m = cfg.model
     fpn = m.backbone.kind == "fpn"
+    c4 = m.backbone.kind == "c4"
     levels = 5 if fpn else 1
     # Anchors: one list of sizes per level (a single list is used on every level), shared ratios.
     sizes = k.get("MODEL.ANCHOR_GENERATOR.SIZES")
@@ -387,7 +434,8 @@ def _translate_heads(k: _Keys, cfg: Config) -> None:
     m.backbone.fold_frozen_bn = False
 
     rpn = m.rpn
-    channels = m.backbone.fpn_channels if fpn else (1024 if m.backbone.depth >= 50 else 256)  # res4
+    channels = m.backbone.fpn_channels if fpn else _trunk_channels(m.backbone.depth, m.backbone.res2_channels,
+                                                                   5 if m.backbone.kind == "c5" else 4)
     conv_dims = k.get("MODEL.RPN.CONV_DIMS")
     if len(conv_dims) != 1 or conv_dims[0] not in (-1, channels):
         raise k.refuse("MODEL.RPN.CONV_DIMS", "one 3x3 conv as wide as its input")
@@ -411,7 +459,7 @@ def _translate_heads(k: _Keys, cfg: Config) -> None:
     box.pooler.output_size = k.get("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION")
     box.pooler.sampling_ratio = k.get("MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO")
     box_keys = ["NAME", "NUM_FC", "NUM_CONV", "FC_DIM", "CONV_DIM", "NORM"]
-    if fpn:
+    if not c4:
         k.require("MODEL.ROI_BOX_HEAD.NAME", ["FastRCNNConvFCHead"], "the conv/fc box head")
         num_fc, num_conv = k.get("MODEL.ROI_BOX_HEAD.NUM_FC"), k.get("MODEL.ROI_BOX_HEAD.NUM_CONV")
         if (num_conv, num_fc) == (0, 2):
@@ -454,7 +502,7 @@ def _translate_heads(k: _Keys, cfg: Config) -> None:
     mask.class_agnostic = bool(k.get("MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK"))
     mask.threshold = 0.5
     mask.paste = "detectron2"
-    if fpn:
+    if not c4:
         mask.num_convs = k.get("MODEL.ROI_MASK_HEAD.NUM_CONV")
         mask.norm = _HEAD_NORMS[k.require("MODEL.ROI_MASK_HEAD.NORM", list(_HEAD_NORMS), "'', BN or GN")]
         mask.pooler.type, mask.pooler.aligned = _pooler(k, "MODEL.ROI_MASK_HEAD")
@@ -464,6 +512,38 @@ def _translate_heads(k: _Keys, cfg: Config) -> None:
         k.require("MODEL.ROI_MASK_HEAD.NUM_CONV", [0], "the C4 mask head has no convs before its deconv")
         k.require("MODEL.ROI_MASK_HEAD.NORM", [""], "the C4 mask head has no norm")
         k.skip(*(f"MODEL.ROI_MASK_HEAD.{name}" for name in mask_keys))
+
+
+def _trunk_channels(depth: int, res2_channels: int, stage: int) -> int:
+    """Return the output channels of res`stage` (4 or 5): res2's (256, thin: RES2_OUT_CHANNELS; basic
+    blocks: 64) doubled per stage after it."""
+    res2 = (res2_channels or 256) if depth >= 50 else 64
+    return res2 * 2 ** (stage - 2)
+
+
+def _translate_keypoints(k: _Keys, cfg: Config) -> None:
+    """KEYPOINT_ON: Detectron2's KRCNNConvDeconvUpsampleHead (3x3 convs, 2x deconv, bilinear 2x) and its decoding."""
+    kp = cfg.model.keypoint_head
+    kp.enabled = bool(k.get("MODEL.KEYPOINT_ON"))
+    if not kp.enabled:
+        return
+    k.require("MODEL.ROI_KEYPOINT_HEAD.NAME", ["KRCNNConvDeconvUpsampleHead"], "the conv + deconv keypoint head")
+    if cfg.model.backbone.kind != "fpn":
+        raise k.refuse("MODEL.KEYPOINT_ON", "keypoint heads run on FPN models here")
+    dims = k.get("MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS")
+    if len(set(dims)) > 1:
+        raise k.refuse("MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", "convs of one width")
+    kp.num_convs = len(dims)
+    kp.conv_dim = dims[0] if dims else kp.conv_dim
+    kp.norm = ""
+    kp.num_keypoints = k.get("MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS")
+    kp.pooler.type, kp.pooler.aligned = _pooler(k, "MODEL.ROI_KEYPOINT_HEAD")
+    kp.pooler.output_size = k.get("MODEL.ROI_KEYPOINT_HEAD.POOLER_RESOLUTION")
+    kp.pooler.sampling_ratio = k.get("MODEL.ROI_KEYPOINT_HEAD.POOLER_SAMPLING_RATIO")
+    kp.loss_weight = float(k.get("MODEL.ROI_KEYPOINT_HEAD.LOSS_WEIGHT"))
+    kp.min_keypoints_per_image = k.get("MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE")
+    kp.oks_sigmas = [float(v) for v in k.get("TEST.KEYPOINT_OKS_SIGMAS")]
+    kp.score = "detectron2"
 
 
 def _translate_cascade(k: _Keys, cfg: Config) -> None:
@@ -555,11 +635,20 @@ def _translate_classes(k: _Keys, cfg: Config) -> None:
     """COCO models get COCO's class names and official category ids (predictions.json uses them)."""
     datasets = [str(d) for d in (k.get("DATASETS.TRAIN") or []) + (k.get("DATASETS.TEST") or [])]
     coco = datasets and all(d.startswith("coco_") and "panoptic" not in d and "keypoint" not in d for d in datasets)
+    person = datasets and all(d.startswith("keypoints_coco_") for d in datasets)
     if coco and cfg.model.num_classes == 80:
         classes = Config()
         _load_into(classes, PRESET_DIR / "_coco-classes.yaml")
         cfg.model.class_names = classes.model.class_names
         cfg.model.category_ids = classes.model.category_ids
+    elif person and cfg.model.num_classes == 1:  # COCO person keypoints: names and skeleton of the 17
+        classes = Config()
+        _load_into(classes, PRESET_DIR / "_coco-person-keypoints.yaml")
+        cfg.model.class_names = classes.model.class_names
+        cfg.model.category_ids = classes.model.category_ids
+        if cfg.model.keypoint_head.num_keypoints == len(classes.model.keypoint_head.keypoint_names):
+            cfg.model.keypoint_head.keypoint_names = classes.model.keypoint_head.keypoint_names
+            cfg.model.keypoint_head.skeleton = classes.model.keypoint_head.skeleton
 
 
 def _train_only(k: _Keys, key: str, value: Any, instead: str) -> None:

@@ -30,6 +30,8 @@ _TRUNK = r"^backbone\.(?:bottom_up\.)?"  # FPN models nest the ResNet under bott
 
 def _block(m: re.Match[str]) -> str:
     stage, block, part, rest = m.group(1), m.group(2), m.group(3), m.group(4)
+    if part == "conv2_offset":  # a deformable 3x3 conv's offset predictor, a child of our conv2
+        return f"backbone.trunk.{_STAGES[stage]}.{block}.conv2.offset.{rest}"
     if part == "shortcut":
         return f"backbone.trunk.{_STAGES[stage]}.{block}.downsample.{1 if rest.startswith('norm.') else 0}." + (
             rest[len("norm."):] if rest.startswith("norm.") else rest)
@@ -58,7 +60,7 @@ def _numbered(prefix: str, conv: bool) -> Any:
 _RULES = compile_rules([
     (_TRUNK + r"stem\.conv1\.norm\.(.+)$", r"backbone.trunk.bn1.\1"),
     (_TRUNK + r"stem\.conv1\.(weight|bias)$", r"backbone.trunk.conv1.\1"),
-    (_TRUNK + r"res([2-5])\.(\d+)\.(conv[1-3]|shortcut)\.(.+)$", _block),
+    (_TRUNK + r"res([2-5])\.(\d+)\.(conv[1-3]|conv2_offset|shortcut)\.(.+)$", _block),
     (r"^backbone\.fpn_(lateral|output)([2-5])\.(.+)$",
      lambda m: f"backbone.fpn.{m.group(1)}.{int(m.group(2)) - 2}."
                + (m.group(3) if m.group(3).startswith("norm.") else f"conv.{m.group(3)}")),
@@ -76,6 +78,8 @@ _RULES = compile_rules([
      lambda m: f"roi_heads.box_predictor.{m.group(1) or ''}box_deltas.{m.group(2)}"),
     (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(.+)$", _numbered("roi_heads.mask_head.convs", conv=True)),
     (r"^roi_heads\.mask_head\.(deconv|predictor)\.(weight|bias)$", r"roi_heads.mask_head.\1.\2"),
+    (r"^roi_heads\.keypoint_head\.conv_fcn(\d+)\.(.+)$", _numbered("roi_heads.keypoint_head.convs", conv=True)),
+    (r"^roi_heads\.keypoint_head\.score_lowres\.(weight|bias)$", r"roi_heads.keypoint_head.deconv.\1"),
 ])
 # Not weights: Detectron2 buffers some files carry. Anchors are recomputed from the config.
 _DERIVED = re.compile(r"^(pixel_mean|pixel_std|proposal_generator\.anchor_generator\.cell_anchors\.\d+)$")
@@ -117,7 +121,9 @@ def convert_detectron2_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfi
 def _background_first(state: dict[str, Tensor], cfg: ModelConfig) -> None:
     """Reorder / pad the class-dependent layers in place: background first, K+1 rows everywhere.
 
-    A class-agnostic box predictor (4 outputs, as every cascade stage has) has no class rows to move.
+    A class-agnostic box predictor (4 outputs, as every cascade stage has) has no class rows to move;
+    with one class (Keypoint R-CNN's person) 4 outputs are also the class-specific layout, and the
+    config says which it is.
     """
     predictors = sorted({key[: -len("class_logits.weight")] for key in state
                          if key.startswith("roi_heads.box_predictor.") and key.endswith("class_logits.weight")})
@@ -129,7 +135,7 @@ def _background_first(state: dict[str, Tensor], cfg: ModelConfig) -> None:
             w = state[predictor + "class_logits." + suffix]
             state[predictor + "class_logits." + suffix] = torch.cat([w[k:], w[:k]])
             deltas = state.get(predictor + "box_deltas." + suffix)
-            if deltas is None or deltas.shape[0] == 4:
+            if deltas is None or (deltas.shape[0] == 4 and (k != 1 or cfg.box_head.class_agnostic)):
                 continue
             if deltas.shape[0] != 4 * k:
                 raise CheckpointError(

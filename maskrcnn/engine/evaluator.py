@@ -96,10 +96,12 @@ def predictions_to_coco(output: dict, image_id: int, category_ids: list[int]) ->
     keypoints = None
     if output.get("keypoints") is not None:
         # COCO keypoints are integer pixel indices, ours continuous coordinates (a pixel's centre at
-        # i + 0.5): subtract the 0.5 the dataset added (as Detectron2 does); visibility written as 1.
+        # i + 0.5): subtract the 0.5 the dataset added (as Detectron2 does). The third value is each
+        # keypoint's score, as Detectron2 writes it (COCOeval reads only x and y of detections), or 1.
         kp = output["keypoints"].detach().float().cpu().clone()
         kp[..., :2] -= 0.5
-        kp[..., 2] = 1.0
+        kp_scores = output.get("keypoint_scores")
+        kp[..., 2] = kp_scores.detach().float().cpu() if kp_scores is not None else 1.0
         keypoints = kp.flatten(1).tolist()
 
     results = []

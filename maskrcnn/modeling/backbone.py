@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from maskrcnn.config import BackboneConfig
 from maskrcnn.modeling.blocks import FOLDED_BLOCKS, conv_norm
+from maskrcnn.modeling.deform import make_deformable
 from maskrcnn.modeling.norms import FrozenBatchNorm2d, norm_factory
 
 
@@ -69,8 +70,26 @@ def build_trunk(cfg: BackboneConfig) -> ResNet:
     if cfg.stride_in_1x1 and block_expansion(trunk) > 1:  # MSRA / Detectron2: stride in the 1x1 conv
         for stage in (trunk.layer2, trunk.layer3, trunk.layer4):
             stage[0].conv1.stride, stage[0].conv2.stride = stage[0].conv2.stride, (1, 1)
+    if cfg.res5_dilation != 1:
+        dilate_stage(trunk.layer4, cfg.res5_dilation)
+    for stage in cfg.deform_stages:  # after the strides and dilation are final: the offset conv copies them
+        make_deformable(getattr(trunk, STAGES[stage - 2]), cfg.deform_groups, cfg.deform_modulated)
     freeze_stages(trunk, cfg.trainable_stages)
     return trunk
+
+
+def dilate_stage(stage: nn.Sequential, dilation: int) -> None:
+    """Drop a bottleneck stage's stride 2 and dilate every block's 3x3 conv instead (Detectron2's DC5).
+
+    The output keeps the input's resolution while the 3x3 convs see as far as before. Unlike
+    torchvision's `replace_stride_with_dilation`, the first block is dilated too, as in Detectron2.
+    """
+    first = stage[0]
+    first.conv1.stride = first.conv2.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    for block in stage:
+        block.conv2.dilation = block.conv2.padding = (dilation, dilation)
 
 
 def thin_stages(trunk: ResNet, block: type[nn.Module], layers: list[int], res2_channels: int,
@@ -149,7 +168,7 @@ class FPN(nn.Module):
 
 
 class Backbone(nn.Module):
-    """Trunk + FPN (features P2..P6, strides 4..64), C4 (res4, stride 16) or C5 (res5, stride 32).
+    """Trunk + FPN (features P2..P6, strides 4..64), C4 (res4, stride 16) or C5 (res5, stride 32; 16 dilated).
 
     For C4 the trunk's res5 stage is not run here: the RoI head owns it (`self.res5`).
     """
@@ -170,8 +189,8 @@ class Backbone(nn.Module):
             self.strides = [16]
             self.out_channels = channels[2]
             self.res5_channels = channels[3]
-        else:  # c5
-            self.strides = [32]
+        else:  # c5: res5 at stride 32, or 16 when dilated (DC5)
+            self.strides = [32 // cfg.res5_dilation]
             self.out_channels = channels[3]
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -202,7 +221,9 @@ class Backbone(nn.Module):
             raise UserError(f"backbone weights file '{path}' cannot be read ({e.__class__.__name__})") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        own = {k: v for k, v in self.trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
+        # Offset convs of deformable layers are not in ImageNet files: they stay zero (plain sampling).
+        own = {k: v for k, v in self.trunk.state_dict().items()
+               if not k.endswith("num_batches_tracked") and ".conv2.offset." not in k}
         missing = [k for k in own if k not in state]
         wrong = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in own.items()
                  if k in state and state[k].shape != v.shape]

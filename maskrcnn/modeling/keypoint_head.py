@@ -4,8 +4,9 @@ Each keypoint is a one-hot m×m mask: the training target is the single cell tha
 (visible ones only), the loss a cross-entropy over the m² positions (a softmax per keypoint, not a
 per-pixel sigmoid). The head: RoIAlign 14×14 → 8 × (3×3 conv 512 + ReLU) → 4×4 deconvolution,
 stride 2 (28×28) → bilinear ×2 (56×56). At test time each heat-map is resized (bicubic) to its box's
-size in pixels and the arg-max cell's centre is the keypoint, its logit the keypoint's score: the
-sub-pixel refinement torchvision uses, computed here for all boxes at once.
+size in pixels and the arg-max cell's centre is the keypoint: the sub-pixel refinement torchvision and
+Detectron2 use, computed here for all boxes at once. The keypoint's score is its logit (torchvision)
+or, as Detectron2 reports it, that cell's softmax normalised over the m×m heat-map (`score`).
 """
 
 from __future__ import annotations
@@ -120,12 +121,17 @@ def resize_bicubic(maps: Tensor, out_h: Tensor, out_w: Tensor) -> Tensor:
         return rows @ (maps.float() @ cols.transpose(-1, -2))
 
 
-def heatmaps_to_keypoints(maps: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-    """Return keypoints [R, K, 3] (x, y, 1) in the boxes' pixels and their scores [R, K] (logits).
+def heatmaps_to_keypoints(maps: Tensor, boxes: Tensor, score: str = "logit") -> tuple[Tensor, Tensor]:
+    """Return keypoints [R, K, 3] (x, y, 1) in the boxes' pixels and their scores [R, K].
 
     Each heat-map is resized bicubically to ⌈box width⌉ × ⌈box height⌉ cells (boxes of at least
-    one pixel); the arg-max cell's centre, scaled back to the box, is the keypoint (torchvision's rule).
+    one pixel); the arg-max cell's centre, scaled back to the box, is the keypoint (torchvision's and
+    Detectron2's rule). Scores: `logit`, the resized map's maximum; `detectron2`, exp(maximum) over
+    the sum of exp(logits) of the m×m map (a softmax made comparable across box sizes, above 1 where
+    the bicubic resize overshoots).
     """
+    if score not in ("logit", "detectron2"):
+        raise ValueError(f"keypoint score must be 'logit' or 'detectron2', got {score!r}")
     maps = maps.float()
     boxes = boxes.float()
     num, k, size = maps.shape[0], maps.shape[1], maps.shape[-1]
@@ -154,6 +160,8 @@ def heatmaps_to_keypoints(maps: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
         x_int, y_int = pos % w_max, pos // w_max
         keypoints[rows, :, 0] = (x_int.float() + 0.5) * (widths[rows] / out_w[rows])[:, None]
         keypoints[rows, :, 1] = (y_int.float() + 0.5) * (heights[rows] / out_h[rows])[:, None]
+        if score == "detectron2":  # exp(best - best) / sum(exp(map - best)), shifted by best for range
+            best = 1.0 / (maps[rows].flatten(2) - best[..., None]).exp().sum(dim=2)
         scores[rows] = best
         start = stop
     keypoints[..., 0] += boxes[:, 0:1]

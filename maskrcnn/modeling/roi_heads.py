@@ -471,7 +471,7 @@ class RoIHeads(nn.Module):
                 d["keypoint_scores"] = d["boxes"].new_zeros((0, k))
             return
         logits = self.keypoint_head(self.keypoint_pooler(features, boxes))
-        keypoints, scores = heatmaps_to_keypoints(logits, torch.cat(boxes))
+        keypoints, scores = heatmaps_to_keypoints(logits, torch.cat(boxes), self.keypoint_cfg.score)
         sizes = [len(b) for b in boxes]
         for d, kp, sc in zip(detections, keypoints.split(sizes), scores.split(sizes)):
             d["keypoints"], d["keypoint_scores"] = kp, sc
