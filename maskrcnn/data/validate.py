@@ -26,7 +26,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn.data.coco import RleError, _load_json, rle_from_counts
+from maskrcnn.data.coco import RleError, rle_from_counts
+from maskrcnn.data.jsonfile import load_json
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS, _check_size, read_image
 from maskrcnn.errors import ImageReadError, UserError
 
@@ -284,7 +285,7 @@ def _is_number(v: Any) -> bool:
 def load_annotations(ann_file: str | os.PathLike) -> dict[str, Any]:
     """Return the parsed annotation file, or raise UserError (one line naming it) if it is not COCO."""
     path = Path(ann_file)
-    data = _load_json(path)
+    data = load_json(path)
     _check_top_level(data, path)
     return data
 
