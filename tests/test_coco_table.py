@@ -76,6 +76,7 @@ def test_hand_written_fixture(tmp_path):
         assert_same_as_reference(CocoDataset(ann_file, image_dir, **kwargs), **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' decode under NumPy 2 (harmless)
 def test_shapes_data_and_its_targets(tmp_path):
     """The shapes generator's files (polygons and RLEs): same records, and the same images and targets."""
     files = make_shapes(tmp_path, num_train=6, num_val=2, seed=1)
@@ -85,8 +86,10 @@ def test_shapes_data_and_its_targets(tmp_path):
     _, records, *_ = reference(ann_file)
     for index in range(len(ds)):
         _, target = ds[index]
-        expected = np.stack([mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(r["segmentation"], *target[
-            "masks"].shape[1:])) if isinstance(r["segmentation"], list) else r["segmentation"]) for r in records[index]])
+        h, w = target["masks"].shape[1:]
+        rles = [mask_utils.merge(mask_utils.frPyObjects(r["segmentation"], h, w))
+                if isinstance(r["segmentation"], list) else r["segmentation"] for r in records[index]]
+        expected = np.stack([mask_utils.decode(rle) for rle in rles])
         assert np.array_equal(target["masks"].numpy(), expected)
         assert target["boxes"].tolist() == [[float(np.float32(v)) for v in r["box"]] for r in records[index]]
 
@@ -125,7 +128,8 @@ def _odd_annotation(rng: np.random.Generator, h: int, w: int) -> dict:
         lambda: [poly(5, 40, -20 * max(h, w))], lambda: [[1, 1, 1, 1, 1, 1]], lambda: [[0, 0, 2, 2, 4, 4]],
         lambda: [[0, 0, 4, 4, 4, 0, 0, 4]], lambda: [[-5, -5, -1, -5, -1, -1]], lambda: [[1, 2, 3]],
         lambda: [poly()[:-1]], lambda: [[1, "2", 3, 4, 5, 6]], lambda: [[1, None, 3, 4, 5, 6]],
-        lambda: [[1, [2], 3, 4, 5, 6]], lambda: [[1, float("nan"), 3, 4, 5, 6]], lambda: [[1, float("inf"), 3, 4, 5, 6]],
+        lambda: [[1, [2], 3, 4, 5, 6]], lambda: [[1, float("nan"), 3, 4, 5, 6]],
+        lambda: [[1, float("inf"), 3, 4, 5, 6]],
         lambda: [[True, 1, 5, 1, 5, 5]], lambda: [poly(), "x"], lambda: None, lambda: [], lambda: {}, lambda: 7,
         lambda: [[1e12, 1e12, -1e12, 1e12, 0, -1e12]], lambda: [[0, 0, 3, 0, 1e9, 3]],
         lambda: _uncompressed_rle(mask), lambda: {"size": [h, w], "counts": mask_utils.encode(
@@ -182,7 +186,8 @@ def test_degenerate_and_malformed_annotations(tmp_path, seed, caplog):
 @pytest.mark.parametrize("edit, words", [
     (lambda d: d["annotations"][3].update(image_id=999), "annotations[3] refers to image_id 999"),
     (lambda d: d["annotations"][5].update(category_id=4), "annotations[5] has category_id 4"),
-    (lambda d: d["annotations"][7].update(id=d["annotations"][2]["id"]), "annotations[7] has a non-integer or repeated"),
+    (lambda d: d["annotations"][7].update(id=d["annotations"][2]["id"]),
+     "annotations[7] has a non-integer or repeated"),
     (lambda d: d["annotations"][4].update(iscrowd=2), "annotations[4] has iscrowd 2"),
     (lambda d: d["annotations"][4].pop("category_id"), "annotations[4] is missing 'category_id'"),
     (lambda d: d["images"][1].pop("width"), "images[1] is missing 'width'"),
@@ -230,7 +235,8 @@ def test_cache_hit_change_and_damage(tmp_path, monkeypatch, caplog):
     data["annotations"][0]["segmentation"] = [[2, 2, 6, 2, 6, 8, 2, 8]]
     ann_file.write_text(json.dumps(data))
     edited = CocoDataset(ann_file, image_dir, cache_dir=cache)
-    assert len(parses) == 1 and edited._image_records(0)[1][0]["segmentation"] == [[2.0, 2.0, 6.0, 2.0, 6.0, 8.0, 2.0, 8.0]]
+    assert len(parses) == 1
+    assert edited._image_records(0)[1][0]["segmentation"] == [[2.0, 2.0, 6.0, 2.0, 6.0, 8.0, 2.0, 8.0]]
     assert len(list(cache.glob("*.npz"))) == 2
 
     for damage in (b"not a zip file", cached.read_bytes()[: len(cached.read_bytes()) // 2]):

@@ -58,11 +58,13 @@ HAND_MADE = {
     "keyhole: a hole joined by a bridge walked twice": (
         [[0, 0], [10, 0], [10, 10], [0, 10], [0, 5], [3, 5], [3, 7], [7, 7], [7, 3], [3, 3], [3, 5], [0, 5]], True),
     "spike": ([[0, 0], [4, 0], [4, 4], [2, 4], [2, 8], [2, 4], [0, 4]], True),
-    "vertical edges in a comb": ([[0, 0], [1, 0], [1, 3], [2, 3], [2, 0], [3, 0], [3, 3], [4, 3], [4, 4], [0, 4]], False),
+    "vertical edges in a comb": (
+        [[0, 0], [1, 0], [1, 3], [2, 3], [2, 0], [3, 0], [3, 3], [4, 3], [4, 4], [0, 4]], False),
     "comb with a notch": ([[0, 0], [1, 0], [1, 3], [2, 3], [2, 0], [3, 0], [3, 3], [4, 3], [4, 4], [1, 4],
                                   [1, 3.5], [0.5, 4], [0, 4]], False),
     "horizontal edges on one line, apart": ([[0, 0], [2, 0], [2, 1], [3, 1], [3, 0], [5, 0], [5, 2], [0, 2]], False),
-    "horizontal edges on one line, overlapping": ([[0, 0], [3, 0], [3, 1], [2, 1], [2, 0], [5, 0], [5, 2], [0, 2]], True),
+    "horizontal edges on one line, overlapping": (
+        [[0, 0], [3, 0], [3, 1], [2, 1], [2, 0], [5, 0], [5, 2], [0, 2]], True),
     "triangle": ([[0, 0], [1, 0], [0, 1]], False),
     "all on a line": ([[0, 0], [1, 0], [2, 0], [3, 0]], True),
 }

@@ -172,6 +172,9 @@ class CocoDataset(Dataset):
         return f"CocoDataset('{self.ann_file}', {len(self)} images, {len(self.class_names)} classes)"
 
     # ---- annotation checks ------------------------------------------------------------------
+    # What to keep of one annotation, and why not. The loader applies these checks to all annotations
+    # at once (`coco_table`, vectorised); this per-annotation form is their readable statement, and
+    # tests/test_coco_table.py holds the two to the same records and skip counts.
 
     def _prepare(self, ann: dict, img: dict, label_of: dict[int, int]) -> dict[str, Any] | None:
         """Return the usable form of one annotation, or None (and count why) if it is degenerate."""

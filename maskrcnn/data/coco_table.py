@@ -80,8 +80,9 @@ class AnnotationTable:
     def image_info(self, i: int) -> dict[str, Any]:
         """Return image i's id, file_name, height and width as the file's entry has them."""
         a, b = self.name_offsets[i], self.name_offsets[i + 1]
-        return {"id": int(self.image_ids[i]), "file_name": self.name_bytes[a:b].tobytes().decode("utf-8", "surrogatepass"),
-                "height": int(self.heights[i]), "width": int(self.widths[i])}
+        name = self.name_bytes[a:b].tobytes().decode("utf-8", "surrogatepass")
+        return {"id": int(self.image_ids[i]), "file_name": name, "height": int(self.heights[i]),
+                "width": int(self.widths[i])}
 
     def records(self, i: int) -> list[dict[str, Any]]:
         """Return image i's records: dicts with box, label, iscrowd, segmentation (pycocotools form) and,
@@ -355,12 +356,13 @@ class _Builder:
         rle = [rle_counts.get(int(i), b"") for i in order]
         keypoint_cats = [c for c in categories if isinstance(c.get("keypoints"), list) and c["keypoints"]]
         keypoint_names = [str(k) for k in keypoint_cats[0]["keypoints"]] if keypoint_cats else []
+        skeleton = (keypoint_cats[0].get("skeleton") or []) if keypoint_cats else []
         keypoints, bad_keypoints = self._prepare_keypoints(order, len(keypoint_names))
         meta = {
             "category_ids": [int(c["id"]) for c in categories],
             "class_names": [str(c["name"]) for c in categories],
             "keypoint_names": keypoint_names,
-            "skeleton": [[int(a), int(b)] for a, b in (keypoint_cats[0].get("skeleton") or [])] if keypoint_cats else [],
+            "skeleton": [[int(a), int(b)] for a, b in skeleton],
             "skipped": dict(skipped),
             "boxes_from_masks": int((kept & (_np(self.box_state, np.int8) == _BOX_ABSENT)).sum()),
             "bad_keypoints": bad_keypoints,
