@@ -267,14 +267,16 @@ def run_cli_timed(root: Path, *cli_args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     code = "import sys; from maskrcnn.cli import main; sys.exit(main(sys.argv[1:]))"
     t = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code, *cli_args], env=env,
+    # -P: not the current folder first on sys.path, so `maskrcnn` comes from `root` (PYTHONPATH)
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-P", "-c", code, *cli_args], env=env,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - t
     rss = next((int(line.split(":")[1]) / 1024 for line in proc.stderr.splitlines()
                 if "Maximum resident set size" in line), float("nan"))
     errors = [line for line in proc.stderr.splitlines() if "Error" in line and "Command" not in line]
     out = {"seconds": seconds, "peak_rss_mib": rss, "exit": proc.returncode}
-    if proc.returncode not in (0, 1):  # 1 = the dataset has errors (missing image files): expected here
+    # exit 1 is also "the dataset has errors" (the COCO-size file's images are absent): a traceback is not
+    if proc.returncode not in (0, 1) or "Traceback" in proc.stderr:
         out["error"] = (errors or proc.stderr.strip().splitlines() or ["?"])[-1][:300]
     return out
 
