@@ -286,3 +286,13 @@ def test_stream_members_errors_match_json(text):
         stream_members(text, {"annotations": lambda i, v: None})
     assert (got.value.msg, got.value.lineno, got.value.colno) == (expected.value.msg, expected.value.lineno,
                                                                  expected.value.colno)
+
+
+def test_unwritable_cache_warns_and_loads(tmp_path, caplog):
+    ann_file, image_dir = _write_dataset(tmp_path)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger="maskrcnn.data.coco_table"):
+        ds = CocoDataset(ann_file, image_dir, cache_dir=blocker)
+    assert_same_as_reference(ds)
+    assert any("cannot write the annotation cache" in r.getMessage() for r in caplog.records)
