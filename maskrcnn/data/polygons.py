@@ -46,23 +46,24 @@ def polygon_self_intersects(points: np.ndarray, distinct: bool = False, method: 
     n = len(p)
     if n < 3:
         return False
-    u, v = np.roll(p, 1, axis=0) - p, np.roll(p, -1, axis=0) - p  # the two edges at each vertex, away from it
+    nxt = np.concatenate([p[1:], p[:1]])  # (slicing: np.roll costs more than the test on small polygons)
+    u, v = np.concatenate([p[-1:], p[:-1]]) - p, nxt - p  # the two edges at each vertex, away from it
     if np.any((u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0] == 0) & ((u * v).sum(axis=1) > 0)):
         return True  # an edge doubles back along the previous one
     if n < 4:
         return False
     if method == "pairwise" or (method == "auto" and n <= PAIRWISE_UP_TO):
-        return _pairwise_meets(p)
+        return _pairwise_meets(p, nxt)
     if len(set(map(tuple, p.tolist()))) < n:
         return True  # a vertex visited twice: the edges there touch
     return _Sweep(p).finds_meeting()
 
 
-def _pairwise_meets(p: np.ndarray) -> bool:
-    """Return True if two non-adjacent edges of the polygon `p` (distinct vertices, n >= 4) cross or touch,
-    testing every pair whose bounding boxes overlap at once (O(n^2) memory: for small polygons)."""
+def _pairwise_meets(p: np.ndarray, nxt: np.ndarray) -> bool:
+    """Return True if two non-adjacent edges of the polygon `p` (distinct vertices, n >= 4; edge i runs
+    from p[i] to nxt[i]) cross or touch, testing every pair whose bounding boxes overlap at once (O(n^2)
+    memory: for small polygons)."""
     n = len(p)
-    nxt = np.roll(p, -1, axis=0)  # edge i runs from p[i] to nxt[i]
     lo, hi = np.minimum(p, nxt), np.maximum(p, nxt)
     overlap = ((lo[:, None, 0] <= hi[None, :, 0]) & (lo[None, :, 0] <= hi[:, None, 0])
                & (lo[:, None, 1] <= hi[None, :, 1]) & (lo[None, :, 1] <= hi[:, None, 1]))
@@ -99,7 +100,7 @@ class _Sweep:
 
     def __init__(self, p: np.ndarray) -> None:
         n = len(p)
-        q = np.roll(p, -1, axis=0)  # edge i runs from p[i] to q[i]
+        q = np.concatenate([p[1:], p[:1]])  # edge i runs from p[i] to q[i]
         swap = (q[:, 0] < p[:, 0]) | ((q[:, 0] == p[:, 0]) & (q[:, 1] < p[:, 1]))
         left, right = np.where(swap[:, None], q, p), np.where(swap[:, None], p, q)
         self.n = n
