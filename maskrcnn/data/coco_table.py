@@ -241,7 +241,13 @@ class _Builder:
 
     def add(self, i: int, ann: Any) -> None:
         """Take annotations[i]: check its structure, keep its numbers, note a skip reason found already."""
-        image_id, category_id, ann_id, crowd = coco._check_annotation(ann, i, self.path)
+        if type(ann) is dict:  # the usual case decided at once; anything else gets the full check's words
+            image_id, category_id, ann_id = ann.get("image_id"), ann.get("category_id"), ann.get("id")
+            crowd = ann.get("iscrowd", 0)
+        if not (type(ann) is dict and type(image_id) is int and type(category_id) is int
+                and (ann_id is None or type(ann_id) is int) and crowd in (0, 1, None)):
+            image_id, category_id, ann_id, crowd = coco._check_annotation(ann, i, self.path)
+        crowd = int(crowd or 0)
         try:
             self.image_id.append(image_id)
             self.category_id.append(category_id)

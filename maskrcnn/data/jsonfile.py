@@ -17,6 +17,7 @@ from typing import Any, Callable
 from maskrcnn.errors import UserError
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_WHITESPACE_CHARS = " \t\n\r"
 
 
 def read_json_text(path: Path, what: str = "annotation file", hint: str = "") -> str:
@@ -113,13 +114,20 @@ def _stream_array(text: str, pos: int, decoder: json.JSONDecoder, on_item: Calla
     if text.startswith("]", pos):
         return pos + 1
     index = 0
+    scan = decoder.scan_once  # what raw_decode calls, without its wrapper (called once per element)
     while True:
-        item, pos = decoder.raw_decode(text, pos)
+        try:
+            item, pos = scan(text, pos)
+        except StopIteration as e:
+            raise json.JSONDecodeError("Expecting value", text, e.value) from None
         on_item(index, item)
         index += 1
-        pos = _skip(text, pos)
+        if text[pos:pos + 1] in _WHITESPACE_CHARS:  # (also true at the end of the text: '' is in any str)
+            pos = _skip(text, pos)
         if text.startswith(",", pos):
-            pos = _skip(text, pos + 1)
+            pos += 1
+            if text[pos:pos + 1] in _WHITESPACE_CHARS:
+                pos = _skip(text, pos)
         elif text.startswith("]", pos):
             return pos + 1
         else:
