@@ -296,3 +296,17 @@ def test_unwritable_cache_warns_and_loads(tmp_path, caplog):
         ds = CocoDataset(ann_file, image_dir, cache_dir=blocker)
     assert_same_as_reference(ds)
     assert any("cannot write the annotation cache" in r.getMessage() for r in caplog.records)
+
+
+def test_ids_beyond_64_bits_are_one_line_errors(tmp_path):
+    ann_file, image_dir = _write_dataset(tmp_path)
+    data = json.loads(ann_file.read_text())
+    data["images"][2]["id"] = 2**70  # an image no annotation refers to
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"image or category id beyond 64 bits \(1180591620717411303424\)"):
+        CocoDataset(ann_file, image_dir)
+    data["annotations"][1]["id"] = -2**64
+    data["images"][2]["id"] = 12
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"annotations\[1\] has an id beyond 64 bits"):
+        CocoDataset(ann_file, image_dir)

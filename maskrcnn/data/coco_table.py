@@ -328,6 +328,9 @@ class _Builder:
         coco._check_images(images, path, max_pixels=2**63)  # the limit is the dataset's, checked on the table
         coco._check_categories(categories, path)
         categories = sorted(categories, key=lambda c: c["id"])
+        too_large = [e["id"] for e in (*images, *categories) if not -2**63 <= e["id"] < 2**63]
+        if too_large:
+            raise UserError(f"'{path}' has an image or category id beyond 64 bits ({too_large[0]}); renumber it")
         image_ids = np.array([img["id"] for img in images], dtype=np.int64)
         heights = np.array([img["height"] for img in images], dtype=np.int64)
         widths = np.array([img["width"] for img in images], dtype=np.int64)
