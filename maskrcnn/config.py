@@ -266,6 +266,9 @@ class DataConfig:
     aspect_ratio_grouping: bool = True
     max_bad_images: int = 50  # unreadable training images skipped (each replaced) before the run stops
     max_worker_restarts: int = 5  # data-loader worker deaths survived (loader restarted) before it stops
+    # A folder for parsed annotation files (numpy arrays keyed by the file's SHA-256): large COCO files
+    # load in seconds the second time. "" = off.
+    cache_dir: str = ""
 
 
 @dataclass

@@ -110,7 +110,8 @@ def _run_model(args: argparse.Namespace, cfg: Any, spec: str, out: Path, onnx_mo
     if not ann.is_file():
         raise UserError(f"annotation file '{ann}' does not exist; pass --data ANN.json:IMAGE_DIR")
     # Every image counts: images without annotations still score their false positives.
-    dataset = CocoDataset(ann, image_dir, filter_empty=False, train=False, max_pixels=cfg.input.max_pixels)
+    dataset = CocoDataset(ann, image_dir, filter_empty=False, train=False, max_pixels=cfg.input.max_pixels,
+                          cache_dir=cfg.data.cache_dir or None)
     ids = label_to_category(cfg, dataset)  # before the (slow) model load, so mistakes show at once
     max_images = cfg.test.max_images if args.max_images is None else args.max_images
     if onnx_model is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS, image_to_tensor, read_image
 from maskrcnn.data.augment import Augmenter
+from maskrcnn.data.jsonfile import load_json
 from maskrcnn.data.transforms import keypoint_flip_map
 from maskrcnn.errors import UserError
 
@@ -67,10 +67,12 @@ class CocoDataset(Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_keypoints: int = 1,
         augment: Augmenter | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         """`min_keypoints`: with `filter_empty` and `train`, a keypoint dataset's images with fewer
         labelled keypoints (all instances together) are left out, as Detectron2 does. `augment`: the
-        training augmentation (with `train`); without it, a horizontal flip with chance `flip_prob`."""
+        training augmentation (with `train`); without it, a horizontal flip with chance `flip_prob`.
+        `cache_dir`: keep the parsed annotations there, keyed by the file's content (`coco_table`)."""
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.train = train
@@ -79,17 +81,17 @@ class CocoDataset(Dataset):
         if not self.image_dir.is_dir():
             raise UserError(f"image directory '{self.image_dir}' (for '{self.ann_file}') does not exist")
 
-        data = _load_json(self.ann_file)
-        image_by_id = _check_schema(data, self.ann_file, max_pixels)
-        categories = sorted(data["categories"], key=lambda c: c["id"])
-        self.category_ids: list[int] = [int(c["id"]) for c in categories]
-        self.class_names: list[str] = [str(c["name"]) for c in categories]
-        label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        # Imported here: coco_table builds on this module's checks (and imports it at its top).
+        from maskrcnn.data.coco_table import load_table
+
+        table = load_table(self.ann_file, cache_dir)
+        table.check_pixels(self.ann_file, max_pixels)
+        self._table = table
+        self.category_ids: list[int] = list(table.meta["category_ids"])
+        self.class_names: list[str] = list(table.meta["class_names"])
         # Person-keypoints files: each keypoint category names its K keypoints and a skeleton.
-        with_keypoints = [c for c in categories if isinstance(c.get("keypoints"), list) and c["keypoints"]]
-        self.keypoint_names: list[str] = [str(n) for n in with_keypoints[0]["keypoints"]] if with_keypoints else []
-        skeleton = (with_keypoints[0].get("skeleton") or []) if with_keypoints else []
-        self.skeleton: list[list[int]] = [[int(a), int(b)] for a, b in skeleton]  # 1-based, as COCO's
+        self.keypoint_names: list[str] = list(table.meta["keypoint_names"])
+        self.skeleton: list[list[int]] = [list(p) for p in table.meta["skeleton"]]  # 1-based, as COCO's
         self.num_keypoints = len(self.keypoint_names)
         self.keypoint_flip_map: list[int] = keypoint_flip_map(self.keypoint_names)
         augment = augment if augment is not None else Augmenter(horizontal_flip=self.flip_prob)
@@ -97,43 +99,46 @@ class CocoDataset(Dataset):
         # one Augmenter can serve several datasets).
         self.augment = augment if augment.flip_map is not None else replace(augment, flip_map=self.keypoint_flip_map)
 
-        self.skipped: Counter[str] = Counter()
-        self.bad_keypoints = 0
-        self.boxes_from_masks = 0
-        by_image: dict[int, list[dict[str, Any]]] = {int(img["id"]): [] for img in data["images"]}
-        for ann in data["annotations"]:
-            record = self._prepare(ann, image_by_id[ann["image_id"]], label_of)
-            if record is not None:
-                by_image[ann["image_id"]].append(record)
-        self.coco = _make_coco(data)
+        self.skipped: Counter[str] = Counter(table.meta["skipped"])
+        self.bad_keypoints: int = table.meta["bad_keypoints"]
+        self.boxes_from_masks: int = table.meta["boxes_from_masks"]
+        # Keypoint files' training images need min_keypoints labelled keypoints (as Detectron2's).
+        self._positions = table.usable_images(filter_empty, min_keypoints if train else 0)
+        self.image_ids: list[int] = table.image_ids[self._positions].tolist()
+        self.image_sizes: list[tuple[int, int]] = list(zip(table.heights[self._positions].tolist(),
+                                                           table.widths[self._positions].tolist()))
+        self._coco: COCO | None = None
 
-        self._images: list[dict[str, Any]] = []
-        self._records: list[list[dict[str, Any]]] = []
-        for img in data["images"]:
-            records = by_image[int(img["id"])]
-            if filter_empty and not any(r["iscrowd"] == 0 for r in records):
-                continue
-            if filter_empty and train and self.num_keypoints and sum(
-                    int((r["keypoints"][:, 2] > 0).sum()) for r in records if r["iscrowd"] == 0) < min_keypoints:
-                continue
-            self._images.append(img)
-            self._records.append(records)
-        self.image_ids: list[int] = [int(img["id"]) for img in self._images]
-        self.image_sizes: list[tuple[int, int]] = [(int(i["height"]), int(i["width"])) for i in self._images]
-
-        self._report(len(data["annotations"]), len(data["images"]))
+        num_images = len(table.image_ids)
+        self._report(table.meta["num_annotations"], num_images)
         if self.bad_keypoints:
             logger.warning(f"{self.ann_file}: {self.bad_keypoints} annotations have malformed keypoints (not "
                            f"{3 * self.num_keypoints} finite numbers); they are used without keypoints")
-        if not self._images:
-            what = "no images" if not data["images"] else "no image with a usable (non-crowd) annotation"
+        if not len(self._positions):
+            what = "no images" if not num_images else "no image with a usable (non-crowd) annotation"
             raise UserError(f"annotation file '{self.ann_file}' has {what}; check its images and annotations")
 
+    @property
+    def coco(self) -> COCO:
+        """The pycocotools index of the whole file, for evaluation: built on first use (it holds every
+        annotation as Python objects, which training does not need)."""
+        if self._coco is None:
+            data = _load_json(self.ann_file)
+            _check_schema(data, self.ann_file, max_pixels=2**63)
+            self._coco = _make_coco(data)
+        return self._coco
+
+    def _image_records(self, index: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Return image `index`'s info (id, file_name, height, width) and its records: dicts with box
+        (xyxy), label, iscrowd, segmentation (pycocotools polygons or RLE) and keypoints [K, 3]."""
+        position = int(self._positions[index])
+        return self._table.image_info(position), self._table.records(position)
+
     def __len__(self) -> int:
-        return len(self._images)
+        return len(self._positions)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        info, records = self._images[index], self._records[index]
+        info, records = self._image_records(index)
         path = self.image_dir / info["file_name"]
         image = read_image(path, self.max_pixels)
         h, w = int(info["height"]), int(info["width"])
@@ -167,6 +172,9 @@ class CocoDataset(Dataset):
         return f"CocoDataset('{self.ann_file}', {len(self)} images, {len(self.class_names)} classes)"
 
     # ---- annotation checks ------------------------------------------------------------------
+    # What to keep of one annotation, and why not. The loader applies these checks to all annotations
+    # at once (`coco_table`, vectorised); this per-annotation form is their readable statement, and
+    # tests/test_coco_table.py holds the two to the same records and skip counts.
 
     def _prepare(self, ann: dict, img: dict, label_of: dict[int, int]) -> dict[str, Any] | None:
         """Return the usable form of one annotation, or None (and count why) if it is degenerate."""
@@ -411,19 +419,7 @@ def _decode_masks(segmentations: list[Any], h: int, w: int) -> np.ndarray:
 
 def _load_json(path: Path) -> dict[str, Any]:
     """Return the parsed annotation file, or raise UserError naming it."""
-    if not path.exists():
-        raise UserError(f"annotation file '{path}' does not exist")
-    if path.is_dir():
-        raise UserError(f"annotation file '{path}' is a directory; give the .json file")
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"annotation file '{path}' is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"annotation file '{path}' is not UTF-8 JSON text") from None
-    except OSError as e:
-        raise UserError(f"annotation file '{path}' cannot be read: {e.strerror}") from None
+    return load_json(path, "annotation file")
 
 
 def _require(entry: Any, keys: Sequence[str], where: str, path: Path) -> None:
@@ -439,8 +435,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_schema(data: Any, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[Any, dict]:
-    """Return images by id after checking keys, types and references (filling ann ids and iscrowd)."""
+def _check_top_level(data: Any, path: Path) -> None:
+    """Raise UserError unless `data` has 'images' and 'categories' lists (setting absent annotations to [])."""
     if not isinstance(data, dict):
         raise UserError(f"'{path}' must hold a COCO object with 'images', 'annotations' and 'categories'")
     for key in ("images", "categories"):
@@ -448,12 +444,14 @@ def _check_schema(data: Any, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -
             raise UserError(f"'{path}' has no '{key}' list; is it a COCO instances file?")
     if data.get("annotations") is None:
         data["annotations"] = []  # image-info-only files (test sets) are fine
-    anns = data["annotations"]
-    if not isinstance(anns, list):
-        raise UserError(f"'{path}': 'annotations' must be a list, got {type(anns).__name__}")
+    if not isinstance(data["annotations"], list):
+        raise UserError(f"'{path}': 'annotations' must be a list, got {type(data['annotations']).__name__}")
 
-    images: dict[int, dict] = {}
-    for i, img in enumerate(data["images"]):
+
+def _check_images(images: list, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[int, dict]:
+    """Return the image entries by id after checking their keys and types."""
+    by_id: dict[int, dict] = {}
+    for i, img in enumerate(images):
         _require(img, ("id", "file_name", "width", "height"), f"images[{i}]", path)
         if not _is_int(img["id"]):
             raise UserError(f"'{path}': images[{i}] has id {img['id']!r}; image ids must be integers")
@@ -465,45 +463,86 @@ def _check_schema(data: Any, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -
                 f"'{path}': images[{i}] needs positive integer 'width' and 'height', got {w!r} and {h!r}"
             )
         if w * h > max_pixels:
-            raise UserError(
-                f"'{path}': images[{i}] ('{img['file_name']}') is {w}x{h} = {w * h} pixels, above the limit "
-                f"of {max_pixels}; downscale it or raise input.max_pixels"
-            )
-        if img["id"] in images:
+            raise _too_many_pixels(path, i, img["file_name"], w, h, max_pixels)
+        if img["id"] in by_id:
             raise UserError(f"'{path}': image id {img['id']} appears twice in 'images'")
-        images[img["id"]] = img
-    seen_cats: set[int] = set()
-    for i, cat in enumerate(data["categories"]):
+        by_id[img["id"]] = img
+    return by_id
+
+
+def _too_many_pixels(path: Path, index: int, file_name: str, w: int, h: int, max_pixels: int) -> UserError:
+    return UserError(
+        f"'{path}': images[{index}] ('{file_name}') is {w}x{h} = {w * h} pixels, above the limit "
+        f"of {max_pixels}; downscale it or raise input.max_pixels"
+    )
+
+
+def _check_categories(categories: list, path: Path) -> set[int]:
+    """Return the category ids after checking the entries' keys and types."""
+    seen: set[int] = set()
+    for i, cat in enumerate(categories):
         _require(cat, ("id", "name"), f"categories[{i}]", path)
-        if not _is_int(cat["id"]) or cat["id"] in seen_cats:
+        if not _is_int(cat["id"]) or cat["id"] in seen:
             raise UserError(f"'{path}': categories[{i}] has a non-integer or repeated id {cat['id']!r}")
         if not isinstance(cat["name"], (str, int, float)) or isinstance(cat["name"], bool):
             raise UserError(f"'{path}': categories[{i}] has name {cat['name']!r}; expected a string")
-        seen_cats.add(cat["id"])
-    if not seen_cats:
+        seen.add(cat["id"])
+    if not seen:
         raise UserError(f"'{path}' lists no categories")
+    return seen
 
+
+def _check_annotation(ann: Any, i: int, path: Path) -> tuple[int, int, int | None, int]:
+    """Return (image_id, category_id, id or None, iscrowd) of annotations[i] after checking their types.
+
+    Whether the ids refer to listed images and categories, and are unique, is the caller's check
+    (`_unknown_image`, `_unknown_category`, `_bad_annotation_id` word the errors).
+    """
+    _require(ann, ("image_id", "category_id"), f"annotations[{i}]", path)
+    image_id, category_id, ann_id = ann["image_id"], ann["category_id"], ann.get("id")
+    if not _is_int(image_id):
+        raise _unknown_image(path, i, image_id)
+    if not _is_int(category_id):
+        raise _unknown_category(path, i, category_id)
+    if ann_id is not None and not _is_int(ann_id):
+        raise _bad_annotation_id(path, i, ann_id)
+    crowd = ann.get("iscrowd", 0)
+    if not (crowd is None or (isinstance(crowd, (int, float)) and crowd in (0, 1))):
+        raise UserError(f"'{path}': annotations[{i}] has iscrowd {crowd!r}; expected 0 or 1")
+    return image_id, category_id, ann_id, int(crowd or 0)
+
+
+def _unknown_image(path: Path, i: int, image_id: Any) -> UserError:
+    return UserError(f"'{path}': annotations[{i}] refers to image_id {image_id!r}, which is not in 'images'")
+
+
+def _unknown_category(path: Path, i: int, category_id: Any) -> UserError:
+    return UserError(f"'{path}': annotations[{i}] has category_id {category_id!r}, which is not in 'categories'")
+
+
+def _bad_annotation_id(path: Path, i: int, ann_id: Any) -> UserError:
+    return UserError(f"'{path}': annotations[{i}] has a non-integer or repeated id {ann_id!r}")
+
+
+def _check_schema(data: Any, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[Any, dict]:
+    """Return images by id after checking keys, types and references (filling ann ids and iscrowd)."""
+    _check_top_level(data, path)
+    images = _check_images(data["images"], path, max_pixels)
+    categories = _check_categories(data["categories"], path)
+    anns = data["annotations"]
     next_id = 1 + max((a["id"] for a in anns if isinstance(a, dict) and _is_int(a.get("id"))), default=0)
     ann_ids: set[int] = set()
     for i, ann in enumerate(anns):
-        _require(ann, ("image_id", "category_id"), f"annotations[{i}]", path)
-        image_id, category_id = ann["image_id"], ann["category_id"]
-        if not _is_int(image_id) or image_id not in images:
-            raise UserError(f"'{path}': annotations[{i}] refers to image_id {image_id!r}, which is not in 'images'")
-        if not _is_int(category_id) or category_id not in seen_cats:
-            raise UserError(
-                f"'{path}': annotations[{i}] has category_id {category_id!r}, which is not in 'categories'"
-            )
-        if ann.get("id") is None:  # pycocotools indexes annotations by id
+        image_id, category_id, ann_id, ann["iscrowd"] = _check_annotation(ann, i, path)
+        if image_id not in images:
+            raise _unknown_image(path, i, image_id)
+        if category_id not in categories:
+            raise _unknown_category(path, i, category_id)
+        if ann_id is None:  # pycocotools indexes annotations by id
             ann["id"], next_id = next_id, next_id + 1
-        elif not _is_int(ann["id"]) or ann["id"] in ann_ids:
-            raise UserError(f"'{path}': annotations[{i}] has a non-integer or repeated id {ann['id']!r}")
+        elif ann_id in ann_ids:
+            raise _bad_annotation_id(path, i, ann_id)
         ann_ids.add(ann["id"])
-        crowd = ann.get("iscrowd", 0)
-        if crowd is None or (isinstance(crowd, (int, float)) and crowd in (0, 1)):
-            ann["iscrowd"] = int(crowd or 0)
-        else:
-            raise UserError(f"'{path}': annotations[{i}] has iscrowd {crowd!r}; expected 0 or 1")
     return images
 
 

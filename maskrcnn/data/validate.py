@@ -26,7 +26,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn.data.coco import RleError, _load_json, rle_from_counts
+from maskrcnn.data.coco import RleError, rle_from_counts
+from maskrcnn.data.jsonfile import load_json
+from maskrcnn.data.polygons import distinct_vertices, polygon_self_intersects
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS, _check_size, read_image
 from maskrcnn.errors import ImageReadError, UserError
 
@@ -201,58 +203,9 @@ class ImageProber:
 # ---- polygons -----------------------------------------------------------------------------------
 
 
-def _distinct_vertices(points: np.ndarray) -> np.ndarray:
-    """Return the polygon's vertices without consecutive repeats (a repeated closing point included)."""
-    if len(points) < 2:
-        return points
-    keep = np.any(points != np.concatenate([points[-1:], points[:-1]]), axis=1)
-    return points[keep] if keep.any() else points[:1]
-
-
 def _cross(o: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Return the z of (a - o) x (b - o), broadcast over leading axes (sign = turn direction)."""
     return (a[..., 0] - o[..., 0]) * (b[..., 1] - o[..., 1]) - (a[..., 1] - o[..., 1]) * (b[..., 0] - o[..., 0])
-
-
-def _within_box(p: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Return whether r lies in the axis-aligned box spanned by p and q (for collinear r)."""
-    lo, hi = np.minimum(p, q), np.maximum(p, q)
-    return np.all((lo <= r) & (r <= hi), axis=-1)
-
-
-def polygon_self_intersects(points: np.ndarray, distinct: bool = False) -> bool:
-    """Return True if the closed polygon through `points` [N,2] crosses, touches or folds back on itself.
-
-    Every pair of non-adjacent edges is tested (O(n^2), vectorised; only pairs whose bounding boxes
-    overlap get the exact orientation test). Adjacent edges only meet at their shared vertex unless
-    one doubles back along the other.
-    """
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    p = p if distinct else _distinct_vertices(p)  # `distinct`: the caller already removed repeats
-    n = len(p)
-    if n < 3:
-        return False
-    nxt = np.concatenate([p[1:], p[:1]])  # edge i runs from p[i] to nxt[i]
-    u, v = np.concatenate([p[-1:], p[:-1]]) - p, nxt - p  # the two edges at each vertex, pointing away from it
-    if np.any((u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0] == 0) & ((u * v).sum(axis=1) > 0)):
-        return True  # an edge doubles back along the previous one
-    if n < 4:
-        return False
-    lo, hi = np.minimum(p, nxt), np.maximum(p, nxt)
-    overlap = ((lo[:, None, 0] <= hi[None, :, 0]) & (lo[None, :, 0] <= hi[:, None, 0])
-               & (lo[:, None, 1] <= hi[None, :, 1]) & (lo[None, :, 1] <= hi[:, None, 1]))
-    overlap = np.triu(overlap, k=2)  # j >= i + 2: neither the same edge nor the next one
-    overlap[0, n - 1] = False  # the last edge is adjacent to the first
-    i, j = np.nonzero(overlap)
-    if not len(i):
-        return False
-    a, b, c, d = p[i], nxt[i], p[j], nxt[j]
-    d1, d2 = _cross(c, d, a), _cross(c, d, b)
-    d3, d4 = _cross(a, b, c), _cross(a, b, d)
-    crossing = (np.sign(d1) * np.sign(d2) < 0) & (np.sign(d3) * np.sign(d4) < 0)
-    touching = (((d1 == 0) & _within_box(c, d, a)) | ((d2 == 0) & _within_box(c, d, b))
-                | ((d3 == 0) & _within_box(a, b, c)) | ((d4 == 0) & _within_box(a, b, d)))
-    return bool((crossing | touching).any())
 
 
 def _collinear(p: np.ndarray) -> bool:
@@ -284,7 +237,7 @@ def _is_number(v: Any) -> bool:
 def load_annotations(ann_file: str | os.PathLike) -> dict[str, Any]:
     """Return the parsed annotation file, or raise UserError (one line naming it) if it is not COCO."""
     path = Path(ann_file)
-    data = _load_json(path)
+    data = load_json(path)
     _check_top_level(data, path)
     return data
 
@@ -488,7 +441,7 @@ class _Checker:
                 self.add("polygon-too-few-points", f"{what} has {len(poly) // 2} points; a polygon needs 3", **where)
             else:
                 points = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-                distinct = _distinct_vertices(points)
+                distinct = distinct_vertices(points)
                 if _collinear(distinct):
                     self.add("polygon-zero-area", f"{what} encloses no area (its points are on one line)", **where)
                     continue

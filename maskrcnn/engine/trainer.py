@@ -249,6 +249,7 @@ def build_train_dataset(cfg: Config) -> Any:
         augment=Augmenter.from_config(cfg.input),
         max_pixels=cfg.input.max_pixels,
         min_keypoints=cfg.model.keypoint_head.min_keypoints_per_image if cfg.model.keypoint_head.enabled else 0,
+        cache_dir=cfg.data.cache_dir or None,
     )
 
 
@@ -573,7 +574,8 @@ class Trainer:
 
             ann, image_dir = parse_data_spec(self.cfg.data.val)
             self.val_dataset = CocoDataset(ann, image_dir, filter_empty=False, train=False,
-                                           max_pixels=self.cfg.input.max_pixels)
+                                           max_pixels=self.cfg.input.max_pixels,
+                                           cache_dir=self.cfg.data.cache_dir or None)
         # Full precision: evaluation numbers should not depend on the training-time AMP setting.
         result = evaluate(self.model, self.val_dataset, self.out / "eval" / tag,
                           max_images=self.cfg.test.max_images, progress=sys.stderr.isatty() and self.main)

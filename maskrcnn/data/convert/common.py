@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from maskrcnn.data.convert import geometry
+from maskrcnn.data.jsonfile import load_json  # noqa: F401 - the readers' JSON loader, shared with the COCO loader
 from maskrcnn.data.validate import upright_header_size
 from maskrcnn.errors import UserError
 
@@ -146,21 +147,6 @@ def values_to_names(classes: ClassFile, first: int) -> dict[int, str]:
 
 
 # ---- files ----------------------------------------------------------------------------------------
-
-
-def load_json(path: Path, what: str, hint: str) -> Any:
-    """Return the parsed JSON file, or raise UserError naming it, the problem and `hint` (what to do)."""
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{what} '{path}' is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); {hint}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{what} '{path}' is not UTF-8 JSON text; {hint}") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} '{path}' is a directory; give the .json file") from None
-    except OSError as e:
-        raise UserError(f"{what} '{path}' cannot be read: {e.strerror}") from None
 
 
 def image_size(path: Path) -> tuple[int, int] | str:
