@@ -62,17 +62,11 @@ class InstanceMasks:
     # ---- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def empty(cls, height: int, width: int, device: torch.device | str = "cpu") -> "InstanceMasks":
-        """Return masks of no instances in an H x W image."""
-        return cls(torch.zeros(0, dtype=torch.uint8, device=device),
-                   torch.zeros((0, 4), dtype=torch.int64, device=device), height, width)
-
-    @classmethod
     def from_dense(cls, masks: Tensor) -> "InstanceMasks":
         """Return the crops of dense masks [N, H, W] (any non-zero value is foreground; floats from 0.5)."""
         if masks.dim() != 3:
             raise ValueError(f"masks must be [N, H, W], got shape {tuple(masks.shape)}")
-        n, h, w = masks.shape
+        _, h, w = masks.shape
         hit = masks >= 0.5 if masks.is_floating_point() else masks != 0
         top, bottom = _extent(hit.any(dim=2))
         left, right = _extent(hit.any(dim=1))
