@@ -14,7 +14,7 @@ and measures, each in a fresh process so that peak RSS is that measurement's own
   (total = the parent's RSS + each worker's private memory; copy-on-read shows up as private memory);
 - `polygon`: `maskrcnn check-dataset` on the huge polygon;
 - `check-coco`: `maskrcnn check-dataset` on the COCO-size file (slow before; off by default);
-- `dense-train`: a training step on a dense image: reserved for the dense-masks work (see `dense_train`).
+The training step on a dense image (issue 25, part 1) has its own script: `benchmarks/dense_scene.py`.
 
 `--before REV` runs the same measurements on a `git archive` copy of revision REV too (the current
 tree is "after"). The default sizes are COCO's; `--images 20000 --annotations 145000` is a quick run.
@@ -43,7 +43,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
-SECTIONS = ("load", "cache", "workers", "polygon", "check-coco", "dense-train")
+SECTIONS = ("load", "cache", "workers", "polygon", "check-coco")
 DEFAULT_SECTIONS = ("load", "cache", "workers", "polygon")
 
 
@@ -281,12 +281,6 @@ def run_cli_timed(root: Path, *cli_args: str) -> dict:
     return out
 
 
-def dense_train(root: Path, out: Path, args: argparse.Namespace) -> dict:
-    """RESERVED for the dense-masks work (issue 25 part 1): a training step on a 1024x1024 image with
-    5 000 instances at batch 2, peak RSS and time, before and after. Not implemented on this branch."""
-    raise NotImplementedError("the dense-image training step is measured by the dense-masks branch")
-
-
 # ---- the run ------------------------------------------------------------------------------------
 
 
@@ -322,8 +316,6 @@ def measure(label: str, root: Path, files: dict[str, Path], sections: list[str],
     if "check-coco" in sections:
         res["check_coco"] = run_cli_timed(root, "check-dataset", f"{ann}:{images}")
         print(label, "check-coco", res["check_coco"], flush=True)
-    if "dense-train" in sections:
-        res["dense_train"] = dense_train(root, out, args)
     return res
 
 

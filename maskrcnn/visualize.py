@@ -39,10 +39,12 @@ def _contour(mask: np.ndarray) -> np.ndarray:
 
 
 def _kept_masks(masks: Any, keep: np.ndarray) -> Any:
-    """Return the masks of the detections at `keep`: a bool [N,H,W] array, or an `RLEMasks` decoded one at a time."""
+    """Return the masks of the detections at `keep`: a bool [N,H,W] array, or an `RLEMasks` / `InstanceMasks`
+    (ground truth) decoded one at a time."""
+    from maskrcnn.instance_masks import InstanceMasks
     from maskrcnn.structures import RLEMasks
 
-    if masks is None or isinstance(masks, RLEMasks):  # tiled inference: never all decoded at once
+    if masks is None or isinstance(masks, (RLEMasks, InstanceMasks)):  # never all decoded at once
         return None if masks is None else masks[keep]
     masks = _to_numpy(masks)
     if masks.ndim == 4:  # torchvision's [D,1,H,W] soft masks

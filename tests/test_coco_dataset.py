@@ -14,6 +14,7 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.data.coco import CocoDataset, build_dataset, concat_datasets, parse_data_spec
 from maskrcnn.errors import UserError
+from maskrcnn.instance_masks import InstanceMasks
 
 # Image 10 is 20 wide x 16 high; image 11 is portrait, 12 x 24.
 RLE_MASK = np.zeros((16, 20), np.uint8)
@@ -102,12 +103,14 @@ def test_target_types_and_all_segmentation_forms(files):
     assert image.shape == (3, 16, 20) and image.dtype == torch.float32
     assert target["image_id"] == 10 and target["file_name"].endswith("a.png")
     assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
-    assert target["masks"].dtype == torch.uint8 and target["masks"].shape == (3, 16, 20)
+    # Masks come as per-instance crops (InstanceMasks), each no larger than its object's extent.
+    assert isinstance(target["masks"], InstanceMasks) and target["masks"].shape == (3, 16, 20)
+    assert target["masks"].regions[:2].tolist() == [[1, 1, 6, 4], [2, 10, 4, 8]]
     assert target["iscrowd"].tolist() == [0, 0, 1]
     # COCO xywh -> xyxy
     assert target["boxes"].tolist() == [[1, 1, 5, 7], [10, 2, 18, 6], [0, 10, 20, 16]]
-    masks = target["masks"].numpy()
-    assert masks[0, 1:7, 1:5].all() and masks[0].sum() < 16 * 20 / 4  # polygon
+    masks = target["masks"].to_dense().numpy()
+    assert masks.dtype == np.uint8 and masks[0, 1:7, 1:5].all() and masks[0].sum() < 16 * 20 / 4  # polygon
     np.testing.assert_array_equal(masks[1], RLE_MASK)  # compressed RLE (string counts)
     np.testing.assert_array_equal(masks[2], CROWD_MASK)  # uncompressed RLE (counts list)
 
@@ -118,7 +121,7 @@ def test_missing_bbox_derived_from_mask(files):
     assert target["image_id"] == 11
     assert target["labels"].tolist() == [3]  # only the RLE survives; the rest are degenerate
     assert target["boxes"].tolist() == [[2, 4, 8, 20]]
-    np.testing.assert_array_equal(target["masks"][0].numpy(), PORTRAIT_MASK)
+    np.testing.assert_array_equal(target["masks"].to_dense()[0].numpy(), PORTRAIT_MASK)
     assert ds.boxes_from_masks == 1
 
 
@@ -158,7 +161,7 @@ def test_horizontal_flip(files):
     im0, t0 = plain[0]
     im1, t1 = flipped[0]
     assert torch.equal(im1, im0.flip(-1))
-    assert torch.equal(t1["masks"], t0["masks"].flip(-1))
+    assert torch.equal(t1["masks"].to_dense(), t0["masks"].to_dense().flip(-1))
     assert t1["boxes"].tolist() == [[15, 1, 19, 7], [2, 2, 10, 6], [0, 10, 20, 16]]
     # flip_prob only applies when training
     im2, _ = CocoDataset(*files, train=False, flip_prob=1.0)[0]

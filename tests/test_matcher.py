@@ -164,3 +164,33 @@ def test_gt_overlapping_nothing_restores_no_low_quality_match():
     # One GT with IoU 0 against all three predictions: nothing may become its match.
     matcher = Matcher(0.7, 0.3, allow_low_quality_matches=True)
     assert matcher(torch.zeros(1, 3)).tolist() == [BACKGROUND] * 3
+
+
+@pytest.mark.parametrize("low_quality", [True, False])
+def test_matching_boxes_in_blocks_equals_the_whole_matrix(low_quality):
+    """Dense scenes match block by block; every match (ties and low-quality ones too) is the whole matrix's."""
+    from maskrcnn.structures import pairwise_iou
+
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.randint(0, 60, (300, 2), generator=gen).float()
+    anchors = torch.cat([xy, xy + torch.randint(2, 12, (300, 2), generator=gen)], dim=1)
+    gt = torch.cat([anchors[::7][:30] + 0.5, torch.tensor([[200.0, 200, 210, 210]])])  # one overlaps nothing
+    anchors = torch.cat([anchors, anchors[:40]])  # repeated anchors: ties for a GT's best
+    m = Matcher(0.7, 0.3, allow_low_quality_matches=low_quality)
+    whole = m(pairwise_iou(gt, anchors))
+    for block_elements in (1, 31 * 7, 31 * 64, 10**9):
+        assert torch.equal(m.match_boxes(gt, anchors, block_elements), whole)
+    assert torch.equal(m.match_boxes(gt[:0], anchors, 5), torch.full((340,), BACKGROUND))
+    assert m.match_boxes(gt, anchors[:0], 5).shape == (0,)
+
+
+def test_crowd_coverage_in_blocks():
+    from maskrcnn.modeling.rpn import crowd_coverage
+    from maskrcnn.structures import pairwise_ioa
+
+    crowd = torch.tensor([[0.0, 0, 20, 20], [10, 10, 40, 30]])
+    boxes = torch.tensor([[0.0, 0, 10, 10], [15, 15, 35, 25], [50, 50, 60, 60], [5, 5, 25, 25], [38, 0, 42, 40]])
+    expected = pairwise_ioa(crowd, boxes).max(dim=0).values
+    for block_elements in (1, 4, 100):
+        assert torch.equal(crowd_coverage(crowd, boxes, block_elements), expected)
+    assert crowd_coverage(crowd, boxes[:0]).shape == (0,)

@@ -298,7 +298,7 @@ def test_hflip_keeps_boxes_in_the_image_and_masks_inside_their_boxes(sample):
     b = flipped["boxes"]
     assert (b[:, 0] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 0] < b[:, 2]).all()
     torch.testing.assert_close(b[:, [1, 3]], target["boxes"][:, [1, 3]])
-    for box, m in zip(b.tolist(), flipped["masks"].numpy()):
+    for box, m in zip(b.tolist(), flipped["masks"].to_dense().numpy()):
         ys, xs = np.nonzero(m)
         if len(xs):  # every mask pixel's square lies within its flipped box
             assert xs.min() >= box[0] - 1e-4 and xs.max() + 1 <= box[2] + 1e-4
@@ -314,7 +314,7 @@ def test_hflip_twice_is_the_identity(sample):
     again_image, again = hflip(*hflip(image, target))
     assert torch.equal(again_image, image)
     torch.testing.assert_close(again["boxes"], target["boxes"], rtol=0, atol=1e-4)
-    assert torch.equal(again["masks"], target["masks"])
+    assert torch.equal(again["masks"].to_dense(), target["masks"])
 
 
 # ---- fuzzing the COCO loader --------------------------------------------------------------------

@@ -7,7 +7,6 @@ import io
 import logging
 import math
 import os
-import warnings
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from maskrcnn.data.augment import Augmenter
 from maskrcnn.data.jsonfile import load_json
 from maskrcnn.data.transforms import keypoint_flip_map
 from maskrcnn.errors import UserError
+from maskrcnn.instance_masks import InstanceMasks
 
 logger = logging.getLogger(__name__)
 
@@ -149,12 +149,12 @@ class CocoDataset(Dataset):
             )
         masks = _decode_masks([r["segmentation"] for r in records], h, w)
         # Rare shapes pass the cheap checks yet rasterise to nothing (e.g. a sliver between pixels).
-        keep = masks.reshape(len(records), -1).any(axis=1) if records else np.zeros(0, bool)
-        records = [r for r, k in zip(records, keep) if k]
+        keep = masks.area() > 0
+        records = [r for r, k in zip(records, keep.tolist()) if k]
         target = {
             "boxes": torch.tensor([r["box"] for r in records], dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor([r["label"] for r in records], dtype=torch.int64),
-            "masks": torch.from_numpy(np.ascontiguousarray(masks[keep])),
+            "masks": masks[keep],
             "iscrowd": torch.tensor([r["iscrowd"] for r in records], dtype=torch.int64),
             "image_id": int(info["id"]),
             "file_name": str(path),
@@ -403,15 +403,44 @@ def _clip_polygon(points: np.ndarray, w: int, h: int) -> np.ndarray:
     return points
 
 
-def _decode_masks(segmentations: list[Any], h: int, w: int) -> np.ndarray:
-    """Return uint8 masks [N,H,W] for polygons or RLEs prepared by `_prepare_segmentation`."""
-    if not segmentations:
-        return np.zeros((0, h, w), dtype=np.uint8)
-    rles = [mask_utils.merge(mask_utils.frPyObjects(s, h, w)) if isinstance(s, list) else s for s in segmentations]
-    with warnings.catch_warnings():  # pycocotools' decode trips a NumPy 2 DeprecationWarning (harmless)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        masks = mask_utils.decode(rles)
-    return masks.transpose(2, 0, 1)  # pycocotools returns [H,W,N]
+def _decode_masks(segmentations: list[Any], h: int, w: int) -> InstanceMasks:
+    """Return the masks of polygons or RLEs prepared by `_prepare_segmentation`, each cropped to its extent.
+
+    Never an [N, H, W] array: each instance becomes pycocotools' RLE (polygons are rasterised by
+    pycocotools, as before, so the pixels are the same), and only the columns its runs cover are
+    expanded, then cut to the rows they cover.
+    """
+    crops, origins = [], []
+    for seg in segmentations:
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else seg
+        counts = rle["counts"]
+        crop, origin = _rle_crop(rle_counts(counts.encode("ascii") if isinstance(counts, str) else counts), h)
+        crops.append(crop)
+        origins.append(origin)
+    return InstanceMasks.from_crops(crops, origins, h, w)
+
+
+def _rle_crop(runs: list[int], h: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Return (uint8 crop, (top, left)) of the set pixels of column-major RLE `runs` of an h-row mask.
+
+    Runs alternate background and foreground, starting with background. Only the band of columns the
+    foreground runs touch is expanded (columns x h bytes), then trimmed to the rows that hold pixels.
+    """
+    ends = np.cumsum(np.asarray(runs, dtype=np.int64))
+    starts, ends = (ends - np.asarray(runs, dtype=np.int64))[1::2], ends[1::2]  # foreground runs
+    nonempty = ends > starts
+    starts, ends = starts[nonempty], ends[nonempty]
+    if len(starts) == 0:
+        return np.zeros((0, 0), dtype=np.uint8), (0, 0)
+    left, right = int(starts[0]) // h, (int(ends[-1]) - 1) // h + 1
+    first = left * h
+    n = (right - left) * h
+    # +1 where a run starts, -1 where it ends; the running sum is 1 inside runs.
+    edges = np.bincount(starts - first, minlength=n + 1) - np.bincount(ends - first, minlength=n + 1)
+    band = (np.cumsum(edges[:n]) > 0).reshape(right - left, h).T  # [h, columns]
+    rows = np.flatnonzero(band.any(axis=1))
+    top, bottom = int(rows[0]), int(rows[-1]) + 1
+    return band[top:bottom].astype(np.uint8), (top, left)
 
 
 # ---- loading and checking the JSON ------------------------------------------------------------

@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 import torch
 
+from maskrcnn.instance_masks import InstanceMasks, as_instance_masks
+
 
 def keypoint_flip_map(names: Sequence[str]) -> list[int]:
     """Return, per keypoint, the index of its mirror image: `left_x` <-> `right_x` (itself if unpaired).
@@ -41,7 +43,7 @@ def hflip(image: torch.Tensor, target: dict[str, Any],
             [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1
         )
     if "masks" in target:
-        out["masks"] = target["masks"].flip(-1)
+        out["masks"] = as_instance_masks(target["masks"]).hflip()
     if "keypoints" in target:
         keypoints = target["keypoints"]
         order = list(flip_map) if flip_map is not None else list(range(keypoints.shape[1]))
@@ -66,7 +68,7 @@ def vflip(image: torch.Tensor, target: dict[str, Any],
             [boxes[:, 0], height - boxes[:, 3], boxes[:, 2], height - boxes[:, 1]], dim=1
         )
     if "masks" in target:
-        out["masks"] = target["masks"].flip(-2)
+        out["masks"] = as_instance_masks(target["masks"]).vflip()
     if "keypoints" in target:
         keypoints = target["keypoints"]
         order = list(flip_map) if flip_map is not None else list(range(keypoints.shape[1]))
@@ -89,7 +91,7 @@ def rot90(image: torch.Tensor, target: dict[str, Any], k: int = 1) -> tuple[torc
             b = out["boxes"]
             out["boxes"] = torch.stack([b[:, 1], width - b[:, 2], b[:, 3], width - b[:, 0]], dim=1)
         if "masks" in out:
-            out["masks"] = torch.rot90(out["masks"], 1, dims=(-2, -1))
+            out["masks"] = as_instance_masks(out["masks"]).rot90()
         if "keypoints" in out:
             kp = out["keypoints"].clone()
             x, y, labelled = kp[..., 0].clone(), kp[..., 1].clone(), kp[..., 2] > 0
@@ -100,24 +102,9 @@ def rot90(image: torch.Tensor, target: dict[str, Any], k: int = 1) -> tuple[torc
     return image, out
 
 
-def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Return the tight xyxy boxes [N,4] (pixel edges) of masks [N,H,W]; an empty mask gets a zero box."""
-    n = masks.shape[0]
-    if n == 0:
-        return torch.zeros((0, 4), dtype=torch.float32)
-    rows, cols = masks.bool().any(dim=2), masks.bool().any(dim=1)  # [N,H], [N,W]
-    h, w = rows.shape[1], cols.shape[1]
-
-    def extent(hit: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.arange(size)
-        first = torch.where(hit, index, size).min(dim=1).values
-        last = torch.where(hit, index, -1).max(dim=1).values + 1
-        empty = ~hit.any(dim=1)
-        return first.masked_fill(empty, 0), last.masked_fill(empty, 0)
-
-    x1, x2 = extent(cols, w)
-    y1, y2 = extent(rows, h)
-    return torch.stack([x1, y1, x2, y2], dim=1).float()
+def mask_boxes(masks: InstanceMasks | torch.Tensor) -> torch.Tensor:
+    """Return the tight xyxy boxes [N,4] (pixel edges) of masks (InstanceMasks or [N,H,W]); an empty mask gets a zero box."""
+    return as_instance_masks(masks).boxes()
 
 
 def crop(image: torch.Tensor, target: dict[str, Any], top: int, left: int, height: int, width: int,
@@ -132,17 +119,17 @@ def crop(image: torch.Tensor, target: dict[str, Any], top: int, left: int, heigh
     """
     out = dict(target)
     image = image[:, top: top + height, left: left + width]
-    masks = target["masks"]
-    before = masks.flatten(1).sum(dim=1)
-    masks = masks[:, top: top + height, left: left + width]
-    after = masks.flatten(1).sum(dim=1)
+    masks = as_instance_masks(target["masks"])
+    before = masks.area()
+    masks = masks.crop(top, left, height, width)
+    after = masks.area()
     keep = after > 0
     cut = (after < min_visible_area_px) | (after < min_visible_fraction * before.clamp(min=1))
     for key in ("labels", "iscrowd", "area"):
         if isinstance(target.get(key), torch.Tensor) and len(target[key]) == len(before):
             out[key] = target[key][keep]
-    out["masks"] = masks[keep].contiguous()
-    out["boxes"] = mask_boxes(out["masks"])
+    out["masks"] = masks[keep]
+    out["boxes"] = out["masks"].boxes()
     crowd = target.get("iscrowd", torch.zeros(len(before), dtype=torch.int64))
     out["iscrowd"] = (crowd.bool() | cut)[keep].to(crowd.dtype)
     if "keypoints" in target:

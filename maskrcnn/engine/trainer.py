@@ -196,8 +196,13 @@ def apply_reference_world_size(cfg: Config, world_size: int) -> None:
 
 
 def _to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
-    """Move the tensors of each target dict to `device` (other values pass through)."""
-    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    """Move the tensors (and InstanceMasks) of each target dict to `device` (other values pass through)."""
+    from maskrcnn.instance_masks import InstanceMasks
+
+    def move(v: Any) -> Any:
+        return v.to(device, non_blocking=True) if torch.is_tensor(v) or isinstance(v, InstanceMasks) else v
+
+    return [{k: move(v) for k, v in t.items()} for t in targets]
 
 
 def _format_seconds(seconds: float) -> str:

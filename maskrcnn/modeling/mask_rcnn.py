@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.config import Config
+from maskrcnn.instance_masks import InstanceMasks, as_instance_masks
 from maskrcnn.modeling.anchors import AnchorGenerator
 from maskrcnn.modeling.backbone import Backbone
 from maskrcnn.modeling.cascade import CascadeRoIHeads
@@ -103,7 +104,8 @@ def drop_empty_instances(target: dict[str, Any], min_size: float = 1e-5) -> dict
     out = dict(target)
     for key in INSTANCE_KEYS:
         value = target.get(key)
-        if isinstance(value, Tensor) and value.dim() >= 1 and len(value) == len(boxes):
+        per_instance = isinstance(value, InstanceMasks) or (isinstance(value, Tensor) and value.dim() >= 1)
+        if per_instance and len(value) == len(boxes):
             out[key] = value[keep.to(value.device)]
     return out
 
@@ -196,11 +198,10 @@ class MaskRCNN(nn.Module):
         scale_y = torch.tensor(new[0], dtype=torch.float32) / torch.tensor(old[0], dtype=torch.float32)
         scale_x = torch.tensor(new[1], dtype=torch.float32) / torch.tensor(old[1], dtype=torch.float32)
         out["boxes"] = scale_boxes(target["boxes"].float(), scale_y, scale_x)
-        if "masks" in target and target["masks"].numel():
-            masks = F.interpolate(target["masks"][:, None].float(), size=new, mode="nearest")[:, 0]
-            out["masks"] = masks.to(torch.uint8)
-        elif "masks" in target:
-            out["masks"] = target["masks"].new_zeros((0, *new))
+        if "masks" in target:
+            # Dense [N, H, W] targets (torchvision's form) become crops here, the one place the model
+            # converts them; the resize gives nearest interpolation's pixels without an [N, H, W] float copy.
+            out["masks"] = as_instance_masks(target["masks"]).resize(*new)
         if "keypoints" in target:
             out["keypoints"] = scale_keypoints(target["keypoints"].float(), scale_y, scale_x)
         return out

@@ -13,9 +13,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms
 
 from maskrcnn.config import BoxHeadConfig, KeypointHeadConfig, MaskHeadConfig
+from maskrcnn.instance_masks import InstanceMasks, as_instance_masks
 from maskrcnn.modeling.backbone import ConvNorm, norm_factory
 from maskrcnn.modeling.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from maskrcnn.modeling.matcher import Matcher, sample_balanced
@@ -182,13 +183,12 @@ def build_mask_head(cfg: MaskHeadConfig, in_channels: int, in_size: int, num_con
     return MaskHead(in_channels, num_convs, cfg.conv_dim, outputs, norm)
 
 
-def mask_targets(gt_masks: Tensor, matched_gt: Tensor, boxes: Tensor, size: int) -> Tensor:
-    """Return [P, size, size] binary targets: each RoI's GT mask resampled into the RoI (RoIAlign)."""
-    if boxes.numel() == 0:
-        return boxes.new_zeros((0, size, size))
-    rois = torch.cat([matched_gt[:, None].to(boxes.dtype), boxes], dim=1)
-    sampled = roi_align(gt_masks[:, None].to(boxes.dtype), rois, (size, size), 1.0, 0, aligned=True)
-    return (sampled[:, 0] >= 0.5).to(boxes.dtype)
+def mask_targets(gt_masks: InstanceMasks | Tensor, matched_gt: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Return [P, size, size] binary targets: each RoI's GT mask resampled into the RoI (RoIAlign, >= 0.5).
+
+    `gt_masks` are InstanceMasks or dense [N, H, W]; see `InstanceMasks.roi_targets`.
+    """
+    return as_instance_masks(gt_masks).roi_targets(matched_gt, boxes, size)
 
 
 def select_class(per_class: Tensor, labels: Tensor) -> Tensor:

@@ -9,8 +9,8 @@ from torchvision.ops import batched_nms
 
 from maskrcnn.config import RPNConfig
 from maskrcnn.modeling.backbone import ConvNorm, norm_factory
-from maskrcnn.modeling.matcher import BACKGROUND, IGNORE, Matcher, sample_balanced
-from maskrcnn.structures import BoxCoder, clip_boxes, nonempty_boxes, pairwise_ioa, pairwise_iou
+from maskrcnn.modeling.matcher import BACKGROUND, IGNORE, IOU_BLOCK_ELEMENTS, Matcher, sample_balanced
+from maskrcnn.structures import BoxCoder, clip_boxes, nonempty_boxes, pairwise_ioa
 
 # A non-positive anchor (or proposal) covering this much of a crowd region is ignored, not negative.
 CROWD_IOA_THRESH = 0.5
@@ -61,6 +61,14 @@ def non_crowd(target: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: target[k][keep] for k in ("boxes", "labels", "masks") if k in target}
 
 
+def crowd_coverage(crowd_boxes: Tensor, boxes: Tensor, block_elements: int = IOU_BLOCK_ELEMENTS) -> Tensor:
+    """Return, per box, the largest share of its area that one crowd box covers, a block of boxes at a time."""
+    block = max(1, block_elements // max(1, len(crowd_boxes)))
+    parts = [pairwise_ioa(crowd_boxes, boxes[start : start + block]).max(dim=0).values
+             for start in range(0, len(boxes), block)]
+    return torch.cat(parts) if parts else boxes.new_zeros(0)
+
+
 def label_with_crowd(
     matcher: Matcher, boxes: Tensor, gt_boxes: Tensor, iscrowd: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -70,12 +78,12 @@ def label_with_crowd(
     is ignored instead, so the model is not taught that a crowd of objects is background.
     """
     crowd = iscrowd.bool()
-    matches = matcher(pairwise_iou(gt_boxes[~crowd], boxes))
+    matches = matcher.match_boxes(gt_boxes[~crowd], boxes)
     labels = torch.ones_like(matches, dtype=torch.float32)
     labels[matches == BACKGROUND] = 0
     labels[matches == IGNORE] = -1
     if crowd.any():
-        in_crowd = pairwise_ioa(gt_boxes[crowd], boxes).max(dim=0).values >= CROWD_IOA_THRESH
+        in_crowd = crowd_coverage(gt_boxes[crowd], boxes) >= CROWD_IOA_THRESH
         labels[(labels == 0) & in_crowd] = -1
     return matches, labels
 
