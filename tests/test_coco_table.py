@@ -90,7 +90,7 @@ def test_shapes_data_and_its_targets(tmp_path):
         rles = [mask_utils.merge(mask_utils.frPyObjects(r["segmentation"], h, w))
                 if isinstance(r["segmentation"], list) else r["segmentation"] for r in records[index]]
         expected = np.stack([mask_utils.decode(rle) for rle in rles])
-        assert np.array_equal(target["masks"].numpy(), expected)
+        assert np.array_equal(target["masks"].to_dense().numpy(), expected)
         assert target["boxes"].tolist() == [[float(np.float32(v)) for v in r["box"]] for r in records[index]]
 
 
