@@ -61,6 +61,14 @@ def env_world_size() -> int:
         raise DistributedError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
 
 
+def env_rank() -> int:
+    """Return RANK from the environment (set by torchrun), 0 when unset: usable before the process group exists."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise DistributedError(f"RANK={os.environ['RANK']!r} is not a number") from None
+
+
 def is_distributed() -> bool:
     """Return True inside an initialised process group of more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

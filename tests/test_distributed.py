@@ -115,6 +115,18 @@ def test_sampler_slices_each_global_batch_between_ranks():
         GroupedBatchSampler(groups, 3, rank=0, world_size=2)
 
 
+def test_env_rank_reads_torchruns_rank_before_the_process_group_exists(monkeypatch):
+    from maskrcnn.distributed import DistributedError, env_rank
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert env_rank() == 0
+    monkeypatch.setenv("RANK", "3")
+    assert env_rank() == 3
+    monkeypatch.setenv("RANK", "three")
+    with pytest.raises(DistributedError, match="RANK='three' is not a number"):
+        env_rank()
+
+
 def test_reference_world_size_scales_batch_lr_and_schedule():
     from maskrcnn.config import load_config
     from maskrcnn.engine.trainer import apply_reference_world_size
