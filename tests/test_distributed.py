@@ -33,26 +33,10 @@ import pytest
 import torch
 
 from maskrcnn.data.shapes import make_shapes
+from support import tiny_train_config
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-TINY = """
-model:
-  backbone: {{depth: 18, norm: gn, fpn_channels: 32, trainable_stages: 5}}
-  anchors: {{sizes: [[8], [16], [32], [64], [128]]}}
-  rpn: {{pre_nms_top_n_train: 100, post_nms_top_n_train: 50, pre_nms_top_n_test: 50,
-         post_nms_top_n_test: 25, batch_size_per_image: 32}}
-  box_head: {{fc_dim: 64, batch_size_per_image: 16, positive_fraction: 0.0625, detections_per_image: 10}}
-  mask_head: {{conv_dim: 16, num_convs: 1}}
-input: {{min_size_train: [64], max_size_train: 96, min_size_test: 64, max_size_test: 96}}
-data: {{train: ['{ann}:{images}']}}
-solver: {{optimizer: sgd, base_lr: 0.02, momentum: 0.9, ims_per_batch: 2, max_iter: {max_iter},
-          checkpoint_period: 1000, warmup_iters: 0, log_period: 1, clip_grad_norm: 0.0,
-          dist_heartbeat_timeout: {heartbeat}}}
-device: cpu
-"""
-
 
 def _wait_for_all(procs: list, timeout: float = 120) -> list[str]:
     """Return each process's output once all have ended; kill any still running on the way out."""
@@ -86,10 +70,11 @@ def shapes(tmp_path_factory):
 
 
 def _config(tmp_path: Path, shapes, max_iter: int, heartbeat: float = 60) -> Path:
-    ann, images = shapes["train"]
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY.format(ann=ann, images=images, max_iter=max_iter, heartbeat=heartbeat))
-    return path
+    solver = {"optimizer": "sgd", "base_lr": 0.02, "momentum": 0.9, "ims_per_batch": 2, "max_iter": max_iter,
+              "checkpoint_period": 1000, "warmup_iters": 0, "log_period": 1, "clip_grad_norm": 0.0,
+              "dist_heartbeat_timeout": heartbeat}
+    return tiny_train_config(tmp_path / "tiny.yaml", shapes["train"], solver,
+                             model={"box_head": {"positive_fraction": 0.0625}})
 
 
 # ---- in-process pieces ----------------------------------------------------------------------------
