@@ -36,10 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the model, measure, print a table and optionally write JSON."""
     from maskrcnn.commands.options import load_pytorch_model
-    from maskrcnn.config import atomic_write_text
     from maskrcnn.engine.benchmark import (BenchmarkOptions, find_max_batch, format_report, parse_size,
                                            run_benchmark)
     from maskrcnn.engine.trainer import resolve_device
+    from maskrcnn.fileio import atomic_write_text
 
     if args.config is None and args.weights is None:
         raise UserError("benchmark needs --config (a preset or YAML file) or --weights (a zoo model name "

@@ -45,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
     import itertools
     from pathlib import Path
 
-    from maskrcnn.config import atomic_path, load_config
+    from maskrcnn.config import load_config
     from maskrcnn.data.loader import build_train_loader
     from maskrcnn.engine.trainer import build_train_dataset
     from maskrcnn.errors import UserError
+    from maskrcnn.fileio import atomic_path
     from maskrcnn.visualize import image_grid
 
     if args.n < 1 or args.cell < 16 or args.iteration < 0:
