@@ -7,7 +7,7 @@ import glob
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from maskrcnn.commands.options import (DEFAULT_MODEL_HELP, add_backend_option, add_device_option, add_model_options,
                                       load_backend)
@@ -15,6 +15,8 @@ from maskrcnn.commands.options import backend_precision  # noqa: F401  (maskrcnn
 from maskrcnn.errors import ImageReadError, UserError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from maskrcnn.engine.detections_log import DetectionsLog
 
 HELP = "Detect and segment objects in images; write overlay PNGs and predictions.json (COCO results)."
@@ -77,6 +79,19 @@ def overlay_name(path: Path, used: set[str]) -> str:
     return name
 
 
+def predict_and_draw(model: Any, image: np.ndarray, overlay: Path, score_threshold: float) -> dict[str, Any]:
+    """Return the model's detections of one HxWx3 image (tensors on the CPU); write their overlay PNG to `overlay`."""
+    from maskrcnn.data.image_io import image_to_tensor
+    from maskrcnn.fileio import atomic_path
+    from maskrcnn.structures import detections_to_cpu
+    from maskrcnn.visualize import draw_instances
+
+    output = detections_to_cpu(model.predict(image_to_tensor(image), score_threshold=score_threshold)[0])
+    with atomic_path(overlay) as tmp:
+        draw_instances(image, output, model.class_names, score_threshold).save(tmp, format="PNG")
+    return output
+
+
 def predict_videos(model, videos: list[Path], out: Path, score_threshold: float, every: int,
                    ids: list[int]) -> list[Path]:
     """Run the model over each video (annotated .mp4 + .jsonl per video); return those that failed."""
@@ -118,13 +133,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from maskrcnn.api import category_ids
-    from maskrcnn.config import atomic_path
-    from maskrcnn.data.image_io import image_to_tensor, read_image
+    from maskrcnn.data.image_io import read_image
     from maskrcnn.engine.detections_log import DetectionsLog, write_results_json
     from maskrcnn.engine.evaluator import predictions_to_coco
-    from maskrcnn.structures import detections_to_cpu
     from maskrcnn.video import VIDEO_SUFFIXES
-    from maskrcnn.visualize import draw_instances
 
     items, overrides = split_overrides(args.inputs)
     files = expand_inputs(items)
@@ -158,11 +170,7 @@ def run(args: argparse.Namespace) -> int:
                     tqdm.write(f"skipped: {e}", file=sys.stderr)
                     failed.append(path)
                     continue
-                output = model.predict(image_to_tensor(image), score_threshold=args.score_threshold)[0]
-                output = detections_to_cpu(output)
-                overlay = draw_instances(image, output, model.class_names, args.score_threshold)
-                with atomic_path(out / overlays[image_id - 1]) as tmp:
-                    overlay.save(tmp, format="PNG")
+                output = predict_and_draw(model, image, out / overlays[image_id - 1], args.score_threshold)
                 # The log line last: an image counts as done only once its overlay is written too.
                 log.append({"file_name": str(path), "image_id": image_id,
                             "detections": predictions_to_coco(output, image_id, ids)})
