@@ -112,3 +112,10 @@ def test_shared_options_have_one_spelling_and_help_lists_only_the_main_one():
 def test_device_defaults_to_cpu_where_it_did(command):
     assert _parse(command, *SHARED_OPTION_COMMANDS[command]).device == "cpu"
     assert _parse("eval").device is None  # eval: the config's device
+
+
+def test_the_default_model_named_in_help_is_the_one_loaded():
+    from maskrcnn.commands.options import DEFAULT_MODEL_HELP
+    from maskrcnn.zoo import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL_HELP.split(",")[0] == DEFAULT_MODEL

@@ -18,7 +18,8 @@ from maskrcnn.errors import UserError
 CONFIG_ALIASES = ("-c", "--preset")  # earlier spellings of --config, accepted but not shown
 WEIGHTS_SOURCES = ("a model name from `maskrcnn models` (fetched once)", "our checkpoint",
                    "a torchvision / Detectron2 weights file")
-DEFAULT_MODEL_HELP = "maskrcnn_resnet50_fpn_v2, COCO, unless --config is given"  # load_backend's default (zoo.DEFAULT_MODEL)
+# What load_backend uses without --weights and --config: zoo.DEFAULT_MODEL, named here so --help imports no zoo.
+DEFAULT_MODEL_HELP = "maskrcnn_resnet50_fpn_v2, COCO, unless --config is given"
 DEFAULT_CONFIG_FROM_WEIGHTS = "the config of the --weights zoo model or checkpoint"
 
 
