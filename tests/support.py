@@ -149,12 +149,17 @@ def ours_from_torchvision(reference: nn.Module, preset: str, folder: Path):
     return ours
 
 
+def detect_both(reference: nn.Module, ours: nn.Module, images: list[torch.Tensor]) -> tuple[list[dict], list[dict]]:
+    """Return both models' detections of `images` (no gradients)."""
+    with torch.no_grad():
+        return reference(images), ours(images)
+
+
 def detect_on_random_image(reference: nn.Module, ours: nn.Module, size: tuple[int, int]) -> tuple[dict, dict]:
     """Return both models' detections of one random image of `size` (seeded by the size)."""
     torch.manual_seed(sum(size))
-    image = torch.rand(3, *size)
-    with torch.no_grad():
-        return reference([image])[0], ours([image])[0]
+    expected, actual = detect_both(reference, ours, [torch.rand(3, *size)])
+    return expected[0], actual[0]
 
 
 # ---- Detectron2 names -----------------------------------------------------------------------------

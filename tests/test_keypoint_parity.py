@@ -9,8 +9,8 @@ from torchvision.models.detection.roi_heads import heatmaps_to_keypoints as torc
 
 from maskrcnn.engine.compare import Tolerances, detection_differences, match_detections
 from maskrcnn.modeling.keypoint_head import heatmaps_to_keypoints
-from support import (FAST_PATH, FAST_PATH_MATCHED, PARITY_MAX_SIZE, PARITY_MIN_SIZE, detect_on_random_image,
-                     ours_from_torchvision, plain_layout_copy)
+from support import (FAST_PATH, FAST_PATH_MATCHED, PARITY_MAX_SIZE, PARITY_MIN_SIZE, detect_both,
+                     detect_on_random_image, ours_from_torchvision, plain_layout_copy)
 
 # Keypoint scores (heat-map logits, up to ~80 on these weights) agree to 1e-4 of the largest one.
 KEYPOINT_SCORE_RTOL = 1e-4
@@ -69,9 +69,7 @@ def test_plain_layout_is_bit_identical_to_torchvision(model_pair):
     reference, fast = model_pair
     plain = plain_layout_copy(fast)
     torch.manual_seed(11)
-    images = [torch.rand(3, 300, 400), torch.rand(3, 350, 200)]
-    with torch.no_grad():
-        expected, actual = reference(images), plain(images)
+    expected, actual = detect_both(reference, plain, [torch.rand(3, 300, 400), torch.rand(3, 350, 200)])
     for e, a in zip(expected, actual):
         # Keypoint scores: our bicubic resize is a matrix product, summing in another order (~1e-6).
         assert_same_keypoint_detections(e, a, Tolerances(box=0.0, score=0.0, mask_iou=1.0), 1.0, score_rtol=1e-5)

@@ -7,7 +7,7 @@ import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 
 from maskrcnn.engine.compare import Tolerances, detection_differences
-from support import (FAST_PATH, FAST_PATH_MATCHED, decisive_torchvision_model, detect_on_random_image,
+from support import (FAST_PATH, FAST_PATH_MATCHED, decisive_torchvision_model, detect_both, detect_on_random_image,
                      ours_from_torchvision, plain_layout_copy)
 
 # Images are resized to support.PARITY_MIN_SIZE (320 px, not the presets' 800, so the test stays quick).
@@ -36,9 +36,7 @@ def test_single_images_match_torchvision(model_pair, size):
 def test_batch_of_two_sizes_matches_torchvision(model_pair):
     reference, ours = model_pair
     torch.manual_seed(7)
-    images = [torch.rand(3, 240, 320), torch.rand(3, 350, 200)]
-    with torch.no_grad():
-        expected, actual = reference(images), ours(images)
+    expected, actual = detect_both(reference, ours, [torch.rand(3, 240, 320), torch.rand(3, 350, 200)])
     for e, a in zip(expected, actual):
         assert_same_detections(e, a)
 
@@ -48,7 +46,5 @@ def test_plain_layout_is_bit_identical_to_torchvision(model_pair):
     reference, fast = model_pair
     plain = plain_layout_copy(fast)
     torch.manual_seed(11)
-    image = torch.rand(3, 300, 400)
-    with torch.no_grad():
-        expected, actual = reference([image])[0], plain([image])[0]
+    (expected,), (actual,) = detect_both(reference, plain, [torch.rand(3, 300, 400)])
     assert_same_detections(expected, actual, Tolerances(box=0.0, score=0.0, mask_iou=1.0), min_matched=1.0)
