@@ -19,7 +19,6 @@ the difference is float rounding. Detectron2 and torchvision behave the same way
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -33,6 +32,7 @@ import pytest
 import torch
 
 from maskrcnn.data.shapes import make_shapes
+from distributed_workers import RECORD, install_recorders
 from support import tiny_train_config
 
 HERE = Path(__file__).resolve().parent
@@ -131,59 +131,6 @@ def test_reference_world_size_scales_batch_lr_and_schedule():
     assert (cfg.solver.ims_per_batch, cfg.solver.base_lr) == (16, 0.02)
 
 
-# ---- recording what each rank does (installed in the worker processes and in the reference run) ----
-
-
-def deterministic_sample_balanced(labels, batch_size, positive_fraction):
-    """sample_balanced without the RNG: the first positives and negatives, same counts. Records counts."""
-    positive = torch.nonzero(labels >= 1).squeeze(1)
-    negative = torch.nonzero(labels == 0).squeeze(1)
-    num_pos = min(int(batch_size * positive_fraction), positive.numel())
-    num_neg = min(batch_size - num_pos, negative.numel())
-    RECORD["counts"].append([num_pos, num_neg])
-    return positive[:num_pos], negative[:num_neg]
-
-
-RECORD: dict = {"counts": [], "steps": [], "params": []}
-
-
-def install_recorders(keep_params: bool) -> None:
-    """Make sampling deterministic and record, per step: image ids, sample counts, a parameter digest."""
-    import maskrcnn.modeling.roi_heads as roi_heads
-    import maskrcnn.modeling.rpn as rpn
-    from maskrcnn.engine import trainer
-
-    rpn.sample_balanced = roi_heads.sample_balanced = deterministic_sample_balanced
-    original = trainer.Trainer._step
-
-    def step(self, images, targets):
-        RECORD["counts"].clear()
-        values = original(self, images, targets)
-        params = [p.detach() for p in self.model.parameters()]
-        digest = hashlib.sha256(b"".join(p.contiguous().numpy().tobytes() for p in params)).hexdigest()
-        RECORD["steps"].append({"ids": [int(t["image_id"]) for t in targets], "counts": list(RECORD["counts"]),
-                                "digest": digest, "loss": values["loss"]})
-        if keep_params:
-            RECORD["params"].append(torch.cat([p.flatten() for p in params]).clone())
-        return values
-
-    trainer.Trainer._step = step
-
-
-def worker_main() -> int:
-    """Entry point of the torchrun workers: record, train through the CLI, dump the record."""
-    out = Path(os.environ["RECORD_DIR"])
-    rank = int(os.environ["RANK"])
-    install_recorders(keep_params=rank == 0)
-    from maskrcnn.cli import main
-
-    status = main(sys.argv[1:])
-    (out / f"rank{rank}.json").write_text(json.dumps(RECORD["steps"]))
-    if rank == 0:
-        torch.save(torch.stack(RECORD["params"]), out / "params.pt")
-    return status
-
-
 # ---- training ---------------------------------------------------------------------------------------
 
 
@@ -191,8 +138,8 @@ def test_torchrun_training_matches_one_process_with_the_global_batch(shapes, tmp
     steps = 3
     config = _config(tmp_path, shapes, max_iter=steps)
     driver = tmp_path / "driver.py"
-    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport test_distributed as t\n"
-                      "sys.exit(t.worker_main())\n")
+    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport distributed_workers as w\n"
+                      "sys.exit(w.worker_main())\n")
     record_dir = tmp_path / "records"
     record_dir.mkdir()
     out = tmp_path / "ddp"
@@ -313,23 +260,6 @@ def test_eval_on_two_processes_equals_one(shapes, checkpoint, tmp_path):
 # ---- failures -----------------------------------------------------------------------------------------
 
 
-def fault_main() -> int:
-    """Worker entry point that raises on rank FAULT_RANK at iteration FAULT_ITER, then trains through the CLI."""
-    from maskrcnn.engine import trainer
-
-    original = trainer.Trainer._step
-
-    def step(self, images, targets):
-        if self.rank == int(os.environ["FAULT_RANK"]) and self.iteration + 1 == int(os.environ["FAULT_ITER"]):
-            raise RuntimeError(f"injected fault at iteration {self.iteration + 1}")
-        return original(self, images, targets)
-
-    trainer.Trainer._step = step
-    from maskrcnn.cli import main
-
-    return main(sys.argv[1:])
-
-
 def _wait_for_training(out: Path, procs: list[subprocess.Popen], iterations: int = 2) -> None:
     deadline = time.monotonic() + 90
     metrics = out / "metrics.jsonl"
@@ -367,8 +297,8 @@ def test_killed_rank_ends_the_other_with_its_name(shapes, tmp_path):
 def test_failing_rank_ends_the_other_naming_its_error_then_both_resume(shapes, tmp_path):
     config = _config(tmp_path, shapes, max_iter=4)  # heartbeat 60 s: the failure is posted, not timed out
     driver = tmp_path / "fault.py"
-    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport test_distributed as t\n"
-                      "sys.exit(t.fault_main())\n")
+    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport distributed_workers as w\n"
+                      "sys.exit(w.fault_main())\n")
     out = tmp_path / "run"
 
     def run_both(*extra: str, fault_iter: int) -> tuple[list[int], list[str], float]:
