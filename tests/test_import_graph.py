@@ -205,6 +205,17 @@ def test_the_graph_sees_lazy_and_package_imports(graph):
     assert "maskrcnn.detectron2.weights" not in graph["maskrcnn.detectron2.config"]
 
 
+def test_no_test_module_imports_another_or_conftest():
+    """Shared test code lives in support modules (tests/support.py, ...), not in test modules or conftest.py."""
+    found = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0].startswith("test_") or n == "conftest"]
+    assert found == []
+
+
 def test_config_does_not_load_torch():
     code = "import sys, maskrcnn.config; print(sorted(m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
