@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from maskrcnn.config import atomic_path, atomic_write_text, load_config  # noqa: E402
+from maskrcnn.config import load_config  # noqa: E402
+from maskrcnn.fileio import atomic_path, atomic_write_text  # noqa: E402
 
 
 @dataclass(frozen=True)

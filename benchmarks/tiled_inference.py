@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from maskrcnn.config import atomic_write_text
+from maskrcnn.fileio import atomic_write_text
 from maskrcnn.data.shapes import CATEGORIES, mask_annotation, render_image
 
 CELL = 250  # px: one training-sized shapes image per cell

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from maskrcnn.errors import UserError
+from maskrcnn.errors import CheckpointError  # defined there (bottom layer); importable from here as before
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +27,6 @@ _MAGIC = b"MASKRCNN-SHA256 "
 _TRAILER_LEN = len(_MAGIC) + 64 + 1  # magic, hex digest, newline
 _CHUNK = 1 << 20
 TMP_SUFFIX = ".tmp"
-
-
-class CheckpointError(UserError):
-    """A checkpoint or weights file that is missing, truncated, corrupt or does not fit the model.
-
-    `saved_config` is the training config stored in the file, when it is one of ours and could be read.
-    """
-
-    def __init__(self, message: str, saved_config: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.saved_config = saved_config
 
 
 class WeightsMismatchError(CheckpointError):
@@ -252,7 +241,7 @@ def load_weights(
     if verify_checkpoint(path) is False:
         raise CheckpointError(f"weights file '{path}' is corrupt (checksum mismatch); {_RECOPY}")
     if path.suffix == ".pkl":  # a Detectron2 model-zoo file: a pickle of numpy arrays, read safely
-        from maskrcnn.detectron2 import read_detectron2_weights
+        from maskrcnn.detectron2.weights import read_detectron2_weights
 
         loaded: Any = {"model": read_detectron2_weights(path)}
     else:

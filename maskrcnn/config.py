@@ -7,19 +7,19 @@ optional `_base_` preset name). Every key is checked: an unknown key or a value 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
+
+from maskrcnn.fileio import atomic_path, atomic_write_text, read_yaml  # noqa: F401  (atomic_*: re-exported)
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -380,35 +380,6 @@ class Config:
         return copy.deepcopy(self)
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it onto `path`, on failure delete it.
-
-    Readers never see half a file, and an existing file survives a failed write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to `path` through a temp file and a rename."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 # ---- typed merging ------------------------------------------------------------------------------
 
 
@@ -585,14 +556,7 @@ def list_presets() -> list[str]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(path, "config file", ConfigError) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
     return data
@@ -612,14 +576,15 @@ def _resolve_path(name_or_path: str) -> Path:
     raise ConfigError(f"unknown preset or config file '{name_or_path}'{hint}")
 
 
-def _load_into(cfg: Config, path: Path, seen: tuple[Path, ...] = ()) -> None:
+def merge_file(cfg: Config, path: Path, seen: tuple[Path, ...] = ()) -> None:
+    """Merge one of our YAML files (after its `_base_` chain) into `cfg`, unvalidated: also for partial files."""
     if path.resolve() in seen:
         raise ConfigError(f"config file '{path}' includes itself through _base_")
     data = _read_yaml(path)
     base = data.pop("_base_", None)
     if base:
         base_path = (path.parent / base) if (path.parent / base).exists() else _resolve_path(base)
-        _load_into(cfg, base_path, seen + (path.resolve(),))
+        merge_file(cfg, base_path, seen + (path.resolve(),))
     try:
         merge_dict(cfg, data)
     except ConfigError as e:
@@ -631,12 +596,12 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     cfg = Config()
     if name_or_path:
         path = _resolve_path(str(name_or_path))
-        from maskrcnn.detectron2 import is_detectron2_config, translate_detectron2_config
+        from maskrcnn.detectron2.config import is_detectron2_config, translate_detectron2_config
 
         if is_detectron2_config(path):  # a Detectron2 YAML (MODEL:, _BASE_: ...): translated
             cfg = translate_detectron2_config(path)
         else:
-            _load_into(cfg, path)
+            merge_file(cfg, path)
     apply_overrides(cfg, overrides or [])
     return cfg
 

@@ -53,12 +53,22 @@ class DistributedError(UserError):
 # ---- who am I ------------------------------------------------------------------------------------
 
 
+def _env_int(name: str, default: int) -> int:
+    """Return the integer environment variable `name` (torchrun sets it), `default` when unset."""
+    try:
+        return int(os.environ.get(name, str(default)))
+    except ValueError:
+        raise DistributedError(f"{name}={os.environ[name]!r} is not a number") from None
+
+
 def env_world_size() -> int:
     """Return WORLD_SIZE from the environment (set by torchrun), 1 when unset."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise DistributedError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+    return _env_int("WORLD_SIZE", 1)
+
+
+def env_rank() -> int:
+    """Return RANK from the environment (set by torchrun), 0 when unset: usable before the process group exists."""
+    return _env_int("RANK", 0)
 
 
 def is_distributed() -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -297,3 +297,8 @@ class RLEMasks:
 
     def __repr__(self) -> str:
         return f"RLEMasks({len(self)} masks of {self.height}x{self.width})"
+
+
+def detections_to_cpu(output: dict[str, Any]) -> dict[str, Any]:
+    """Return one image's detections with every tensor moved to the CPU (other values, e.g. RLEMasks, as they are)."""
+    return {k: v.cpu() if hasattr(v, "cpu") else v for k, v in output.items()}

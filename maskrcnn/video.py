@@ -52,6 +52,7 @@ def predict_video(model: Any, path: Path, out_dir: Path, score_threshold: float,
     import av
     from tqdm import tqdm
 
+    from maskrcnn.structures import detections_to_cpu
     from maskrcnn.visualize import draw_instances
 
     if every < 1:
@@ -83,7 +84,7 @@ def predict_video(model: Any, path: Path, out_dir: Path, score_threshold: float,
                         continue
                     image = frame.to_ndarray(format="rgb24")
                     output = model.predict(image, score_threshold=score_threshold)[0]
-                    output = {k: v.cpu() if hasattr(v, "cpu") else v for k, v in output.items()}
+                    output = detections_to_cpu(output)
                     seconds = float(frame.time) if frame.time is not None else index / float(rate)
                     lines.write(json.dumps(frame_record(output, index, seconds, ids)) + "\n")
                     picture = _even(np.asarray(draw_instances(image, output, model.class_names, score_threshold)))

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from support import TINY, Running, png_bytes
 from PIL import Image
 
 from maskrcnn.api import load_model
@@ -185,7 +185,6 @@ def test_cascade_shapes_model_trains_evaluates_and_predicts(shapes, tmp_path):
 
 
 def test_serve_answers_with_the_cascade_models_detections(tmp_path):
-    from test_serve import Running, png_bytes
 
     model = cascade_model()
     weights = tmp_path / "cascade.pth"

@@ -63,3 +63,59 @@ def test_interrupted_exit_status(monkeypatch, capsys, exc, status):
     monkeypatch.setattr(train_cmd, "run", _interrupting(exc))
     assert cli.main(["train"]) == status
     assert "interrupted" in capsys.readouterr().err
+
+
+# The options several commands share (maskrcnn.commands.options): the same spellings everywhere.
+# Each command with the arguments it needs besides the shared ones.
+SHARED_OPTION_COMMANDS = {"train": [], "eval": [], "predict": ["a.png"], "serve": [], "benchmark": [],
+                          "export": ["--out", "m.onnx"], "show-data": ["--out", "grid.png"]}
+SHARED_DESTS = ("config", "weights", "device", "backend", "precision")
+
+
+def _subparsers() -> dict:
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("spelling", ["--config", "-c", "--preset"])
+@pytest.mark.parametrize("command", SHARED_OPTION_COMMANDS)
+def test_every_command_takes_each_spelling_of_config(command, spelling):
+    assert _parse(command, *SHARED_OPTION_COMMANDS[command], spelling, "shapes").config == "shapes"
+    assert _parse(command, *SHARED_OPTION_COMMANDS[command]).config is None
+
+
+@pytest.mark.parametrize("command", [c for c in SHARED_OPTION_COMMANDS if c != "show-data"])
+def test_every_model_command_takes_weights_and_overrides(command):
+    args = _parse(command, *SHARED_OPTION_COMMANDS[command], "a=1", "--weights", "w.pth", "b=2")
+    assert args.weights == "w.pth"
+    positional = {"eval": "opts", "predict": "inputs"}.get(command, "overrides")
+    assert [x for x in getattr(args, positional) if "=" in x] == ["a=1", "b=2"]
+
+
+def test_shared_options_have_one_spelling_and_help_lists_only_the_main_one():
+    """A shared option has the same option strings in every command; `--help` shows only `--config`."""
+    seen: dict[str, set[tuple[str, ...]]] = {}
+    for name, sub in _subparsers().items():
+        for action in sub._actions:
+            if action.dest in SHARED_DESTS and action.option_strings:
+                seen.setdefault(action.dest, set()).add(tuple(action.option_strings))
+        if any(a.dest == "config" for a in sub._actions):
+            text = sub.format_help()
+            assert "--config" in text and "--preset" not in text and "-c " not in text, name
+    assert seen["config"] == {("--config",), ("-c", "--preset")}
+    for dest in ("weights", "device", "backend", "precision"):
+        assert seen[dest] == {(f"--{dest}",)}, dest
+
+
+@pytest.mark.parametrize("command", ["predict", "serve", "benchmark"])
+def test_device_defaults_to_cpu_where_it_did(command):
+    assert _parse(command, *SHARED_OPTION_COMMANDS[command]).device == "cpu"
+    assert _parse("eval").device is None  # eval: the config's device
+
+
+def test_the_default_model_named_in_help_is_the_one_loaded():
+    from maskrcnn.commands.options import DEFAULT_MODEL_HELP
+    from maskrcnn.zoo import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL_HELP.split(",")[0] == DEFAULT_MODEL

@@ -18,7 +18,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import TINY
+from support import TINY
 from maskrcnn.cli import main
 from maskrcnn.config import load_config
 from maskrcnn.engine.evaluator import encode_masks, evaluate_results, format_metrics, stat_names

@@ -17,6 +17,7 @@ from maskrcnn.detectron2.weights import rename_detectron2_key
 from maskrcnn.modeling import build_model
 from maskrcnn.modeling.backbone import build_trunk
 from maskrcnn.modeling.deform import DeformConv2d
+from support import our_name_to_detectron2
 
 DATA = Path(__file__).parent / "data" / "detectron2"
 ZOO = DATA / "COCO-InstanceSegmentation"
@@ -223,37 +224,6 @@ def test_bottleneck_stride_in_1x1_moves_the_stride_only():
         assert msra.layer2(msra.layer1(x)).shape == plain.layer2(plain.layer1(x)).shape == (1, 512, 32, 32)
 
 
-def _our_name_to_detectron2(name: str, c4: bool) -> str:
-    """The inverse mapping, written independently: how Detectron2 names each of our parameters."""
-    trunk = "backbone." if c4 else "backbone.bottom_up."
-    stages = {"layer1": "res2", "layer2": "res3", "layer3": "res4", "layer4": "res5"}
-    rules = [
-        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.conv2\.offset\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.conv2_offset."),
-        (r"^backbone\.trunk\.conv1\.", f"{trunk}stem.conv1."),
-        (r"^backbone\.trunk\.bn1\.", f"{trunk}stem.conv1.norm."),
-        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.conv(\d)\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.conv{m[3]}."),
-        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.bn(\d)\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.conv{m[3]}.norm."),
-        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.downsample\.0\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.shortcut."),
-        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.downsample\.1\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.shortcut.norm."),
-        (r"^backbone\.fpn\.(lateral|output)\.(\d)\.conv\.", lambda m: f"backbone.fpn_{m[1]}{int(m[2]) + 2}."),
-        (r"^rpn\.head\.convs\.0\.conv\.", "proposal_generator.rpn_head.conv."),
-        (r"^rpn\.head\.objectness\.", "proposal_generator.rpn_head.objectness_logits."),
-        (r"^rpn\.head\.box_deltas\.", "proposal_generator.rpn_head.anchor_deltas."),
-        (r"^roi_heads\.box_head\.(\d\.)?fcs\.(\d)\.", lambda m: f"roi_heads.box_head.{m[1] or ''}fc{int(m[2]) + 1}."),
-        (r"^roi_heads\.box_predictor\.(\d\.)?class_logits\.", r"roi_heads.box_predictor.\1cls_score."),
-        (r"^roi_heads\.box_predictor\.(\d\.)?box_deltas\.", r"roi_heads.box_predictor.\1bbox_pred."),
-        (r"^roi_heads\.mask_head\.convs\.(\d)\.conv\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}."),
-        (r"^roi_heads\.mask_head\.", "roi_heads.mask_head."),
-        (r"^roi_heads\.keypoint_head\.convs\.(\d)\.conv\.", lambda m: f"roi_heads.keypoint_head.conv_fcn{int(m[1]) + 1}."),
-        (r"^roi_heads\.keypoint_head\.deconv\.", "roi_heads.keypoint_head.score_lowres."),
-    ]
-    for pattern, replacement in rules:
-        if re.search(pattern, name):
-            out = re.sub(pattern, replacement, name, count=1)
-            return out.replace("backbone.res5.", "roi_heads.res5.") if c4 else out
-    raise AssertionError(f"no Detectron2 name for {name}")
-
-
 @pytest.mark.parametrize("zoo", ["mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_C4_1x", "mask_rcnn_X_101_32x8d_FPN_3x",
                                  "../Misc/cascade_mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_DC5_1x",
                                  "../Misc/mask_rcnn_R_50_FPN_1x_dconv_c3-c5",
@@ -262,7 +232,7 @@ def test_every_detectron2_name_maps_back_onto_ours(zoo):
     cfg = load_config(str(ZOO / f"{zoo}.yaml"))
     own = build_model(cfg).state_dict()
     for name in own:
-        d2 = _our_name_to_detectron2(name, cfg.model.backbone.kind == "c4")
+        d2 = our_name_to_detectron2(name, cfg.model.backbone.kind == "c4")
         assert rename_detectron2_key(d2) == name, (name, d2)
 
 

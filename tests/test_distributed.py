@@ -19,7 +19,6 @@ the difference is float rounding. Detectron2 and torchvision behave the same way
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -33,26 +32,11 @@ import pytest
 import torch
 
 from maskrcnn.data.shapes import make_shapes
+from distributed_workers import RECORD, install_recorders
+from support import tiny_train_config
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-TINY = """
-model:
-  backbone: {{depth: 18, norm: gn, fpn_channels: 32, trainable_stages: 5}}
-  anchors: {{sizes: [[8], [16], [32], [64], [128]]}}
-  rpn: {{pre_nms_top_n_train: 100, post_nms_top_n_train: 50, pre_nms_top_n_test: 50,
-         post_nms_top_n_test: 25, batch_size_per_image: 32}}
-  box_head: {{fc_dim: 64, batch_size_per_image: 16, positive_fraction: 0.0625, detections_per_image: 10}}
-  mask_head: {{conv_dim: 16, num_convs: 1}}
-input: {{min_size_train: [64], max_size_train: 96, min_size_test: 64, max_size_test: 96}}
-data: {{train: ['{ann}:{images}']}}
-solver: {{optimizer: sgd, base_lr: 0.02, momentum: 0.9, ims_per_batch: 2, max_iter: {max_iter},
-          checkpoint_period: 1000, warmup_iters: 0, log_period: 1, clip_grad_norm: 0.0,
-          dist_heartbeat_timeout: {heartbeat}}}
-device: cpu
-"""
-
 
 def _wait_for_all(procs: list, timeout: float = 120) -> list[str]:
     """Return each process's output once all have ended; kill any still running on the way out."""
@@ -86,10 +70,11 @@ def shapes(tmp_path_factory):
 
 
 def _config(tmp_path: Path, shapes, max_iter: int, heartbeat: float = 60) -> Path:
-    ann, images = shapes["train"]
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY.format(ann=ann, images=images, max_iter=max_iter, heartbeat=heartbeat))
-    return path
+    solver = {"optimizer": "sgd", "base_lr": 0.02, "momentum": 0.9, "ims_per_batch": 2, "max_iter": max_iter,
+              "checkpoint_period": 1000, "warmup_iters": 0, "log_period": 1, "clip_grad_norm": 0.0,
+              "dist_heartbeat_timeout": heartbeat}
+    return tiny_train_config(tmp_path / "tiny.yaml", shapes["train"], solver,
+                             model={"box_head": {"positive_fraction": 0.0625}})
 
 
 # ---- in-process pieces ----------------------------------------------------------------------------
@@ -115,6 +100,18 @@ def test_sampler_slices_each_global_batch_between_ranks():
         GroupedBatchSampler(groups, 3, rank=0, world_size=2)
 
 
+def test_env_rank_reads_torchruns_rank_before_the_process_group_exists(monkeypatch):
+    from maskrcnn.distributed import DistributedError, env_rank
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert env_rank() == 0
+    monkeypatch.setenv("RANK", "3")
+    assert env_rank() == 3
+    monkeypatch.setenv("RANK", "three")
+    with pytest.raises(DistributedError, match="RANK='three' is not a number"):
+        env_rank()
+
+
 def test_reference_world_size_scales_batch_lr_and_schedule():
     from maskrcnn.config import load_config
     from maskrcnn.engine.trainer import apply_reference_world_size
@@ -134,59 +131,6 @@ def test_reference_world_size_scales_batch_lr_and_schedule():
     assert (cfg.solver.ims_per_batch, cfg.solver.base_lr) == (16, 0.02)
 
 
-# ---- recording what each rank does (installed in the worker processes and in the reference run) ----
-
-
-def deterministic_sample_balanced(labels, batch_size, positive_fraction):
-    """sample_balanced without the RNG: the first positives and negatives, same counts. Records counts."""
-    positive = torch.nonzero(labels >= 1).squeeze(1)
-    negative = torch.nonzero(labels == 0).squeeze(1)
-    num_pos = min(int(batch_size * positive_fraction), positive.numel())
-    num_neg = min(batch_size - num_pos, negative.numel())
-    RECORD["counts"].append([num_pos, num_neg])
-    return positive[:num_pos], negative[:num_neg]
-
-
-RECORD: dict = {"counts": [], "steps": [], "params": []}
-
-
-def install_recorders(keep_params: bool) -> None:
-    """Make sampling deterministic and record, per step: image ids, sample counts, a parameter digest."""
-    import maskrcnn.modeling.roi_heads as roi_heads
-    import maskrcnn.modeling.rpn as rpn
-    from maskrcnn.engine import trainer
-
-    rpn.sample_balanced = roi_heads.sample_balanced = deterministic_sample_balanced
-    original = trainer.Trainer._step
-
-    def step(self, images, targets):
-        RECORD["counts"].clear()
-        values = original(self, images, targets)
-        params = [p.detach() for p in self.model.parameters()]
-        digest = hashlib.sha256(b"".join(p.contiguous().numpy().tobytes() for p in params)).hexdigest()
-        RECORD["steps"].append({"ids": [int(t["image_id"]) for t in targets], "counts": list(RECORD["counts"]),
-                                "digest": digest, "loss": values["loss"]})
-        if keep_params:
-            RECORD["params"].append(torch.cat([p.flatten() for p in params]).clone())
-        return values
-
-    trainer.Trainer._step = step
-
-
-def worker_main() -> int:
-    """Entry point of the torchrun workers: record, train through the CLI, dump the record."""
-    out = Path(os.environ["RECORD_DIR"])
-    rank = int(os.environ["RANK"])
-    install_recorders(keep_params=rank == 0)
-    from maskrcnn.cli import main
-
-    status = main(sys.argv[1:])
-    (out / f"rank{rank}.json").write_text(json.dumps(RECORD["steps"]))
-    if rank == 0:
-        torch.save(torch.stack(RECORD["params"]), out / "params.pt")
-    return status
-
-
 # ---- training ---------------------------------------------------------------------------------------
 
 
@@ -194,8 +138,8 @@ def test_torchrun_training_matches_one_process_with_the_global_batch(shapes, tmp
     steps = 3
     config = _config(tmp_path, shapes, max_iter=steps)
     driver = tmp_path / "driver.py"
-    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport test_distributed as t\n"
-                      "sys.exit(t.worker_main())\n")
+    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport distributed_workers as w\n"
+                      "sys.exit(w.worker_main())\n")
     record_dir = tmp_path / "records"
     record_dir.mkdir()
     out = tmp_path / "ddp"
@@ -316,23 +260,6 @@ def test_eval_on_two_processes_equals_one(shapes, checkpoint, tmp_path):
 # ---- failures -----------------------------------------------------------------------------------------
 
 
-def fault_main() -> int:
-    """Worker entry point that raises on rank FAULT_RANK at iteration FAULT_ITER, then trains through the CLI."""
-    from maskrcnn.engine import trainer
-
-    original = trainer.Trainer._step
-
-    def step(self, images, targets):
-        if self.rank == int(os.environ["FAULT_RANK"]) and self.iteration + 1 == int(os.environ["FAULT_ITER"]):
-            raise RuntimeError(f"injected fault at iteration {self.iteration + 1}")
-        return original(self, images, targets)
-
-    trainer.Trainer._step = step
-    from maskrcnn.cli import main
-
-    return main(sys.argv[1:])
-
-
 def _wait_for_training(out: Path, procs: list[subprocess.Popen], iterations: int = 2) -> None:
     deadline = time.monotonic() + 90
     metrics = out / "metrics.jsonl"
@@ -370,8 +297,8 @@ def test_killed_rank_ends_the_other_with_its_name(shapes, tmp_path):
 def test_failing_rank_ends_the_other_naming_its_error_then_both_resume(shapes, tmp_path):
     config = _config(tmp_path, shapes, max_iter=4)  # heartbeat 60 s: the failure is posted, not timed out
     driver = tmp_path / "fault.py"
-    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport test_distributed as t\n"
-                      "sys.exit(t.fault_main())\n")
+    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport distributed_workers as w\n"
+                      "sys.exit(w.fault_main())\n")
     out = tmp_path / "run"
 
     def run_both(*extra: str, fault_iter: int) -> tuple[list[int], list[str], float]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from conftest import drawn_in
+from support import drawn_in
 from maskrcnn.cli import main
 from maskrcnn.commands.eval import label_to_category
 from maskrcnn.config import Config

@@ -15,7 +15,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import drawn_in
+from support import drawn_in
 from maskrcnn.engine.evaluator import (
     STAT_NAMES,
     evaluate,

@@ -8,7 +8,7 @@ import sys
 import onnx
 import pytest
 import torch
-from conftest import TINY
+from support import TINY, decisive_torchvision_model
 
 from maskrcnn.checkpoint import save_checkpoint
 from maskrcnn.cli import main
@@ -317,7 +317,6 @@ def test_openvino_bf16_only_where_native(exported, runtimes, monkeypatch):
 @pytest.fixture(scope="module")
 def r50_export(tmp_path_factory):
     """torchvision-r50-fpn with random decisive weights (torchvision's layout), exported once."""
-    from test_torchvision_parity import decisive_torchvision_model
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
     from maskrcnn.modeling import import_state_dict

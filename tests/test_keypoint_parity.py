@@ -7,44 +7,32 @@ import torch
 from torchvision.models.detection import keypointrcnn_resnet50_fpn
 from torchvision.models.detection.roi_heads import heatmaps_to_keypoints as torchvision_heatmaps_to_keypoints
 
-from maskrcnn.config import load_config
 from maskrcnn.engine.compare import Tolerances, detection_differences, match_detections
-from maskrcnn.modeling import build_model, import_state_dict
 from maskrcnn.modeling.keypoint_head import heatmaps_to_keypoints
-from conftest import plain_layout_copy
+from support import (FAST_PATH, FAST_PATH_MATCHED, PARITY_MAX_SIZE, PARITY_MIN_SIZE, detect_both,
+                     detect_on_random_image, ours_from_torchvision, plain_layout_copy)
 
-MIN_SIZE, MAX_SIZE = 320, 512  # smaller than the preset's 800 px, so the test stays quick
-# As tests/test_torchvision_parity.py: the CPU fast path (channels-last, folded BN) sums in another order.
-FAST_PATH = Tolerances(box=0.05, score=1e-4, mask_iou=0.99)
-FAST_PATH_MATCHED = 0.98
 # Keypoint scores (heat-map logits, up to ~80 on these weights) agree to 1e-4 of the largest one.
 KEYPOINT_SCORE_RTOL = 1e-4
 
 
-def decisive_torchvision_model():
+def decisive_keypoint_model():
     """Return a seeded torchvision Keypoint R-CNN (person + background) that detects dozens of boxes."""
     torch.manual_seed(0)
     model = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2).eval()
     with torch.no_grad():
         # Random weights give person scores near the 0.05 threshold; lift them so ~30-50 boxes pass.
         model.roi_heads.box_predictor.cls_score.bias[1] += 2.0
-    model.transform.min_size = (MIN_SIZE,)
-    model.transform.max_size = MAX_SIZE
+    model.transform.min_size = (PARITY_MIN_SIZE,)
+    model.transform.max_size = PARITY_MAX_SIZE
     return model
 
 
 @pytest.fixture(scope="module")
 def model_pair(tmp_path_factory):
-    reference = decisive_torchvision_model()
-    path = tmp_path_factory.mktemp("weights") / "keypointrcnn.pth"
-    torch.save(reference.state_dict(), path)
-    cfg = load_config("torchvision-keypoint-r50-fpn",
-                      [f"input.min_size_test={MIN_SIZE}", f"input.max_size_test={MAX_SIZE}"])
-    ours = build_model(cfg)
-    result = ours.load_state_dict(import_state_dict(ours, torch.load(path, weights_only=True)), strict=False)
-    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
-    assert not result.missing_keys and not unexpected
-    return reference, ours
+    reference = decisive_keypoint_model()
+    folder = tmp_path_factory.mktemp("weights")
+    return reference, ours_from_torchvision(reference, "torchvision-keypoint-r50-fpn", folder)
 
 
 def assert_same_keypoint_detections(expected: dict, actual: dict, tol: Tolerances = FAST_PATH,
@@ -70,11 +58,7 @@ def assert_same_keypoint_detections(expected: dict, actual: dict, tol: Tolerance
 
 @pytest.mark.parametrize("size", [(300, 400), (257, 189)])
 def test_keypoints_match_torchvision(model_pair, size):
-    reference, ours = model_pair
-    torch.manual_seed(sum(size))
-    image = torch.rand(3, *size)
-    with torch.no_grad():
-        expected, actual = reference([image])[0], ours([image])[0]
+    expected, actual = detect_on_random_image(*model_pair, size)
     assert_same_keypoint_detections(expected, actual)
     # Keypoints live in input-image pixels, as boxes do (boxes under a pixel wide decode as one pixel wide).
     assert float(actual["keypoints"][..., 0].max()) <= size[1] + 1 and float(actual["keypoints"][..., 1].max()) <= size[0] + 1
@@ -85,9 +69,7 @@ def test_plain_layout_is_bit_identical_to_torchvision(model_pair):
     reference, fast = model_pair
     plain = plain_layout_copy(fast)
     torch.manual_seed(11)
-    images = [torch.rand(3, 300, 400), torch.rand(3, 350, 200)]
-    with torch.no_grad():
-        expected, actual = reference(images), plain(images)
+    expected, actual = detect_both(reference, plain, [torch.rand(3, 300, 400), torch.rand(3, 350, 200)])
     for e, a in zip(expected, actual):
         # Keypoint scores: our bicubic resize is a matrix product, summing in another order (~1e-6).
         assert_same_keypoint_detections(e, a, Tolerances(box=0.0, score=0.0, mask_iou=1.0), 1.0, score_rtol=1e-5)

@@ -7,9 +7,9 @@ import torch
 
 from maskrcnn.config import ConfigError, load_config
 from maskrcnn.modeling import build_model
+from support import THIN_HEADS
 
-TINY = ["model.backbone.fpn_channels=32", "model.box_head.fc_dim=64", "model.mask_head.conv_dim=16",
-        "model.box_head.score_thresh=0.0"]
+TINY = [*THIN_HEADS, "model.box_head.score_thresh=0.0"]
 
 
 def _run(precision: str, training: bool = False):

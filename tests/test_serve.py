@@ -17,31 +17,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskrcnn.api import load_model
 from maskrcnn.serve import create_app
-
-
-class Running:
-    """A uvicorn server in a thread on a free port; `url` is its base address."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+from support import Running, png_bytes
 
 
 class GatedModel:
@@ -57,13 +38,6 @@ class GatedModel:
         self.calls += 1
         assert self.gate.wait(timeout=30)
         return self.model.predict(*args, **kwargs)
-
-
-def png_bytes(size=(96, 128), seed=0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

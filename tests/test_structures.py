@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from maskrcnn.structures import BOX_SCALE_CLAMP, BoxCoder, clip_boxes, pairwise_ioa, pairwise_iou, paste_masks
+from maskrcnn.structures import (BOX_SCALE_CLAMP, BoxCoder, RLEMasks, clip_boxes, detections_to_cpu, pairwise_ioa,
+                                 pairwise_iou, paste_masks)
 
 
 # ---- IoU / IoA ----------------------------------------------------------------------------------
@@ -235,3 +237,11 @@ def test_exact_box_paste_returns_a_small_mask_as_it_was():
             ious.append(((pasted & ellipse).sum() / (pasted | ellipse).sum()).item())
     assert min(exact) > 0.98
     assert sum(rounded) / 3 < sum(exact) / 3 - 0.02  # the rounded box costs IoU on objects this small
+
+
+def test_detections_to_cpu_moves_tensors_and_keeps_the_rest():
+    rles = RLEMasks([], 4, 4)
+    output = {"boxes": torch.zeros(0, 4), "scores": np.zeros(0), "names": ["a"], "masks": rles}
+    moved = detections_to_cpu(output)
+    assert moved.keys() == output.keys() and moved["boxes"].device.type == "cpu"
+    assert moved["scores"] is output["scores"] and moved["names"] == ["a"] and moved["masks"] is rles

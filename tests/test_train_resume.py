@@ -15,24 +15,16 @@ import torch
 
 from maskrcnn.checkpoint import latest_checkpoint, load_checkpoint
 from maskrcnn.data.shapes import make_shapes
+from support import tiny_train_config
 
 MAX_ITER = 16
 PERIOD = 3
 
-TINY = """
-model:
-  backbone: {{depth: 18, norm: gn, fpn_channels: 32, trainable_stages: 5}}
-  anchors: {{sizes: [[8], [16], [32], [64], [128]]}}
-  rpn: {{pre_nms_top_n_train: 100, post_nms_top_n_train: 50, pre_nms_top_n_test: 50,
-         post_nms_top_n_test: 25, batch_size_per_image: 32}}
-  box_head: {{fc_dim: 64, batch_size_per_image: 16, detections_per_image: 10}}
-  mask_head: {{conv_dim: 16, num_convs: 1}}
-input: {{min_size_train: [64], max_size_train: 96, min_size_test: 64, max_size_test: 96}}
-data: {{train: ['{ann}:{images}']}}
-solver: {{optimizer: adamw, base_lr: 0.0005, ims_per_batch: 2, max_iter: {max_iter},
-          checkpoint_period: {period}, warmup_iters: 2, log_period: 2, clip_grad_norm: 5.0}}
-device: cpu
-"""
+
+def _config(path: Path, train: tuple[Path, Path], max_iter: int, period: int) -> Path:
+    solver = {"optimizer": "adamw", "base_lr": 0.0005, "ims_per_batch": 2, "max_iter": max_iter,
+              "checkpoint_period": period, "warmup_iters": 2, "log_period": 2, "clip_grad_norm": 5.0}
+    return tiny_train_config(path, train, solver)
 
 
 def _train(config: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -48,8 +40,7 @@ def _periodic(ckpt_dir: Path) -> list[Path]:
 def test_sigkill_then_resume_reaches_max_iter(tmp_path):
     ann, images = make_shapes(tmp_path / "data", num_train=8, num_val=0, seed=0, image_size=64,
                               max_shapes=2, shape_size=(12, 32))["train"]
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY.format(ann=ann, images=images, max_iter=MAX_ITER, period=PERIOD))
+    config = _config(tmp_path / "tiny.yaml", (ann, images), MAX_ITER, PERIOD)
     out = tmp_path / "run"
     ckpt_dir = out / "checkpoints"
 
@@ -97,8 +88,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
     ann, images = make_shapes(tmp_path / "data", num_train=6, num_val=0, seed=1, image_size=64,
                               max_shapes=2, shape_size=(12, 32))["train"]
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY.format(ann=ann, images=images, max_iter=6, period=3))
+    config = _config(tmp_path / "tiny.yaml", (ann, images), 6, 3)
     first = train(load_config(str(config), [f"output_dir={tmp_path / 'a'}"]))
     shutil.copytree(first, tmp_path / "b")
     (tmp_path / "b" / "checkpoints" / "model_final.pth").unlink()  # as if killed after iteration 3

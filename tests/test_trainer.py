@@ -9,38 +9,15 @@ import signal
 
 import pytest
 import torch
-from torch import nn
 
-import maskrcnn.modeling
-from conftest import quick_run_config
+from support import StandInModel, quick_run_config
 from maskrcnn.checkpoint import load_checkpoint
-from maskrcnn.config import load_config
 from maskrcnn.engine.trainer import TrainingError, train
 from maskrcnn.errors import UserError
 
 
-class _FakeModel(nn.Module):
-    """Returns the contract's loss dict from one parameter; `hook(call)` may inject trouble."""
-
-    hook = None
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(2))
-        self.calls = 0
-
-    def forward(self, images, targets=None):
-        self.calls += 1
-        scale = _FakeModel.hook(self.calls) if _FakeModel.hook else 1.0
-        base = (self.w**2).sum() * scale
-        return {"loss_classifier": base, "loss_box_reg": base * 0.5, "loss_mask": base * 0.1,
-                "loss_objectness": base * 0.2, "loss_rpn_box_reg": base * 0.3}
-
-
 @pytest.fixture
-def cfg(shapes, tmp_path, monkeypatch):
-    monkeypatch.setattr(maskrcnn.modeling, "build_model", lambda cfg: _FakeModel(), raising=False)
-    monkeypatch.setattr(_FakeModel, "hook", None)
+def cfg(shapes, tmp_path, stand_in_model):
     return quick_run_config(shapes, tmp_path / "run", ["input.horizontal_flip=0.5"])
 
 
@@ -58,14 +35,14 @@ def test_outputs_and_classes_from_data(cfg):
 
 
 def test_non_finite_loss_names_iteration_and_keeps_checkpoint(cfg, monkeypatch):
-    monkeypatch.setattr(_FakeModel, "hook", lambda call: float("nan") if call == 5 else 1.0)
+    monkeypatch.setattr(StandInModel, "hook", lambda call: float("nan") if call == 5 else 1.0)
     with pytest.raises(TrainingError) as e:
         train(cfg)
     msg = str(e.value)
     assert "non-finite loss at iteration 5" in msg and "loss_classifier=nan" in msg
     assert "model_0000004.pth" in msg
     ckpt = load_checkpoint(cfg.output_dir + "/checkpoints/model_0000004.pth")
-    assert ckpt["iteration"] == 4 and torch.isfinite(ckpt["model"]["w"]).all()
+    assert ckpt["iteration"] == 4 and all(torch.isfinite(ckpt["model"][k]).all() for k in ("trunk", "head"))
 
 
 def test_sigint_saves_and_resume_finishes(cfg, monkeypatch):
@@ -74,12 +51,12 @@ def test_sigint_saves_and_resume_finishes(cfg, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-iteration: the iteration still completes
         return 1.0
 
-    monkeypatch.setattr(_FakeModel, "hook", interrupt)
+    monkeypatch.setattr(StandInModel, "hook", interrupt)
     with pytest.raises(KeyboardInterrupt) as e:
         train(cfg)
     assert e.value.exit_status == 128 + signal.SIGINT and e.value.path.name == "model_0000003.pth"
     assert load_checkpoint(cfg.output_dir + "/checkpoints/model_0000003.pth")["iteration"] == 3
-    monkeypatch.setattr(_FakeModel, "hook", None)
+    monkeypatch.setattr(StandInModel, "hook", None)
     out = train(cfg, resume=True)
     assert load_checkpoint(out / "checkpoints" / "model_final.pth")["iteration"] == 6
     iters = [json.loads(l)["iter"] for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -91,7 +68,7 @@ def test_time_budget_is_spent_and_ends_the_schedule(cfg, monkeypatch):
     import time
 
     step = 0.02  # every iteration sleeps this long, so the budget fits at most 1.8 / step of them
-    monkeypatch.setattr(_FakeModel, "hook", lambda call: time.sleep(step) or 1.0)
+    monkeypatch.setattr(StandInModel, "hook", lambda call: time.sleep(step) or 1.0)
     cfg.solver.max_iter = 100_000
     cfg.solver.steps = [60_000, 80_000]
     cfg.solver.schedule = "cosine"
@@ -121,7 +98,7 @@ def test_time_budget_never_raises_the_learning_rate_again(cfg, monkeypatch):
         time.sleep(0.08 if call < 24 else 0.002)
         return 1.0
 
-    monkeypatch.setattr(_FakeModel, "hook", slow_then_fast)
+    monkeypatch.setattr(StandInModel, "hook", slow_then_fast)
     cfg.solver.max_iter = 100_000
     cfg.solver.schedule = "cosine"
     cfg.solver.max_minutes = 0.05  # 3 s
@@ -138,7 +115,7 @@ def test_time_budget_warm_up_is_a_share_of_the_budget(cfg, monkeypatch):
     """Under a budget the warm-up lasts warmup_iters/max_iter of the time, however many iterations fit."""
     import time
 
-    monkeypatch.setattr(_FakeModel, "hook", lambda call: time.sleep(0.01) or 1.0)
+    monkeypatch.setattr(StandInModel, "hook", lambda call: time.sleep(0.01) or 1.0)
     cfg.solver.max_iter = 1000
     cfg.solver.warmup_iters = 250  # a quarter of the schedule: the first 0.6 s of a 2.4 s budget
     cfg.solver.warmup_factor = 0.001

@@ -24,14 +24,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 from torch.utils.data import Dataset
 
 import maskrcnn
-import maskrcnn.modeling
-from conftest import quick_run_config
+from support import TINY, StandInModel, quick_run_config, tiny_train_config
 from maskrcnn import cli
-from maskrcnn.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from maskrcnn.config import load_config
 from maskrcnn.data.loader import DataError, build_train_loader
 from maskrcnn.engine import trainer as trainer_module
@@ -40,35 +38,8 @@ from maskrcnn.engine.trainer import TrainingError, train
 # ---- a stand-in model and a tiny run ------------------------------------------------------------
 
 
-class _Fake(nn.Module):
-    """The contract's loss dict from two parameters; `hook(call)` returns "nan-loss", "nan-grad", "nan-buffer" or None."""
-
-    hook = None
-
-    def __init__(self):
-        super().__init__()
-        self.trunk = nn.Parameter(torch.ones(2))
-        self.head = nn.Parameter(torch.ones(3))
-        self.register_buffer("running_mean", torch.zeros(3))  # as BatchNorm's, updated by the forward pass
-        self.calls = 0
-
-    def forward(self, images, targets=None):
-        self.calls += 1
-        trouble = _Fake.hook(self.calls) if _Fake.hook else None
-        trunk = (self.trunk**2).sum()
-        head = (self.head**2).sum() * (float("nan") if trouble in ("nan-loss", "nan-buffer") else 1.0)
-        if trouble == "nan-buffer":
-            self.running_mean.fill_(float("nan"))
-        if trouble == "nan-grad":  # a finite loss whose gradient is not
-            head.register_hook(lambda g: g * float("nan"))
-        return {"loss_classifier": head, "loss_box_reg": trunk * 0.5, "loss_mask": trunk * 0.1,
-                "loss_objectness": trunk * 0.2, "loss_rpn_box_reg": trunk * 0.3}
-
-
 @pytest.fixture
-def fake_cfg(shapes, tmp_path, monkeypatch):
-    monkeypatch.setattr(maskrcnn.modeling, "build_model", lambda cfg: _Fake(), raising=False)
-    monkeypatch.setattr(_Fake, "hook", None)
+def fake_cfg(shapes, tmp_path, stand_in_model):
     return quick_run_config(shapes, tmp_path / "run")
 
 
@@ -82,25 +53,17 @@ def _warnings(caplog) -> list[str]:
 
 # ---- 1. SIGINT / SIGTERM through the command line -----------------------------------------------
 
-TINY = """
-model:
-  backbone: {{depth: 18, norm: gn, fpn_channels: 16, trainable_stages: 5}}
-  anchors: {{sizes: [[8], [16], [32], [64], [128]]}}
-  rpn: {{pre_nms_top_n_train: 50, post_nms_top_n_train: 25, batch_size_per_image: 32}}
-  box_head: {{fc_dim: 32, batch_size_per_image: 16}}
-  mask_head: {{conv_dim: 8, num_convs: 1}}
-input: {{min_size_train: [48], max_size_train: 64, min_size_test: 48, max_size_test: 64}}
-data: {{train: ['{ann}:{images}'], num_workers: {workers}}}
-solver: {{optimizer: adamw, base_lr: 0.0005, ims_per_batch: 2, max_iter: 100000, checkpoint_period: 100000,
-          warmup_iters: 2, log_period: 1}}
-device: cpu
-"""
+# TINY_TRAIN (support.py) narrower still, on 48-64 px images; training runs until a signal stops it.
+NARROW = {"model": {"backbone": {"fpn_channels": 16}, "rpn": {"pre_nms_top_n_train": 50, "post_nms_top_n_train": 25},
+                    "box_head": {"fc_dim": 32}, "mask_head": {"conv_dim": 8}},
+          "input": {"min_size_train": [48], "max_size_train": 64, "min_size_test": 48, "max_size_test": 64}}
+ENDLESS = {"optimizer": "adamw", "base_lr": 0.0005, "ims_per_batch": 2, "max_iter": 100000,
+           "checkpoint_period": 100000, "warmup_iters": 2, "log_period": 1}
 
 
 def _start_train(tmp_path: Path, shapes, name: str, workers: int) -> tuple[subprocess.Popen, Path]:
-    ann, images = shapes["train"]
-    config = tmp_path / f"{name}.yaml"
-    config.write_text(TINY.format(ann=ann, images=images, workers=workers))
+    config = tiny_train_config(tmp_path / f"{name}.yaml", shapes["train"], ENDLESS, **NARROW,
+                               data={"num_workers": workers})
     out = tmp_path / name
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "maskrcnn.cli", "train", "--config", str(config), "--out", str(out)]
@@ -238,15 +201,15 @@ def test_unreadable_image_is_reported_once_and_replaced(fake_cfg, broken_data, c
     cfg.data.num_workers = workers
     cfg.solver.max_iter = 9  # three epochs: the bad image comes up three times
     seen = []
-    _Fake.hook = lambda call: None
-    original = _Fake.forward
+    StandInModel.hook = lambda call: None
+    original = StandInModel.forward
 
     def record(self, images, targets=None):
         seen.append(len(images))
         return original(self, images, targets)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_Fake, "forward", record)
+        mp.setattr(StandInModel, "forward", record)
         train(cfg)
     assert seen == [2] * 9  # every batch full: another image took the bad one's place
     warned = [w for w in _warnings(caplog) if str(bad) in w]
@@ -366,7 +329,7 @@ def test_disk_full_during_a_save_stops_in_one_line_and_keeps_the_previous_checkp
 
 def test_non_finite_gradient_stops_naming_the_parameter(fake_cfg):
     cfg = fake_cfg
-    _Fake.hook = lambda call: "nan-grad" if call == 3 else None
+    StandInModel.hook = lambda call: "nan-grad" if call == 3 else None
     with pytest.raises(TrainingError) as e:
         train(cfg)
     msg = str(e.value)
@@ -376,7 +339,7 @@ def test_non_finite_gradient_stops_naming_the_parameter(fake_cfg):
 
 
 def test_non_finite_loss_names_only_the_bad_term(fake_cfg):
-    _Fake.hook = lambda call: "nan-loss" if call == 2 else None
+    StandInModel.hook = lambda call: "nan-loss" if call == 2 else None
     with pytest.raises(TrainingError, match=r"non-finite loss at iteration 2: loss_classifier=nan; training stopped"):
         train(fake_cfg)
 
@@ -385,7 +348,7 @@ def test_skip_mode_skips_updates_and_counts_them(fake_cfg, caplog):
     cfg = fake_cfg
     cfg.solver.nonfinite = "skip"
     cfg.solver.optimizer = "adamw"
-    _Fake.hook = lambda call: {3: "nan-loss", 4: "nan-grad"}.get(call)
+    StandInModel.hook = lambda call: {3: "nan-loss", 4: "nan-grad"}.get(call)
     out = train(cfg)
     state = load_checkpoint(out / "checkpoints" / "model_final.pth")
     assert state["iteration"] == 6 and state["scheduler"]["last_epoch"] == 6
@@ -403,7 +366,7 @@ def test_skip_mode_stops_after_too_many_in_a_row(fake_cfg):
     cfg = fake_cfg
     cfg.solver.nonfinite = "skip"
     cfg.solver.max_nonfinite_skips = 2
-    _Fake.hook = lambda call: "nan-loss" if call >= 2 else None
+    StandInModel.hook = lambda call: "nan-loss" if call >= 2 else None
     with pytest.raises(TrainingError, match=r"at iteration 4: loss_classifier=nan; 3 updates in a row skipped, "
                                             r"more than solver.max_nonfinite_skips=2"):
         train(cfg)
@@ -412,7 +375,7 @@ def test_skip_mode_stops_after_too_many_in_a_row(fake_cfg):
 def test_skip_mode_cannot_skip_a_step_that_poisoned_a_buffer(fake_cfg):
     cfg = fake_cfg
     cfg.solver.nonfinite = "skip"
-    _Fake.hook = lambda call: "nan-buffer" if call == 3 else None
+    StandInModel.hook = lambda call: "nan-buffer" if call == 3 else None
     with pytest.raises(TrainingError, match="non-finite values reached buffer 'running_mean' at iteration 3"):
         train(cfg)
 
@@ -506,8 +469,6 @@ def test_truncated_weights_give_one_line(checkpoint, tmp_path, image, capsys):
 
 
 def test_weights_of_another_architecture_or_class_count_give_one_line(checkpoint, tmp_path, image, capsys):
-    from conftest import TINY as CKPT_TINY
-
     # fpn_channels 256 (the preset's) instead of the checkpoint's 32: another architecture.
     rc, err = _predict(capsys, image, "--weights", checkpoint, "--config", "shapes", "--out", tmp_path / "p")
     assert rc == 2 and "\n" not in err, err
@@ -515,7 +476,7 @@ def test_weights_of_another_architecture_or_class_count_give_one_line(checkpoint
     assert "it was trained as a FPN model, ResNet depth 18, 3 classes" in err
     assert "leave out the config" in err
 
-    five = [*CKPT_TINY, "model.num_classes=5", "model.class_names=[a,b,c,d,e]", "model.category_ids=[]"]
+    five = [*TINY, "model.num_classes=5", "model.class_names=[a,b,c,d,e]", "model.category_ids=[]"]
     rc, err = _predict(capsys, image, *five, "--weights", checkpoint, "--config", "shapes", "--out", tmp_path / "p")
     assert rc == 2 and "\n" not in err, err
     assert "another number of classes" in err and "leave out the config" in err

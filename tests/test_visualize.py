@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import drawn_in
+from support import drawn_in
 from maskrcnn.errors import UserError
 from maskrcnn.visualize import draw_instances, plot_loss_curve
 

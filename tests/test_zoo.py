@@ -22,7 +22,7 @@ from maskrcnn.detectron2 import convert_detectron2_state_dict
 from maskrcnn.detectron2.config import _flatten, read_chain
 from maskrcnn.modeling import build_model, import_state_dict
 from maskrcnn.zoo import download
-from test_detectron2 import _our_name_to_detectron2
+from support import our_name_to_detectron2
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny_zoo_model"
@@ -86,7 +86,7 @@ def test_detectron2_entry_builds_and_takes_detectron2_layout(name):
             shape[0] = 4 * k
         if key.startswith("roi_heads.mask_head.predictor."):
             shape[0] = k
-        theirs[_our_name_to_detectron2(key, c4)] = torch.empty(shape, device="meta")
+        theirs[our_name_to_detectron2(key, c4)] = torch.empty(shape, device="meta")
     converted = convert_detectron2_state_dict(theirs, cfg.model)
     assert _without_counters(converted) == _without_counters(own)
     # The box layers Detectron2 builds for this YAML, read from the YAML alone (not from our model).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from maskrcnn.commands.options import add_config_option, add_device_option, add_overrides, add_weights_option
 from maskrcnn.errors import UserError
 
 HELP = ("Time inference (split by stage) and training steps on random images; report peak memory "
@@ -13,12 +14,9 @@ HELP = ("Time inference (split by stage) and training steps on random images; re
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the benchmark command's arguments."""
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--config", "--preset", dest="config", default=None,
-                   help="preset name or YAML file (default: the config stored in --weights)")
-    p.add_argument("--weights", default=None,
-                   help="a model name from `maskrcnn models`, our checkpoint or a torchvision / Detectron2 weights "
-                        "file (default: random weights, which time the same)")
+    add_overrides(p, example="model.backbone.depth=101")
+    add_config_option(p)
+    add_weights_option(p, default="random weights, which time the same")
     p.add_argument("--size", default="800x1333", help="HxW of the random input image (default: 800x1333)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="fp32, or bf16/fp16 autocast (fp16 needs CUDA: bf16 is used on the CPU, with a note)")
@@ -30,18 +28,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=float, default=None, metavar="MB",
                    help="training: find the largest batch 1, 2, 4, ... whose step's peak memory growth "
                         "stays within MB, each measured in a fresh process")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the CUDA path is untested here)")
+    add_device_option(p, note="the CUDA path is untested here")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON to OUT")
     p.add_argument("--quiet", action="store_true", help="print no table")
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the model, measure, print a table and optionally write JSON."""
-    from maskrcnn.api import load_model, random_weights_note
-    from maskrcnn.config import atomic_write_text
+    from maskrcnn.commands.options import load_pytorch_model
     from maskrcnn.engine.benchmark import (BenchmarkOptions, find_max_batch, format_report, parse_size,
                                            run_benchmark)
     from maskrcnn.engine.trainer import resolve_device
+    from maskrcnn.fileio import atomic_write_text
 
     if args.config is None and args.weights is None:
         raise UserError("benchmark needs --config (a preset or YAML file) or --weights (a zoo model name "
@@ -73,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
                   "mode": "train", "environment": environment(device), **opts.extra,
                   "max_memory": find_max_batch(argv, args.max_memory)}
     else:
-        random_weights_note(args.config, args.weights)
-        model = load_model(args.config, args.weights, args.overrides, device=str(device))
+        model = load_pytorch_model(args, args.overrides, device=str(device))
         report = run_benchmark(model, opts, device)
     if not args.quiet:
         print(format_report(report))

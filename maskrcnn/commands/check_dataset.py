@@ -65,9 +65,9 @@ def _plural(n: int, word: str, plural: str = "") -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Check the dataset, print the summary, write the report and cleaned copy; 1 if it has errors."""
-    from maskrcnn.config import atomic_write_text
     from maskrcnn.data.coco import parse_data_spec
     from maskrcnn.data.validate import KINDS, ImageProber, check_data, clean_data, load_annotations
+    from maskrcnn.fileio import atomic_write_text
 
     ann_file, image_dir = parse_data_spec(args.data)
     fix_path = Path(args.fix) if args.fix else None

@@ -43,19 +43,15 @@ def ensure_shapes(data_dir: Path, num_train: int, num_val: int, num_test: int, s
 
 def draw_overlays(model, val_json: Path, val_dir: Path, out_dir: Path, count: int) -> list[Path]:
     """Write overlays of the first `count` validation images; return their paths."""
-    from maskrcnn.config import atomic_path
-    from maskrcnn.data.image_io import image_to_tensor, read_image
-    from maskrcnn.visualize import draw_instances
+    from maskrcnn.commands.predict import predict_and_draw
+    from maskrcnn.data.image_io import read_image
 
     images = json.loads(val_json.read_text())["images"][:count]
     written = []
     out_dir.mkdir(parents=True, exist_ok=True)
     for info in images:
-        pixels = read_image(val_dir / info["file_name"])
-        output = model.predict(image_to_tensor(pixels), score_threshold=0.5)[0]
         path = out_dir / f"{Path(info['file_name']).stem}.png"
-        with atomic_path(path) as tmp:
-            draw_instances(pixels, output, model.class_names, 0.5).save(tmp, format="PNG")
+        predict_and_draw(model, read_image(val_dir / info["file_name"]), path, score_threshold=0.5)
         written.append(path)
     return written
 
@@ -65,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from maskrcnn.api import load_model
     from maskrcnn.commands.train import setup_logging
     from maskrcnn.config import load_config
-    from maskrcnn.errors import UserError
     from maskrcnn.engine.evaluator import format_metrics
     from maskrcnn.engine.trainer import train
+    from maskrcnn.errors import UserError
 
     setup_logging()  # the trainer's lines: precision, time budget, how it was spent
     out = Path(args.out)

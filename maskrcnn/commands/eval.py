@@ -15,13 +15,10 @@ HELP = ("evaluate box and mask AP on a COCO-format set: maskrcnn eval --config C
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the eval command's options."""
-    from maskrcnn.commands.predict import add_backend_argument
+    from maskrcnn.commands.options import (add_backend_option, add_device_option, add_model_options,
+                                          add_overrides)
 
-    p.add_argument("--config", "-c", default=None,
-                   help="preset name or YAML file (default: the config stored in --weights)")
-    p.add_argument("--weights", default=None, metavar="NAME_OR_FILE",
-                   help="a model name from `maskrcnn models` (fetched once), our checkpoint, or a torchvision / "
-                        "Detectron2 weights file")
+    add_model_options(p, onnx=True)
     p.add_argument("--data", default=None, metavar="ANN.json:IMAGE_DIR",
                    help="evaluation set (default: data.val of the config)")
     p.add_argument("--predictions", default=None, metavar="FILE",
@@ -29,12 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <output_dir>/eval)")
     p.add_argument("--max-images", type=int, default=None, metavar="N",
                    help="evaluate only the first N images (default: test.max_images; 0 = all)")
-    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the config's device)")
+    add_device_option(p, default=None)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted evaluation into the same --out: skip the images already in "
                         "OUT/predictions.jsonl (one process only)")
-    add_backend_argument(p)
-    p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.mask_head.threshold=0.4")
+    add_backend_option(p)
+    add_overrides(p, dest="opts", example="model.mask_head.threshold=0.4")
 
 
 def _load_cfg(args: argparse.Namespace, entry: Any = None):

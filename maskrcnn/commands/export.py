@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from maskrcnn.commands.options import add_model_options, add_overrides
 from maskrcnn.errors import UserError
 
 HELP = ("Export a model: maskrcnn export --config C --weights W --format onnx --out model.onnx "
@@ -13,11 +14,8 @@ HELP = ("Export a model: maskrcnn export --config C --weights W --format onnx --
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the export command's arguments."""
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--config", "--preset", dest="config", default=None,
-                   help="preset name or YAML file (default: the config stored in --weights)")
-    p.add_argument("--weights", default=None,
-                   help="a model name from `maskrcnn models`, our checkpoint, or a torchvision / Detectron2 weights file")
+    add_overrides(p, example="model.box_head.detections_per_image=50")
+    add_model_options(p)
     p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default: onnx)")
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, at least 17 (default: 17)")
@@ -28,13 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, export it, optionally check parity, print where the file is."""
-    from maskrcnn.api import load_model, random_weights_note
+    from maskrcnn.commands.options import load_pytorch_model
     from maskrcnn.export import export_onnx
 
     if args.opset < 17:
         raise UserError(f"--opset {args.opset} is too old: the export needs opset 17 or newer")
-    random_weights_note(args.config, args.weights)
-    model = load_model(args.config, args.weights, list(args.overrides))
+    model = load_pytorch_model(args, list(args.overrides), device="cpu")
     start = time.perf_counter()
     try:
         path = export_onnx(model, args.out, opset=args.opset)

@@ -7,11 +7,16 @@ import glob
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from maskrcnn.commands.options import (DEFAULT_MODEL_HELP, add_backend_option, add_device_option, add_model_options,
+                                      load_backend)
+from maskrcnn.commands.options import backend_precision  # noqa: F401  (maskrcnn.commands.eval imports it from here)
 from maskrcnn.errors import ImageReadError, UserError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from maskrcnn.engine.detections_log import DetectionsLog
 
 HELP = "Detect and segment objects in images; write overlay PNGs and predictions.json (COCO results)."
@@ -22,15 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the predict command's arguments."""
     p.add_argument("inputs", nargs="+",
                    help="image or video files, folders or glob patterns (and KEY=VALUE overrides)")
-    p.add_argument("--config", "--preset", dest="config", default=None,
-                   help="preset name or YAML file (default: the config of the --weights zoo model or checkpoint)")
-    p.add_argument("--weights", default=None,
-                   help="a model name from `maskrcnn models` (fetched once), our checkpoint, or a torchvision / "
-                        "Detectron2 weights file (default without --config: maskrcnn_resnet50_fpn_v2, COCO)")
+    add_model_options(p, onnx=True, default_weights=DEFAULT_MODEL_HELP)
     p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    add_backend_argument(p)
+    add_device_option(p)
+    add_backend_option(p)
     p.add_argument("--every", type=int, default=1, metavar="N",
                    help="videos: run on every N-th frame only (default: 1, every frame)")
     p.add_argument("--resume", action="store_true",
@@ -78,73 +79,17 @@ def overlay_name(path: Path, used: set[str]) -> str:
     return name
 
 
-def add_backend_argument(p: argparse.ArgumentParser) -> None:
-    """`--backend pytorch|onnxruntime|openvino` and OpenVINO's `--precision`, shared by predict, eval and serve."""
-    from maskrcnn.onnx_backends import BACKENDS, PRECISIONS
+def predict_and_draw(model: Any, image: np.ndarray, overlay: Path, score_threshold: float) -> dict[str, Any]:
+    """Return the model's detections of one HxWx3 image (tensors on the CPU); write their overlay PNG to `overlay`."""
+    from maskrcnn.data.image_io import image_to_tensor
+    from maskrcnn.fileio import atomic_path
+    from maskrcnn.structures import detections_to_cpu
+    from maskrcnn.visualize import draw_instances
 
-    p.add_argument("--backend", choices=["auto", "pytorch", *BACKENDS], default="auto",
-                   help="auto (default): PyTorch for a checkpoint, the fastest installed runtime (openvino, "
-                        "then onnxruntime) for --weights MODEL.onnx from `maskrcnn export --format onnx`; "
-                        "or name one")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="openvino only: its inference precision (default: fp32); bf16 needs a CPU with native "
-                        "bfloat16 (AVX-512/AMX). For PyTorch use the override test.precision=bf16")
-
-
-def resolve_backend(args: argparse.Namespace) -> str:
-    """Replace `--backend auto` in `args` by the backend it means for `--weights` (and say so for a file)."""
-    from maskrcnn.onnx_backends import RUNNERS, choose_backend
-
-    if getattr(args, "backend", "auto") == "auto":
-        args.backend = choose_backend(getattr(args, "weights", None))
-        if args.backend in RUNNERS:
-            print(f"--backend auto: running '{args.weights}' with {RUNNERS[args.backend].name}", file=sys.stderr)
-    return args.backend
-
-
-def backend_precision(args: argparse.Namespace) -> str:
-    """Return the --precision to run an exported file with (fp32 unless given); refuse it where it does not apply."""
-    backend, precision = resolve_backend(args), getattr(args, "precision", None)
-    if precision is not None and backend != "openvino":
-        hint = "set test.precision=bf16 for PyTorch" if backend == "pytorch" else "ONNX Runtime runs float32"
-        raise UserError(f"--precision applies to --backend openvino only ({hint})")
-    return precision or "fp32"
-
-
-def load_backend(args: argparse.Namespace, overrides: list[str]):
-    """Return the model to predict with: a PyTorch MaskRCNN, or an exported file run by ONNX Runtime or OpenVINO.
-
-    Given neither --weights nor --config, the default COCO model of the zoo is used (fetched once).
-    """
-    from maskrcnn.api import load_model, random_weights_note
-    from maskrcnn.onnx_backends import BACKENDS
-    from maskrcnn.zoo import DEFAULT_MODEL
-
-    precision = backend_precision(args)
-    backend = args.backend
-    if backend not in BACKENDS:
-        if not args.weights and not args.config:
-            print(f"no --weights or --config: using the default COCO model '{DEFAULT_MODEL}' "
-                  "(`maskrcnn models` lists the others)", file=sys.stderr)
-            args.weights = DEFAULT_MODEL
-        random_weights_note(args.config, args.weights)
-        return load_model(args.config, args.weights, overrides, device=args.device)
-    from maskrcnn.config import apply_overrides
-    from maskrcnn.export import OnnxMaskRCNN
-
-    if not args.weights or not str(args.weights).endswith(".onnx"):
-        raise UserError(f"--backend {backend} needs --weights MODEL.onnx (written by `maskrcnn export --format onnx`)")
-    # Tiling happens outside the graph (windows in, detections merged), so its keys still apply.
-    tiling = [item for item in overrides if item.split("=", 1)[0].strip().startswith("test.tiling.")]
-    if args.config or len(tiling) < len(overrides):
-        raise UserError(f"--backend {backend} uses the config stored in the .onnx file; "
-                        "drop --config and KEY=VALUE overrides other than test.tiling.* "
-                        "(export again to change the model)")
-    if args.device != "cpu":
-        raise UserError(f"--backend {backend} runs on the CPU only; drop --device")
-    model = OnnxMaskRCNN(args.weights, backend=backend, precision=precision)
-    apply_overrides(model.cfg, tiling)
-    return model
+    output = detections_to_cpu(model.predict(image_to_tensor(image), score_threshold=score_threshold)[0])
+    with atomic_path(overlay) as tmp:
+        draw_instances(image, output, model.class_names, score_threshold).save(tmp, format="PNG")
+    return output
 
 
 def predict_videos(model, videos: list[Path], out: Path, score_threshold: float, every: int,
@@ -188,12 +133,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from maskrcnn.api import category_ids
-    from maskrcnn.config import atomic_path
-    from maskrcnn.data.image_io import image_to_tensor, read_image
+    from maskrcnn.data.image_io import read_image
     from maskrcnn.engine.detections_log import DetectionsLog, write_results_json
     from maskrcnn.engine.evaluator import predictions_to_coco
     from maskrcnn.video import VIDEO_SUFFIXES
-    from maskrcnn.visualize import draw_instances
 
     items, overrides = split_overrides(args.inputs)
     files = expand_inputs(items)
@@ -227,11 +170,7 @@ def run(args: argparse.Namespace) -> int:
                     tqdm.write(f"skipped: {e}", file=sys.stderr)
                     failed.append(path)
                     continue
-                output = model.predict(image_to_tensor(image), score_threshold=args.score_threshold)[0]
-                output = {k: v.cpu() if hasattr(v, "cpu") else v for k, v in output.items()}
-                overlay = draw_instances(image, output, model.class_names, args.score_threshold)
-                with atomic_path(out / overlays[image_id - 1]) as tmp:
-                    overlay.save(tmp, format="PNG")
+                output = predict_and_draw(model, image, out / overlays[image_id - 1], args.score_threshold)
                 # The log line last: an image counts as done only once its overlay is written too.
                 log.append({"file_name": str(path), "image_id": image_id,
                             "detections": predictions_to_coco(output, image_id, ids)})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from maskrcnn.commands.options import (DEFAULT_MODEL_HELP, add_backend_option, add_device_option, add_model_options,
+                                      add_overrides)
 from maskrcnn.errors import UserError
 
 HELP = ("Serve a model over HTTP: POST /predict (image → JSON or ?overlay=1 PNG), GET /health, GET /model, "
@@ -12,16 +14,10 @@ HELP = ("Serve a model over HTTP: POST /predict (image → JSON or ?overlay=1 PN
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the serve command's arguments."""
-    from maskrcnn.commands.predict import add_backend_argument
-
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (PyTorch backend)")
-    p.add_argument("--config", "--preset", dest="config", default=None,
-                   help="preset name or YAML file (default: the config stored in --weights)")
-    p.add_argument("--weights", default=None,
-                   help="a model name from `maskrcnn models`, our checkpoint, torchvision/Detectron2 weights, or a "
-                        ".onnx file (default without --config: maskrcnn_resnet50_fpn_v2, COCO)")
-    add_backend_argument(p)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch backend)")
+    add_overrides(p, example="test.precision=bf16", note="PyTorch backend")
+    add_model_options(p, onnx=True, default_weights=DEFAULT_MODEL_HELP)
+    add_backend_option(p)
+    add_device_option(p, note="PyTorch backend")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--score-threshold", type=float, default=0.5,
@@ -37,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model and serve until interrupted."""
     import uvicorn
 
-    from maskrcnn.commands.predict import load_backend
+    from maskrcnn.commands.options import load_backend
     from maskrcnn.serve import create_app
 
     if args.max_concurrent < 1 or args.max_queue < 0:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from maskrcnn.commands.options import add_config_option, add_overrides
+
 HELP = ("draw augmented training samples with their masks and boxes: maskrcnn show-data --config C "
         "[--data ANN.json:IMAGE_DIR] --out grid.png [--n 16] [KEY=VALUE ...]")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the show-data command's options."""
-    p.add_argument("--config", "-c", default=None, help="preset name or YAML file (default: built-in defaults)")
+    add_config_option(p, default="built-in defaults")
     p.add_argument("--data", default=None, metavar="ANN.json:IMAGE_DIR",
                    help="training data to draw (default: the config's data.train)")
     p.add_argument("--out", required=True, metavar="PNG", help="where to write the grid image")
@@ -18,8 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iteration", type=int, default=0,
                    help="start at this training iteration's batch (default 0: the first)")
     p.add_argument("--cell", type=int, default=256, help="side of one grid cell in pixels (default 256)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. input.crop.enabled=true input.vertical_flip=0.5")
+    add_overrides(p, example="input.crop.enabled=true input.vertical_flip=0.5")
 
 
 def _draw_sample(image, target, class_names: list[str]):
@@ -44,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
     import itertools
     from pathlib import Path
 
-    from maskrcnn.config import atomic_path, load_config
+    from maskrcnn.config import load_config
     from maskrcnn.data.loader import build_train_loader
     from maskrcnn.engine.trainer import build_train_dataset
     from maskrcnn.errors import UserError
+    from maskrcnn.fileio import atomic_path
     from maskrcnn.visualize import image_grid
 
     if args.n < 1 or args.cell < 16 or args.iteration < 0:

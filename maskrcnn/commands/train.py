@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+
+from maskrcnn.commands.options import add_config_option, add_overrides, add_weights_option
 
 HELP = ("train a model: maskrcnn train --config C [--resume] [--weights FILE] [--out DIR] [KEY=VALUE ...]; "
         "on several GPUs or machines: torchrun --nproc-per-node N -m maskrcnn.cli train ... (docs/distributed.md)")
@@ -12,14 +13,13 @@ HELP = ("train a model: maskrcnn train --config C [--resume] [--weights FILE] [-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the train command's options."""
-    p.add_argument("--config", "-c", default=None, help="preset name or YAML file (default: built-in defaults)")
+    add_config_option(p, default="the --weights zoo model's, else the built-in defaults")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in the output dir")
-    p.add_argument("--weights", default=None, metavar="NAME_OR_FILE",
-                   help="initialise the whole model from a zoo model (`maskrcnn models`; its config is the "
-                        "default and the classes come from the training data), a checkpoint or a state dict; "
-                        "class-dependent layers are re-initialised when the number of classes differs")
+    add_weights_option(p, help="initialise the whole model from a zoo model (`maskrcnn models`; its config is the "
+                               "default and the classes come from the training data), a checkpoint or a state dict; "
+                               "class-dependent layers are re-initialised when the number of classes differs")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (overrides output_dir)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. solver.max_iter=1000")
+    add_overrides(p)
 
 
 class _TqdmHandler(logging.Handler):
@@ -33,8 +33,10 @@ class _TqdmHandler(logging.Handler):
 
 def setup_logging() -> None:
     """Log INFO to the terminal through tqdm (rank 0), warnings only from the other ranks."""
+    from maskrcnn.distributed import env_rank
+
     # Under torchrun only rank 0 logs progress; the other ranks report warnings and errors, marked.
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     root = logging.getLogger()
     if not root.handlers:
         handler = _TqdmHandler()
@@ -46,6 +48,7 @@ def setup_logging() -> None:
 def run(args: argparse.Namespace) -> int:
     """Train and print where the outputs are; return the exit status."""
     from maskrcnn.config import load_config
+    from maskrcnn.distributed import env_rank
     from maskrcnn.engine.trainer import train
     from maskrcnn.zoo import entry_config, resolve_weights
 
@@ -62,6 +65,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         cfg.output_dir = args.out
     out = train(cfg, resume=args.resume, weights=str(weights) if weights else None)
-    if os.environ.get("RANK", "0") == "0":
+    if env_rank() == 0:
         print(f"outputs in {out}")
     return 0

@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn.config import atomic_write_text
 from maskrcnn.errors import UserError
+from maskrcnn.fileio import atomic_write_text
 
 CATEGORIES = [
     {"id": 1, "name": "square", "supercategory": "shape"},

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from maskrcnn.config import PRESET_DIR, Config, ConfigError, _load_into, validate
+from maskrcnn.config import PRESET_DIR, Config, ConfigError, merge_file, validate
+from maskrcnn.fileio import read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +206,7 @@ _POSITIVE = 1.1754943508222875e-38
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read Detectron2 config '{path}': {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Detectron2 config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(path, "Detectron2 config", ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"Detectron2 config '{path}' must hold a mapping of keys")
     return data
@@ -638,12 +634,12 @@ def _translate_classes(k: _Keys, cfg: Config) -> None:
     person = datasets and all(d.startswith("keypoints_coco_") for d in datasets)
     if coco and cfg.model.num_classes == 80:
         classes = Config()
-        _load_into(classes, PRESET_DIR / "_coco-classes.yaml")
+        merge_file(classes, PRESET_DIR / "_coco-classes.yaml")
         cfg.model.class_names = classes.model.class_names
         cfg.model.category_ids = classes.model.category_ids
     elif person and cfg.model.num_classes == 1:  # COCO person keypoints: names and skeleton of the 17
         classes = Config()
-        _load_into(classes, PRESET_DIR / "_coco-person-keypoints.yaml")
+        merge_file(classes, PRESET_DIR / "_coco-person-keypoints.yaml")
         cfg.model.class_names = classes.model.class_names
         cfg.model.category_ids = classes.model.category_ids
         if cfg.model.keypoint_head.num_keypoints == len(classes.model.keypoint_head.keypoint_names):

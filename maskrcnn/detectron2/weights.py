@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maskrcnn.checkpoint import CheckpointError
 from maskrcnn.config import ModelConfig
-from maskrcnn.modeling.torchvision_import import compile_rules, rename_key
+from maskrcnn.errors import CheckpointError
+from maskrcnn.renaming import compile_rules, rename_key
 
 _STAGES = {"2": "layer1", "3": "layer2", "4": "layer3", "5": "layer4"}
 _TRUNK = r"^backbone\.(?:bottom_up\.)?"  # FPN models nest the ResNet under bottom_up, C4 ones do not

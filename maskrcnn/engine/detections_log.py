@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from maskrcnn.config import atomic_path
 from maskrcnn.errors import UserError
+from maskrcnn.fileio import atomic_path
 
 
 @dataclass

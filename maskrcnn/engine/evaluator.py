@@ -25,9 +25,9 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn.config import atomic_path, atomic_write_text
 from maskrcnn.engine.detections_log import DetectionsLog
 from maskrcnn.errors import UserError
+from maskrcnn.fileio import atomic_path, atomic_write_text
 from maskrcnn.structures import RLEMasks
 
 # Order and names of COCOeval.stats for boxes and masks at COCO's standard 100 detections per image

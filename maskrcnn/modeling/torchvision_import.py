@@ -1,31 +1,16 @@
 """Reads torchvision Mask R-CNN (v1 and v2) and Keypoint R-CNN state dicts into our module names.
 
-The mechanism is shared with other importers (Detectron2): an ordered list of (regex, replacement)
-rules, the first matching rule renames the key; a replacement may be a function of the match.
+The mechanism is shared with other importers (Detectron2): ordered (regex, replacement) rules from
+maskrcnn.renaming, the first matching rule renames the key.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable
 
 from torch import Tensor
 
-Replacement = str | Callable[[re.Match[str]], str]
-Rules = list[tuple[re.Pattern[str], Replacement]]
-
-
-def compile_rules(rules: list[tuple[str, Replacement]]) -> Rules:
-    """Return the rules with their patterns compiled."""
-    return [(re.compile(pattern), replacement) for pattern, replacement in rules]
-
-
-def rename_key(key: str, rules: Rules) -> str | None:
-    """Return `key` renamed by the first rule whose pattern matches, or None when none does."""
-    for pattern, replacement in rules:
-        if pattern.search(key):
-            return pattern.sub(replacement, key, count=1)
-    return None
+from maskrcnn.renaming import Replacement, compile_rules, rename_key
 
 
 # (torchvision name pattern, our name) — applied in order, first match wins.

@@ -124,6 +124,7 @@ def create_app(model: Any, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_concurre
                score_threshold: float = 0.5, backend: str = "pytorch", weights: str | None = None) -> FastAPI:
     """Return the FastAPI app serving `model` (a MaskRCNN or an OnnxMaskRCNN: anything with `predict`)."""
     from maskrcnn.api import category_ids
+    from maskrcnn.structures import detections_to_cpu
 
     app = FastAPI(title="maskrcnn", version="0.1.0",
                   description="Mask R-CNN instance segmentation: upload an image, get boxes, classes, scores "
@@ -177,7 +178,7 @@ def create_app(model: Any, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_concurre
             state["served"] += 1
         finally:
             gate.leave()
-        output = {k: v.cpu() if hasattr(v, "cpu") else v for k, v in output.items()}
+        output = detections_to_cpu(output)
         if overlay:
             from maskrcnn.visualize import draw_instances
 

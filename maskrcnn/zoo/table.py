@@ -11,10 +11,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
-
-from maskrcnn.config import PRESET_DIR, Config, _load_into, apply_overrides, load_config
+from maskrcnn.config import PRESET_DIR, Config, apply_overrides, load_config, merge_file
 from maskrcnn.errors import UserError
+from maskrcnn.fileio import read_yaml
 
 BUILTIN_TABLE = Path(__file__).with_name("models.yaml")
 EXTRA_TABLE_ENV = "MASKRCNN_ZOO"  # a YAML file with more entries (private models), same format
@@ -87,12 +86,7 @@ def _parse_entry(item: Any, where: str) -> ZooEntry:
 
 def read_table(path: Path) -> list[ZooEntry]:
     """Return the entries of one zoo table file."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise UserError(f"cannot read model zoo table '{path}': {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"model zoo table '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(path, "model zoo table", UserError)
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         raise UserError(f"model zoo table '{path}' must hold 'models:' followed by a list of entries")
     return [_parse_entry(item, f"'{path}'") for item in data["models"]]
@@ -146,5 +140,5 @@ def entry_config(entry: ZooEntry, overrides: list[str] | None = None) -> Config:
     """Return the config the entry's weights run with: its preset or Detectron2 YAML, its classes, then overrides."""
     source = str(PRESET_DIR / entry.config) if entry.config.endswith((".yaml", ".yml")) else entry.config
     cfg = load_config(source)
-    _load_into(cfg, PRESET_DIR / entry.classes)
+    merge_file(cfg, PRESET_DIR / entry.classes)
     return apply_overrides(cfg, list(overrides or []))

@@ -81,6 +81,6 @@ def read_coco(path: Path) -> dict[str, Any]:
 
 def write_coco(data: dict[str, Any], path: Path) -> None:
     """Write the COCO dict to `path` atomically (a temp file renamed into place)."""
-    from maskrcnn.config import atomic_write_text
+    from maskrcnn.fileio import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, separators=(",", ":")))

@@ -168,7 +168,7 @@ def write(data: dict[str, Any], out_dir: Path, source: str) -> tuple[int, int]:
     The labels go to a temporary folder first and are renamed to out_dir/labels at the end, so an
     interrupted run leaves no half-written labels; an existing, non-empty out_dir/labels is refused.
     """
-    from maskrcnn.config import atomic_write_text
+    from maskrcnn.fileio import atomic_write_text
 
     labels_dir = out_dir / "labels"
     if labels_dir.exists() and (not labels_dir.is_dir() or any(labels_dir.iterdir())):

@@ -1,0 +1,141 @@
+"""The options that several commands share, defined once: one name and one help text each.
+
+`--config`, `--weights`, `--device`, the KEY=VALUE overrides and `--backend`/`--precision` are added here,
+and `load_backend` turns them into the model a command runs. Older spellings (`-c`, `--preset`) are still
+accepted as hidden aliases, so that scripts written for them keep working without listing them in `--help`.
+
+Nothing heavy is imported at module level: `maskrcnn COMMAND --help` must stay fast (tests/test_cli_help.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from maskrcnn.errors import UserError
+
+CONFIG_ALIASES = ("-c", "--preset")  # earlier spellings of --config, accepted but not shown
+WEIGHTS_SOURCES = ("a model name from `maskrcnn models` (fetched once)", "our checkpoint",
+                   "a torchvision / Detectron2 weights file")
+# What load_backend uses without --weights and --config: zoo.DEFAULT_MODEL, named here so --help imports no zoo.
+DEFAULT_MODEL_HELP = "maskrcnn_resnet50_fpn_v2, COCO, unless --config is given"
+DEFAULT_CONFIG_FROM_WEIGHTS = "the config of the --weights zoo model or checkpoint"
+
+
+def add_config_option(p: argparse.ArgumentParser, default: str = DEFAULT_CONFIG_FROM_WEIGHTS) -> None:
+    """Add `--config PRESET_OR_YAML` (hidden aliases `-c`, `--preset`); `default` says what is used without it."""
+    p.add_argument("--config", default=None, help=f"preset name or YAML file (default: {default})")
+    p.add_argument(*CONFIG_ALIASES, dest="config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_weights_option(p: argparse.ArgumentParser, *, onnx: bool = False, default: str | None = None,
+                       help: str | None = None) -> None:
+    """Add `--weights NAME_OR_FILE`: what to load (`onnx`: an exported file too); `help` replaces the text."""
+    sources = [*WEIGHTS_SOURCES, *(["a .onnx file from `maskrcnn export`"] if onnx else [])]
+    text = ", ".join(sources[:-1]) + f" or {sources[-1]}"
+    p.add_argument("--weights", default=None, metavar="NAME_OR_FILE",
+                   help=help or (text + (f" (default: {default})" if default else "")))
+
+
+def add_model_options(p: argparse.ArgumentParser, *, onnx: bool = False, default_weights: str | None = None) -> None:
+    """Add `--config` and `--weights`, the pair that names the model a command loads (see `load_backend`)."""
+    add_config_option(p)
+    add_weights_option(p, onnx=onnx, default=default_weights)
+
+
+def add_device_option(p: argparse.ArgumentParser, default: str | None = "cpu", note: str = "") -> None:
+    """Add `--device`: `default` None means the config's `device` (which may be auto)."""
+    if default is None:
+        text = "auto, cpu or cuda (default: the config's device)"
+    else:
+        text = f"cpu or cuda (default: {default})"
+    p.add_argument("--device", default=default, help=text + (f"; {note}" if note else ""))
+
+
+def add_overrides(p: argparse.ArgumentParser, dest: str = "overrides", example: str = "solver.max_iter=1000",
+                  note: str = "") -> None:
+    """Add the positional KEY=VALUE config overrides (items after options join them too, see maskrcnn.cli)."""
+    p.add_argument(dest, nargs="*", metavar="KEY=VALUE",
+                   help=f"config overrides, e.g. {example}" + (f" ({note})" if note else ""))
+
+
+def add_backend_option(p: argparse.ArgumentParser) -> None:
+    """Add `--backend auto|pytorch|onnxruntime|openvino` and OpenVINO's `--precision` (predict, eval, serve)."""
+    from maskrcnn.onnx_backends import BACKENDS, PRECISIONS
+
+    p.add_argument("--backend", choices=["auto", "pytorch", *BACKENDS], default="auto",
+                   help="auto (default): PyTorch for a checkpoint, the fastest installed runtime (openvino, "
+                        "then onnxruntime) for --weights MODEL.onnx from `maskrcnn export --format onnx`; "
+                        "or name one")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="openvino only: its inference precision (default: fp32); bf16 needs a CPU with native "
+                        "bfloat16 (AVX-512/AMX). For PyTorch use the override test.precision=bf16")
+
+
+def resolve_backend(args: argparse.Namespace) -> str:
+    """Replace `--backend auto` in `args` by the backend it means for `--weights` (and say so for a file)."""
+    from maskrcnn.onnx_backends import RUNNERS, choose_backend
+
+    if getattr(args, "backend", "auto") == "auto":
+        args.backend = choose_backend(getattr(args, "weights", None))
+        if args.backend in RUNNERS:
+            print(f"--backend auto: running '{args.weights}' with {RUNNERS[args.backend].name}", file=sys.stderr)
+    return args.backend
+
+
+def backend_precision(args: argparse.Namespace) -> str:
+    """Return the --precision to run an exported file with (fp32 unless given); refuse it where it does not apply."""
+    backend, precision = resolve_backend(args), getattr(args, "precision", None)
+    if precision is not None and backend != "openvino":
+        hint = "set test.precision=bf16 for PyTorch" if backend == "pytorch" else "ONNX Runtime runs float32"
+        raise UserError(f"--precision applies to --backend openvino only ({hint})")
+    return precision or "fp32"
+
+
+def load_pytorch_model(args: argparse.Namespace, overrides: list[str], *, default_model: bool = False,
+                       device: str | None = None) -> Any:
+    """Return the PyTorch model that `--config`/`--weights` name, in eval mode on `device` (default: --device).
+
+    With `default_model` and neither option, the zoo's default COCO model is used (fetched once).
+    A config without weights gets a one-line note: its detections mean nothing.
+    """
+    from maskrcnn.api import load_model, random_weights_note
+
+    if default_model and not args.weights and not args.config:
+        from maskrcnn.zoo import DEFAULT_MODEL
+
+        print(f"no --weights or --config: using the default COCO model '{DEFAULT_MODEL}' "
+              "(`maskrcnn models` lists the others)", file=sys.stderr)
+        args.weights = DEFAULT_MODEL
+    random_weights_note(args.config, args.weights)
+    return load_model(args.config, args.weights, overrides, device=device or getattr(args, "device", None) or "cpu")
+
+
+def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:
+    """Return the model to predict with: a PyTorch MaskRCNN, or an exported file run by ONNX Runtime or OpenVINO.
+
+    Given neither --weights nor --config, the default COCO model of the zoo is used (fetched once).
+    """
+    from maskrcnn.onnx_backends import BACKENDS
+
+    precision = backend_precision(args)
+    backend = args.backend
+    if backend not in BACKENDS:
+        return load_pytorch_model(args, overrides, default_model=True)
+    from maskrcnn.config import apply_overrides
+    from maskrcnn.export import OnnxMaskRCNN
+
+    if not args.weights or not str(args.weights).endswith(".onnx"):
+        raise UserError(f"--backend {backend} needs --weights MODEL.onnx (written by `maskrcnn export --format onnx`)")
+    # Tiling happens outside the graph (windows in, detections merged), so its keys still apply.
+    tiling = [item for item in overrides if item.split("=", 1)[0].strip().startswith("test.tiling.")]
+    if args.config or len(tiling) < len(overrides):
+        raise UserError(f"--backend {backend} uses the config stored in the .onnx file; "
+                        "drop --config and KEY=VALUE overrides other than test.tiling.* "
+                        "(export again to change the model)")
+    if args.device != "cpu":
+        raise UserError(f"--backend {backend} runs on the CPU only; drop --device")
+    model = OnnxMaskRCNN(args.weights, backend=backend, precision=precision)
+    apply_overrides(model.cfg, tiling)
+    return model

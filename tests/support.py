@@ -1,0 +1,245 @@
+"""Helpers shared by several test modules (fixtures built on them live in conftest.py).
+
+Test modules import from here, never from each other: tiny configs, a stand-in model for the trainer,
+the torchvision parity set-up, a server in a thread, and a few file and image helpers.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from maskrcnn.config import load_config
+from maskrcnn.engine.compare import Tolerances
+from maskrcnn.modeling import build_model, import_state_dict
+
+# ---- tiny models and runs -------------------------------------------------------------------------
+
+# Thin heads on a preset (e.g. shapes): cheap to build and run on the CPU.
+THIN_HEADS = ["model.backbone.fpn_channels=32", "model.box_head.fc_dim=64", "model.mask_head.conv_dim=16"]
+# ...with few proposals and detections, every detection kept whatever its score.
+TINY = [*THIN_HEADS, "model.rpn.post_nms_top_n_test=50", "model.box_head.detections_per_image=10",
+        "model.box_head.score_thresh=0.0"]
+
+# A tiny R18-FPN trained on 64-96 px images; `tiny_train_config` writes it with a test's own solver.
+TINY_TRAIN = {
+    "model": {
+        "backbone": {"depth": 18, "norm": "gn", "fpn_channels": 32, "trainable_stages": 5},
+        "anchors": {"sizes": [[8], [16], [32], [64], [128]]},
+        "rpn": {"pre_nms_top_n_train": 100, "post_nms_top_n_train": 50, "pre_nms_top_n_test": 50,
+                "post_nms_top_n_test": 25, "batch_size_per_image": 32},
+        "box_head": {"fc_dim": 64, "batch_size_per_image": 16, "detections_per_image": 10},
+        "mask_head": {"conv_dim": 16, "num_convs": 1},
+    },
+    "input": {"min_size_train": [64], "max_size_train": 96, "min_size_test": 64, "max_size_test": 96},
+    "device": "cpu",
+}
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """Return `base` with `extra` merged in, nested dicts key by key (neither argument is changed)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def tiny_train_config(path: Path, train: tuple[Path, Path], solver: dict, **sections: dict) -> Path:
+    """Write TINY_TRAIN on `train` (annotations, images) with `solver` and `sections` merged over it; return `path`."""
+    ann, images = train
+    config = merged(merged(TINY_TRAIN, {"data": {"train": [f"{ann}:{images}"]}, "solver": solver}), sections)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def quick_run_config(shapes, output_dir, extra: list[str] = ()):
+    """A 6-iteration CPU run on `shapes` that checkpoints and logs every 2 iterations."""
+    ann, images = shapes["train"]
+    return load_config(None, [
+        f"data.train=['{ann}:{images}']", f"output_dir={output_dir}", "device=cpu",
+        "solver.ims_per_batch=2", "solver.max_iter=6", "solver.checkpoint_period=2",
+        "solver.warmup_iters=2", "solver.base_lr=0.01", "solver.log_period=2", *extra,
+    ])
+
+
+class StandInModel(nn.Module):
+    """Mask R-CNN's loss dict from two parameters, for fast trainer tests (the `stand_in_model` fixture).
+
+    `StandInModel.hook(call)`, when a test sets it, runs at each forward call (1, 2, ...) and returns None,
+    a number that scales every loss (nan, a slow step...), or trouble to inject: "nan-loss" (a NaN head
+    loss), "nan-grad" (a finite loss whose gradient is not) or "nan-buffer" (NaN in a BatchNorm-like buffer).
+    """
+
+    hook: Callable[[int], Any] | None = None
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Parameter(torch.ones(2))
+        self.head = nn.Parameter(torch.ones(3))
+        self.register_buffer("running_mean", torch.zeros(3))  # as BatchNorm's, updated by the forward pass
+        self.calls = 0
+
+    def forward(self, images, targets=None):
+        self.calls += 1
+        trouble = StandInModel.hook(self.calls) if StandInModel.hook else None
+        scale = trouble if isinstance(trouble, (int, float)) else 1.0
+        trunk = (self.trunk**2).sum() * scale
+        head = (self.head**2).sum() * scale * (float("nan") if trouble in ("nan-loss", "nan-buffer") else 1.0)
+        if trouble == "nan-buffer":
+            self.running_mean.fill_(float("nan"))
+        if trouble == "nan-grad":
+            head.register_hook(lambda g: g * float("nan"))
+        return {"loss_classifier": head, "loss_box_reg": trunk * 0.5, "loss_mask": trunk * 0.1,
+                "loss_objectness": trunk * 0.2, "loss_rpn_box_reg": trunk * 0.3}
+
+
+def plain_layout_copy(model):
+    """The same model and weights without the CPU fast path (NCHW, BN after conv): torchvision's sums."""
+    cfg = model.cfg.clone()
+    cfg.model.channels_last = False
+    cfg.model.backbone.fold_frozen_bn = False
+    plain = build_model(cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+# ---- parity with torchvision ----------------------------------------------------------------------
+
+PARITY_MIN_SIZE, PARITY_MAX_SIZE = 320, 512  # smaller than the presets' 800 px, so parity tests stay quick
+# Channels-last convolutions and folded frozen BN sum in another order than torchvision's NCHW
+# convolutions: on random weights boxes move by up to ~0.03 px and scores by ~2e-5, and one
+# detection in a hundred may sit on an NMS near-tie that the last bit decides.
+FAST_PATH = Tolerances(box=0.05, score=1e-4, mask_iou=0.99)
+FAST_PATH_MATCHED = 0.98
+
+
+def decisive_torchvision_model(builder):
+    """Return a seeded torchvision Mask R-CNN (from `builder`) whose scores and masks are not near-ties."""
+    torch.manual_seed(0)
+    model = builder(weights=None, weights_backbone=None, num_classes=91).eval()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.mul_(0.5)  # scores spread over ~0.35..0.5
+        # Random mask logits saturate to exactly 0 or 1, and a bilinear sample halfway between the two
+        # lands exactly on the 0.5 threshold; softer logits, shifted off zero, avoid such coin flips.
+        model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.05)
+        model.roi_heads.mask_predictor.mask_fcn_logits.bias.add_(0.3)
+    model.transform.min_size = (PARITY_MIN_SIZE,)
+    model.transform.max_size = PARITY_MAX_SIZE
+    return model
+
+
+def ours_from_torchvision(reference: nn.Module, preset: str, folder: Path):
+    """Return our model of `preset` loaded from `reference`'s weights saved as a file (every key used)."""
+    path = folder / "torchvision.pth"
+    torch.save(reference.state_dict(), path)
+    cfg = load_config(preset, [f"input.min_size_test={PARITY_MIN_SIZE}", f"input.max_size_test={PARITY_MAX_SIZE}"])
+    ours = build_model(cfg)
+    result = ours.load_state_dict(import_state_dict(ours, torch.load(path, weights_only=True)), strict=False)
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    assert not result.missing_keys and not unexpected
+    return ours
+
+
+def detect_both(reference: nn.Module, ours: nn.Module, images: list[torch.Tensor]) -> tuple[list[dict], list[dict]]:
+    """Return both models' detections of `images` (no gradients)."""
+    with torch.no_grad():
+        return reference(images), ours(images)
+
+
+def detect_on_random_image(reference: nn.Module, ours: nn.Module, size: tuple[int, int]) -> tuple[dict, dict]:
+    """Return both models' detections of one random image of `size` (seeded by the size)."""
+    torch.manual_seed(sum(size))
+    expected, actual = detect_both(reference, ours, [torch.rand(3, *size)])
+    return expected[0], actual[0]
+
+
+# ---- Detectron2 names -----------------------------------------------------------------------------
+
+
+def our_name_to_detectron2(name: str, c4: bool) -> str:
+    """The inverse mapping, written independently: how Detectron2 names each of our parameters."""
+    trunk = "backbone." if c4 else "backbone.bottom_up."
+    stages = {"layer1": "res2", "layer2": "res3", "layer3": "res4", "layer4": "res5"}
+    rules = [
+        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.conv2\.offset\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.conv2_offset."),
+        (r"^backbone\.trunk\.conv1\.", f"{trunk}stem.conv1."),
+        (r"^backbone\.trunk\.bn1\.", f"{trunk}stem.conv1.norm."),
+        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.conv(\d)\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.conv{m[3]}."),
+        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.bn(\d)\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.conv{m[3]}.norm."),
+        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.downsample\.0\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.shortcut."),
+        (r"^backbone\.trunk\.(layer\d)\.(\d+)\.downsample\.1\.", lambda m: f"{trunk}{stages[m[1]]}.{m[2]}.shortcut.norm."),
+        (r"^backbone\.fpn\.(lateral|output)\.(\d)\.conv\.", lambda m: f"backbone.fpn_{m[1]}{int(m[2]) + 2}."),
+        (r"^rpn\.head\.convs\.0\.conv\.", "proposal_generator.rpn_head.conv."),
+        (r"^rpn\.head\.objectness\.", "proposal_generator.rpn_head.objectness_logits."),
+        (r"^rpn\.head\.box_deltas\.", "proposal_generator.rpn_head.anchor_deltas."),
+        (r"^roi_heads\.box_head\.(\d\.)?fcs\.(\d)\.", lambda m: f"roi_heads.box_head.{m[1] or ''}fc{int(m[2]) + 1}."),
+        (r"^roi_heads\.box_predictor\.(\d\.)?class_logits\.", r"roi_heads.box_predictor.\1cls_score."),
+        (r"^roi_heads\.box_predictor\.(\d\.)?box_deltas\.", r"roi_heads.box_predictor.\1bbox_pred."),
+        (r"^roi_heads\.mask_head\.convs\.(\d)\.conv\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}."),
+        (r"^roi_heads\.mask_head\.", "roi_heads.mask_head."),
+        (r"^roi_heads\.keypoint_head\.convs\.(\d)\.conv\.", lambda m: f"roi_heads.keypoint_head.conv_fcn{int(m[1]) + 1}."),
+        (r"^roi_heads\.keypoint_head\.deconv\.", "roi_heads.keypoint_head.score_lowres."),
+    ]
+    for pattern, replacement in rules:
+        if re.search(pattern, name):
+            out = re.sub(pattern, replacement, name, count=1)
+            return out.replace("backbone.res5.", "roi_heads.res5.") if c4 else out
+    raise AssertionError(f"no Detectron2 name for {name}")
+
+
+# ---- a server, images and plots -------------------------------------------------------------------
+
+
+class Running:
+    """A uvicorn server in a thread on a free port; `url` is its base address."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def png_bytes(size=(96, 128), seed=0) -> bytes:
+    """Return a PNG file's bytes: random RGB noise of `size` (H, W)."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def drawn_in(png: Path, colour: str, rows: tuple[float, float] = (0.0, 1.0), tolerance: int = 40) -> np.ndarray:
+    """Return the [H,W] mask of a plot's pixels in a matplotlib colour ('C0' is the first line's), within a
+    band of rows given as fractions of the height (0 = top); pixels outside the band are False."""
+    from matplotlib.colors import to_rgb
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    target = np.round(np.array(to_rgb(colour)) * 255).astype(np.int16)
+    mask = np.abs(pixels - target).max(axis=-1) <= tolerance
+    height = mask.shape[0]
+    mask[: int(rows[0] * height)] = False
+    mask[int(rows[1] * height):] = False
+    return mask
