@@ -150,11 +150,11 @@ def test_fcn_mask_head_is_local_and_mlp_mask_head_is_global():
 
 
 def test_mlp_mask_head_from_config_gives_28x28_masks_per_class():
-    model = build_model(load_config("shapes", ["model.mask_head.type=mlp", "model.mask_head.fc_dim=64"]))
-    head = model.roi_heads.mask_head
+    cfg = load_config("shapes", ["model.mask_head.type=mlp", "model.mask_head.fc_dim=64"])
+    head = build_model(cfg).roi_heads.mask_head
     assert isinstance(head, MLPMaskHead)
     assert [fc.out_features for fc in head.hidden.fcs] == [64, 64]
-    assert head(torch.randn(2, 128, 14, 14)).shape == (2, 4, 28, 28)
+    assert head(torch.randn(2, cfg.model.backbone.fpn_channels, 14, 14)).shape == (2, 4, 28, 28)
 
 
 # ---- C4 (stride 16) vs C5 (stride 32) --------------------------------------------------------------
