@@ -1,7 +1,8 @@
 """ONNX Runtime and OpenVINO (CPU, the file `maskrcnn export` writes) against PyTorch FP32 and BF16 autocast.
 
 For each model: export once, then time one image end to end (input tensor → boxes, scores, labels and
-pasted masks) for PyTorch FP32, PyTorch BF16 autocast, ONNX Runtime FP32, OpenVINO FP32 and OpenVINO
+pasted masks) for torchvision FP32 (torchvision's own Mask R-CNN with the same weights, for
+`torchvision-r50-fpn` only), PyTorch FP32, PyTorch BF16 autocast, ONNX Runtime FP32, OpenVINO FP32 and OpenVINO
 BF16 (only on a CPU with native bfloat16; `--backends` picks), runs interleaved so that machine noise
 hits all alike, same weights. Agreement with PyTorch FP32 is counted with the parity tests' tolerances
 (boxes 0.05 px, scores 1e-4, mask IoU 0.99), and with compare_torchvision.py's looser "same detection"
@@ -9,7 +10,7 @@ ones (2 px, 0.02, mask IoU 0.9) that BF16 can meet. Weights are random and seede
 classifier is scaled by 0.5 so that 100 detections survive, as with a trained model.
 
     .venv/bin/python benchmarks/onnxruntime_vs_pytorch.py [--runs 5] [--models torchvision-r50-fpn,shapes]
-        [--backends pytorch-fp32,pytorch-bf16,onnxruntime,openvino-fp32,openvino-bf16] [--json out.json]
+        [--backends torchvision-fp32,pytorch-fp32,pytorch-bf16,onnxruntime,openvino-fp32,openvino-bf16] [--json out.json]
         [--markdown out.md]
 """
 
@@ -36,6 +37,7 @@ from maskrcnn.modeling import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from compare_torchvision import BF16_TOLERANCES  # noqa: E402  "the same detection": boxes 2 px, scores 0.02, IoU 0.9
+from compare_torchvision import our_model, torchvision_model  # noqa: E402
 
 SIZES = {"torchvision-r50-fpn": (800, 1067), "shapes": (128, 171)}
 
@@ -49,6 +51,17 @@ def seeded_model(name: str):
         model.roi_heads.mask_head.predictor.weight.normal_(std=0.05)
         model.roi_heads.mask_head.predictor.bias.fill_(0.3)
     return model
+
+
+def model_pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """Return our model of the preset and, for `torchvision-r50-fpn`, torchvision's own with the same weights."""
+    if name != "torchvision-r50-fpn":
+        return seeded_model(name), None
+    reference = torchvision_model()  # seeded; its classifier scaled as seeded_model does
+    with torch.no_grad():  # masks with some shape, as seeded_model's
+        reference.roi_heads.mask_predictor.mask_fcn_logits.weight.normal_(std=0.05)
+        reference.roi_heads.mask_predictor.mask_fcn_logits.bias.fill_(0.3)
+    return our_model(reference), reference
 
 
 def measure(calls: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict[str, list[float]]:
@@ -66,14 +79,15 @@ def measure(calls: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict
 
 
 # --backends name: (table label, exported-file runtime or None for PyTorch, precision)
-BACKENDS = {"pytorch-fp32": ("PyTorch FP32", None, "fp32"), "pytorch-bf16": ("PyTorch BF16 autocast", None, "bf16"),
+BACKENDS = {"torchvision-fp32": ("torchvision FP32", "torchvision", "fp32"),
+            "pytorch-fp32": ("PyTorch FP32", None, "fp32"), "pytorch-bf16": ("PyTorch BF16 autocast", None, "bf16"),
             "onnxruntime": ("ONNX Runtime FP32", "onnxruntime", "fp32"),
             "openvino-fp32": ("OpenVINO FP32", "openvino", "fp32"), "openvino-bf16": ("OpenVINO BF16", "openvino", "bf16")}
 
 
 def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[str]) -> list[dict[str, Any]]:
     """Return one row per backend for the preset `name` (PyTorch FP32 always: the reference)."""
-    model = seeded_model(name)
+    model, reference_model = model_pair(name)
     size = SIZES.get(name, (800, 1067))
     image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,6 +111,10 @@ def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[
                 if precision == "bf16":
                     calls[label] = pytorch_bf16
                 continue
+            if runtime == "torchvision":
+                if reference_model is not None:  # the same weights in torchvision's own implementation
+                    calls[label] = lambda: _infer(reference_model, image)
+                continue
             exported = OnnxMaskRCNN(path, threads=threads, backend=runtime, precision=precision)
             calls[label] = lambda exported=exported: exported([image])[0]
         reference = pytorch_fp32()
@@ -104,17 +122,28 @@ def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[
         times = measure(calls, runs, warmup)
     rows = []
     base = statistics.median(times["PyTorch FP32"])
+    torchvision_s = statistics.median(times["torchvision FP32"]) if "torchvision FP32" in times else None
     for label, values in times.items():
         agree = agreement_summary(reference, outputs[label], Tolerances(**PARITY_TOLERANCES))
         same = agreement_summary(reference, outputs[label], BF16_TOLERANCES)
         rows.append({"model": name, "size": f"{size[0]}x{size[1]}", "backend": label,
                      "median_s": statistics.median(values), "min_s": min(values),
                      "speed_vs_fp32": base / statistics.median(values),
+                     "speed_vs_torchvision": torchvision_s / statistics.median(values) if torchvision_s else None,
                      "detections": agree["actual"], "agree_with_fp32": f"{agree['matched']}/{agree['expected']}",
                      "same_detections": f"{same['matched']}/{same['expected']}",
                      "export_s": export_s if not label.startswith("PyTorch") else None,
                      "file_mb": file_mb if not label.startswith("PyTorch") else None})
     return rows
+
+
+def _infer(model: torch.nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.inference_mode():
+        return model([image])[0]
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "–"
 
 
 def environment(threads: int) -> dict[str, Any]:
@@ -133,12 +162,12 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], runs: int) -> str:
     lines = [f"Measured {env['date']}: torch {env['torch']}, onnxruntime {env['onnxruntime']}, openvino "
              f"{env['openvino']}, {env['threads']} threads, median of {runs} runs (one image, input tensor to pasted "
              f"masks), load average {env['load_average']} at the end.", "",
-             "| model | image | backend | median s | min s | vs PyTorch FP32 | detections | agree with FP32 | "
-             "same detection (2 px, 0.02, IoU 0.9) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | image | backend | median s | min s | vs PyTorch FP32 | vs torchvision FP32 | detections | "
+             "agree with FP32 | same detection (2 px, 0.02, IoU 0.9) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['size']} | {r['backend']} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
-                     f"{r['speed_vs_fp32']:.2f}x | {r['detections']} | {r['agree_with_fp32']} | {r['same_detections']} |")
+                     f"{r['speed_vs_fp32']:.2f}x | {_ratio(r['speed_vs_torchvision'])} | {r['detections']} | {r['agree_with_fp32']} | {r['same_detections']} |")
     exports = list({r["model"]: r for r in rows if r["export_s"] is not None}.values())  # one per model
     lines.append("")
     lines.extend(f"- {r['model']}: export {r['export_s']:.1f} s, file {r['file_mb']:.1f} MB" for r in exports)
