@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from maskrcnn.data import coco_table
-from maskrcnn.data.coco import CocoDataset, _check_schema
+from maskrcnn.data.coco import (BAD_BOX, EMPTY_MASK, NON_FINITE, ZERO_AREA_BOX, CocoDataset, _check_schema,
+                                _prepare_segmentation)
 from maskrcnn.data.figures import make_figures
 from maskrcnn.data.jsonfile import stream_members
 from maskrcnn.data.shapes import make_shapes
@@ -20,11 +22,70 @@ from maskrcnn.errors import UserError
 from test_coco_dataset import _uncompressed_rle, _write_dataset
 
 
+# ---- the per-annotation checks, one annotation at a time: the oracle the vectorised table is held to ----
+
+
+def _prepare(ref: CocoDataset, ann: dict, img: dict, label_of: dict[int, int]) -> dict | None:
+    """The usable form of one annotation, or None (counting why in `ref.skipped`) if it is degenerate."""
+    h, w = int(img["height"]), int(img["width"])
+    seg, mask_box, reason = _prepare_segmentation(ann.get("segmentation"), h, w)
+    if reason is None:
+        box, reason = _prepare_box(ref, ann.get("bbox"), mask_box, h, w)
+    if reason is not None:
+        ref.skipped[reason] += 1
+        return None
+    record = {"box": box, "label": label_of[ann["category_id"]], "iscrowd": int(ann["iscrowd"]), "segmentation": seg}
+    if ref.num_keypoints:
+        record["keypoints"] = _prepare_keypoints(ref, ann.get("keypoints"))
+    return record
+
+
+def _prepare_keypoints(ref: CocoDataset, values) -> np.ndarray:
+    """[K, 3] float32 keypoints moved to pixel centres (+0.5); unlabelled or malformed ones all zero."""
+    k = ref.num_keypoints
+    out = np.zeros((k, 3), dtype=np.float32)
+    if values is None or (isinstance(values, list) and not values):
+        return out
+    if (not isinstance(values, list) or len(values) != 3 * k
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            or not all(math.isfinite(v) for v in values)):
+        ref.bad_keypoints += 1
+        return out
+    points = np.asarray(values, dtype=np.float32).reshape(k, 3)
+    labelled = points[:, 2] > 0
+    out[labelled, :2] = points[labelled, :2] + 0.5
+    out[labelled, 2] = points[labelled, 2]
+    return out
+
+
+def _prepare_box(ref: CocoDataset, bbox, mask_box: list[float], h: int, w: int) -> tuple[list[float], str | None]:
+    """The xyxy box clipped to the image (from the mask if bbox is absent) and a skip reason."""
+    if bbox is None:
+        x1, y1, x2, y2 = mask_box
+    else:
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+            return [], BAD_BOX
+        if not all(isinstance(v, (int, float)) for v in bbox):
+            return [], BAD_BOX
+        if not all(math.isfinite(v) for v in bbox):
+            return [], NON_FINITE
+        x, y, bw, bh = (float(v) for v in bbox)
+        if bw <= 0 or bh <= 0:
+            return [], ZERO_AREA_BOX
+        x1, y1, x2, y2 = x, y, x + bw, y + bh
+    x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
+    y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
+    if x2 <= x1 or y2 <= y1:
+        return [], EMPTY_MASK
+    ref.boxes_from_masks += bbox is None
+    return [x1, y1, x2, y2], None
+
+
 def reference(ann_file: Path, filter_empty: bool = True, train: bool = False, min_keypoints: int = 1):
     """Return what the per-annotation loader makes of `ann_file`: image infos, their records and the counts.
 
-    The loader's own per-annotation checks (`CocoDataset._prepare`), applied one annotation at a time
-    to the parsed JSON, as `CocoDataset.__init__` did before the table.
+    The per-annotation checks `CocoDataset.__init__` applied before the table (`_prepare` below), one
+    annotation at a time to the parsed JSON.
     """
     data = json.loads(ann_file.read_text())
     image_by_id = _check_schema(data, ann_file)
@@ -36,7 +97,7 @@ def reference(ann_file: Path, filter_empty: bool = True, train: bool = False, mi
     ref.skipped, ref.bad_keypoints, ref.boxes_from_masks = Counter(), 0, 0
     by_image: dict[int, list] = {img["id"]: [] for img in data["images"]}
     for ann in data["annotations"]:
-        record = ref._prepare(ann, image_by_id[ann["image_id"]], label_of)
+        record = _prepare(ref, ann, image_by_id[ann["image_id"]], label_of)
         if record is not None:
             by_image[ann["image_id"]].append(record)
     infos, records = [], []

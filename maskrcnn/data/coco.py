@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
 from collections import Counter
 from dataclasses import replace
@@ -170,71 +169,6 @@ class CocoDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"CocoDataset('{self.ann_file}', {len(self)} images, {len(self.class_names)} classes)"
-
-    # ---- annotation checks ------------------------------------------------------------------
-    # What to keep of one annotation, and why not. The loader applies these checks to all annotations
-    # at once (`coco_table`, vectorised); this per-annotation form is their readable statement, and
-    # tests/test_coco_table.py holds the two to the same records and skip counts.
-
-    def _prepare(self, ann: dict, img: dict, label_of: dict[int, int]) -> dict[str, Any] | None:
-        """Return the usable form of one annotation, or None (and count why) if it is degenerate."""
-        h, w = int(img["height"]), int(img["width"])
-        seg, mask_box, reason = _prepare_segmentation(ann.get("segmentation"), h, w)
-        if reason is None:
-            box, reason = self._prepare_box(ann.get("bbox"), mask_box, h, w)
-        if reason is not None:
-            self.skipped[reason] += 1
-            return None
-        record = {"box": box, "label": label_of[ann["category_id"]], "iscrowd": int(ann["iscrowd"]), "segmentation": seg}
-        if self.num_keypoints:
-            record["keypoints"] = self._prepare_keypoints(ann.get("keypoints"))
-        return record
-
-    def _prepare_keypoints(self, values: Any) -> np.ndarray:
-        """Return [K, 3] float32 (x, y, visibility) keypoints; unlabelled (v = 0) ones all zero.
-
-        COCO stores integer pixel indices; +0.5 moves them to pixel centres in the model's continuous
-        coordinates (as Detectron2 does; the evaluator subtracts it again). An annotation without
-        keypoints has none labelled; malformed ones are counted and dropped the same way.
-        """
-        k = self.num_keypoints
-        out = np.zeros((k, 3), dtype=np.float32)
-        if values is None or (isinstance(values, list) and not values):
-            return out
-        if (not isinstance(values, list) or len(values) != 3 * k
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-                or not all(math.isfinite(v) for v in values)):
-            self.bad_keypoints += 1
-            return out
-        points = np.asarray(values, dtype=np.float32).reshape(k, 3)
-        labelled = points[:, 2] > 0
-        out[labelled, :2] = points[labelled, :2] + 0.5
-        out[labelled, 2] = points[labelled, 2]
-        return out
-
-    def _prepare_box(
-        self, bbox: Any, mask_box: list[float], h: int, w: int
-    ) -> tuple[list[float], str | None]:
-        """Return the xyxy box clipped to the image (from the mask if bbox is absent) and a skip reason."""
-        if bbox is None:
-            x1, y1, x2, y2 = mask_box
-        else:
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                return [], BAD_BOX
-            if not all(isinstance(v, (int, float)) for v in bbox):
-                return [], BAD_BOX
-            if not all(math.isfinite(v) for v in bbox):
-                return [], NON_FINITE
-            x, y, bw, bh = (float(v) for v in bbox)
-            if bw <= 0 or bh <= 0:
-                return [], ZERO_AREA_BOX
-            x1, y1, x2, y2 = x, y, x + bw, y + bh
-        x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
-        y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
-        if x2 <= x1 or y2 <= y1:
-            return [], EMPTY_MASK
-        self.boxes_from_masks += bbox is None
-        return [x1, y1, x2, y2], None
 
     def _report(self, num_annotations: int, num_images: int) -> None:
         """Log one line summarising skipped annotations and derived boxes, if any."""

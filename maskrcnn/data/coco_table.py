@@ -3,9 +3,9 @@
 `CocoDataset` used to keep every annotation as Python dicts and lists: ~5 GB for COCO train2017's
 860 000 annotations, and each forked DataLoader worker copied the pages it read (touching a Python
 object writes its reference count; a numpy buffer has none). Here the file is streamed one annotation
-at a time (`jsonfile.stream_members`) into growing `array` buffers, checked as `CocoDataset._prepare`
-checks it (the same skip reasons and counts; the structural checks per annotation, the arithmetic
-ones vectorised over all of them at the end), and kept as:
+at a time (`jsonfile.stream_members`) into growing `array` buffers, checked as the per-annotation loader
+checked it before (tests/test_coco_table.py keeps that loader as its oracle): the same skip reasons
+and counts; the structural checks per annotation, the arithmetic ones vectorised over all of them at the end, and kept as:
 
 - per image: id, height, width, file name (one UTF-8 buffer + offsets), and the range of its records;
 - per kept annotation (a "record"), grouped by image in file order: xyxy box, label, iscrowd, its
@@ -290,7 +290,7 @@ class _Builder:
         return 0
 
     def _add_box(self, bbox: Any) -> int:
-        """Keep a bbox's 4 numbers; return _BOX_GIVEN, _BOX_ABSENT or a skip code (as `_prepare_box` judges)."""
+        """Keep a bbox's 4 numbers; return _BOX_GIVEN, _BOX_ABSENT or a skip code (as the per-annotation box check judges)."""
         if bbox is None:
             self.box.extend(_NAN4)
             return _BOX_ABSENT
@@ -458,7 +458,7 @@ class _Builder:
 
     def _prepare_boxes(self, reason: np.ndarray, mask_box: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Return xyxy boxes clipped to the image (from the mask where bbox is absent), setting skip codes
-        where `coco.CocoDataset._prepare_box` would skip (only for annotations whose masks passed)."""
+        where the per-annotation box check would skip (only for annotations whose masks passed)."""
         n = len(reason)
         raw = _np(self.box, np.float64).reshape(-1, 4)
         state = _np(self.box_state, np.int8)
@@ -482,7 +482,7 @@ class _Builder:
         return np.stack([x1, y1, x2, y2], axis=1)
 
     def _prepare_keypoints(self, order: np.ndarray, k: int) -> tuple[np.ndarray, int]:
-        """Return [R, K, 3] keypoints of the records `order` as `CocoDataset._prepare_keypoints` makes them,
+        """Return [R, K, 3] keypoints of the records `order` as the per-annotation loader made them,
         and the number of malformed ones (not 3K finite numbers), used without keypoints."""
         out = np.zeros((len(order), k, 3), dtype=np.float32)
         if not k or not len(order):
