@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,82 +9,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from maskrcnn.data.coco import CocoDataset, build_dataset, concat_datasets, parse_data_spec
 from maskrcnn.errors import UserError
 from maskrcnn.instance_masks import InstanceMasks
-
-# Image 10 is 20 wide x 16 high; image 11 is portrait, 12 x 24.
-RLE_MASK = np.zeros((16, 20), np.uint8)
-RLE_MASK[2:6, 10:18] = 1  # rows 2..5, cols 10..17 -> bbox x=10, y=2, w=8, h=4
-
-
-def _uncompressed_rle(mask: np.ndarray) -> dict:
-    """Column-major run lengths starting with zeros, as COCO's uncompressed RLE."""
-    flat = mask.flatten(order="F")
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat[0] == 1:
-        counts = [0] + counts
-    return {"size": list(mask.shape), "counts": counts}
-
-
-CROWD_MASK = np.zeros((16, 20), np.uint8)
-CROWD_MASK[10:16, 0:20] = 1
-PORTRAIT_MASK = np.zeros((24, 12), np.uint8)
-PORTRAIT_MASK[4:20, 2:8] = 1
-
-
-def _write_dataset(root: Path, **overrides) -> tuple[Path, Path]:
-    """Write four images and a COCO file exercising all supported and degenerate annotations."""
-    image_dir = root / "images"
-    image_dir.mkdir(exist_ok=True)
-    images = [
-        {"id": 10, "file_name": "a.png", "width": 20, "height": 16},
-        {"id": 11, "file_name": "b.png", "width": 12, "height": 24},
-        {"id": 12, "file_name": "c.png", "width": 8, "height": 8},  # no annotations
-        {"id": 13, "file_name": "d.png", "width": 8, "height": 8},  # only a crowd region
-    ]
-    for img in images:
-        a = np.zeros((img["height"], img["width"], 3), np.uint8)
-        a[:, : img["width"] // 2] = 255  # left half white, so flips are visible
-        Image.fromarray(a).save(image_dir / img["file_name"])
-    compressed = mask_utils.encode(np.asfortranarray(RLE_MASK))
-    anns = [
-        # image 10: polygon (cat 3), compressed RLE (cat 7), crowd uncompressed RLE (cat 90)
-        {"id": 1, "image_id": 10, "category_id": 3, "bbox": [1, 1, 4, 6], "iscrowd": 0,
-         "segmentation": [[1, 1, 5, 1, 5, 7, 1, 7]], "area": 24},
-        {"id": 2, "image_id": 10, "category_id": 7, "bbox": [10, 2, 8, 4], "iscrowd": 0,
-         "segmentation": {"size": [16, 20], "counts": compressed["counts"].decode("ascii")}, "area": 32},
-        {"id": 3, "image_id": 10, "category_id": 90, "bbox": [0, 10, 20, 6], "iscrowd": 1,
-         "segmentation": _uncompressed_rle(CROWD_MASK), "area": 120},
-        # image 11: uncompressed RLE without a bbox (derived from the mask), plus degenerates
-        {"id": 4, "image_id": 11, "category_id": 90, "iscrowd": 0, "segmentation": _uncompressed_rle(PORTRAIT_MASK)},
-        {"id": 5, "image_id": 11, "category_id": 3, "bbox": [2, 2, 0, 5], "iscrowd": 0,
-         "segmentation": [[2, 2, 4, 2, 4, 7]]},  # zero-area box
-        {"id": 6, "image_id": 11, "category_id": 3, "bbox": [2, 2, 3, 3], "iscrowd": 0,
-         "segmentation": [[2, 2, 5, 5]]},  # polygon with two points
-        {"id": 7, "image_id": 11, "category_id": 7, "bbox": [50, 50, 5, 5], "iscrowd": 0,
-         "segmentation": [[50, 50, 55, 50, 55, 55, 50, 55]]},  # entirely outside the image
-        {"id": 8, "image_id": 11, "category_id": 7, "bbox": [1, 1, 2, 2], "iscrowd": 0,
-         "segmentation": _uncompressed_rle(np.zeros((24, 12), np.uint8))},  # empty mask
-        # image 13: only a crowd region
-        {"id": 9, "image_id": 13, "category_id": 3, "bbox": [0, 0, 4, 4], "iscrowd": 1,
-         "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4]]},
-    ]
-    categories = [{"id": 90, "name": "zebra"}, {"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
-    data = {"images": images, "annotations": anns, "categories": categories}
-    data.update(overrides)
-    ann_file = root / "ann.json"
-    ann_file.write_text(json.dumps(data))
-    return ann_file, image_dir
-
+from support import RLE_MASK, CROWD_MASK, PORTRAIT_MASK, uncompressed_rle, write_coco_dataset
 
 @pytest.fixture
 def files(tmp_path):
-    return _write_dataset(tmp_path)
+    return write_coco_dataset(tmp_path)
 
 
 def test_categories_mapped_to_contiguous_labels_and_back(files):
@@ -188,7 +120,7 @@ def test_build_dataset_and_concat(files, tmp_path):
     assert ds[3][1]["image_id"] == 11
     other_root = tmp_path / "other"
     other_root.mkdir()
-    other = _write_dataset(other_root, categories=[{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"},
+    other = write_coco_dataset(other_root, categories=[{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"},
                                                    {"id": 90, "name": "horse"}])
     with pytest.raises(UserError, match="different categories"):
         concat_datasets([CocoDataset(*files), CocoDataset(*other)])
@@ -231,12 +163,12 @@ def test_malformed_json(tmp_path):
     ],
 )
 def test_schema_errors_name_the_file_and_key(tmp_path, overrides, match):
-    ann_file, image_dir = _write_dataset(tmp_path, **overrides)
+    ann_file, image_dir = write_coco_dataset(tmp_path, **overrides)
     assert "ann.json" in _one_line_error(ann_file, image_dir, match)
 
 
 def test_everything_filtered_is_an_error(tmp_path):
-    ann_file, image_dir = _write_dataset(tmp_path, annotations=[])
+    ann_file, image_dir = write_coco_dataset(tmp_path, annotations=[])
     _one_line_error(ann_file, image_dir, "no image with a usable")
     assert len(CocoDataset(ann_file, image_dir, filter_empty=False)) == 4
 

@@ -19,7 +19,7 @@ from maskrcnn.data.figures import make_figures
 from maskrcnn.data.jsonfile import stream_members
 from maskrcnn.data.shapes import make_shapes
 from maskrcnn.errors import UserError
-from test_coco_dataset import _uncompressed_rle, _write_dataset
+from support import uncompressed_rle, write_coco_dataset
 
 
 # ---- the per-annotation checks, one annotation at a time: the oracle the vectorised table is held to ----
@@ -132,7 +132,7 @@ def assert_same_as_reference(ds: CocoDataset, **kwargs) -> None:
 
 
 def test_hand_written_fixture(tmp_path):
-    ann_file, image_dir = _write_dataset(tmp_path)
+    ann_file, image_dir = write_coco_dataset(tmp_path)
     for kwargs in ({}, {"filter_empty": False}):
         assert_same_as_reference(CocoDataset(ann_file, image_dir, **kwargs), **kwargs)
 
@@ -193,9 +193,9 @@ def _odd_annotation(rng: np.random.Generator, h: int, w: int) -> dict:
         lambda: [[1, float("inf"), 3, 4, 5, 6]],
         lambda: [[True, 1, 5, 1, 5, 5]], lambda: [poly(), "x"], lambda: None, lambda: [], lambda: {}, lambda: 7,
         lambda: [[1e12, 1e12, -1e12, 1e12, 0, -1e12]], lambda: [[0, 0, 3, 0, 1e9, 3]],
-        lambda: _uncompressed_rle(mask), lambda: {"size": [h, w], "counts": mask_utils.encode(
+        lambda: uncompressed_rle(mask), lambda: {"size": [h, w], "counts": mask_utils.encode(
             np.asfortranarray(mask))["counts"].decode()},
-        lambda: _uncompressed_rle(np.zeros((h, w), np.uint8)), lambda: {"size": [h + 1, w], "counts": [h * w]},
+        lambda: uncompressed_rle(np.zeros((h, w), np.uint8)), lambda: {"size": [h + 1, w], "counts": [h * w]},
         lambda: {"size": [h, w], "counts": [h * w - 1]}, lambda: {"size": [h, w], "counts": "#"},
         lambda: {"size": [h, w]}, lambda: {"size": [h, w], "counts": [1.5, h * w - 1.5]},
     ]
@@ -270,14 +270,14 @@ def test_schema_errors_as_before(tmp_path, edit, words):
 
 
 def test_evaluation_index_is_built_on_first_use(tmp_path):
-    ann_file, image_dir = _write_dataset(tmp_path)
+    ann_file, image_dir = write_coco_dataset(tmp_path)
     ds = CocoDataset(ann_file, image_dir)
     assert ds._coco is None
     assert sorted(ds.coco.getAnnIds()) == list(range(1, 10)) and ds.coco is ds.coco
 
 
 def test_cache_hit_change_and_damage(tmp_path, monkeypatch, caplog):
-    ann_file, image_dir = _write_dataset(tmp_path)
+    ann_file, image_dir = write_coco_dataset(tmp_path)
     cache = tmp_path / "cache"
     first = CocoDataset(ann_file, image_dir, cache_dir=cache)
     (cached,) = cache.glob("*.npz")
@@ -313,7 +313,7 @@ def test_cache_hit_change_and_damage(tmp_path, monkeypatch, caplog):
 
 
 def test_cache_from_another_format_is_ignored(tmp_path, monkeypatch, caplog):
-    ann_file, image_dir = _write_dataset(tmp_path)
+    ann_file, image_dir = write_coco_dataset(tmp_path)
     CocoDataset(ann_file, image_dir, cache_dir=tmp_path / "c")
     monkeypatch.setattr(coco_table, "FORMAT", coco_table.FORMAT + 1)
     with caplog.at_level(logging.WARNING, logger="maskrcnn.data.coco_table"):
@@ -350,7 +350,7 @@ def test_stream_members_errors_match_json(text):
 
 
 def test_unwritable_cache_warns_and_loads(tmp_path, caplog):
-    ann_file, image_dir = _write_dataset(tmp_path)
+    ann_file, image_dir = write_coco_dataset(tmp_path)
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the cache folder should be")
     with caplog.at_level(logging.WARNING, logger="maskrcnn.data.coco_table"):
@@ -360,7 +360,7 @@ def test_unwritable_cache_warns_and_loads(tmp_path, caplog):
 
 
 def test_ids_beyond_64_bits_are_one_line_errors(tmp_path):
-    ann_file, image_dir = _write_dataset(tmp_path)
+    ann_file, image_dir = write_coco_dataset(tmp_path)
     data = json.loads(ann_file.read_text())
     data["images"][2]["id"] = 2**70  # an image no annotation refers to
     ann_file.write_text(json.dumps(data))
