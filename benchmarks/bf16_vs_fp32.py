@@ -23,7 +23,7 @@ from compare_torchvision import alternate, autocast, training_step  # noqa: E402
 
 from maskrcnn.config import load_config  # noqa: E402
 from maskrcnn.engine.benchmark import random_targets  # noqa: E402
-from maskrcnn.engine.trainer import native_bf16  # noqa: E402
+from maskrcnn.engine.precision import native_bf16  # noqa: E402
 from maskrcnn.modeling import build_model  # noqa: E402
 
 

@@ -71,7 +71,9 @@ def child(args: argparse.Namespace) -> None:
     from maskrcnn.config import load_config
     from maskrcnn.data.loader import build_train_loader
     from maskrcnn.engine.solver import build_lr_scheduler, build_optimizer
-    from maskrcnn.engine.trainer import amp_dtype, build_train_dataset, seed_all
+    from maskrcnn.engine.precision import amp_dtype
+    from maskrcnn.engine.rng import seed_all
+    from maskrcnn.engine.train_setup import build_train_dataset
     from maskrcnn.modeling import build_model
 
     result: dict = {"source": args.source, "steps": []}

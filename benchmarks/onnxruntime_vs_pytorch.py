@@ -32,7 +32,7 @@ import torch
 from maskrcnn.config import load_config
 from maskrcnn.engine.compare import Tolerances, agreement_summary
 from maskrcnn.export import PARITY_TOLERANCES, OnnxMaskRCNN, export_onnx
-from maskrcnn.engine.trainer import native_bf16
+from maskrcnn.engine.precision import native_bf16
 from maskrcnn.modeling import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -27,3 +27,7 @@ class CheckpointError(UserError):
     def __init__(self, message: str, saved_config: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.saved_config = saved_config
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. a non-finite loss); the message says where and what to try."""

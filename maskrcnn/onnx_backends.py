@@ -124,11 +124,11 @@ class OpenVinoRunner(OnnxRunner):
 def require_native_bf16() -> None:
     """Raise unless this CPU computes bfloat16 natively, by the rule `solver.amp=auto` uses (AVX-512/AMX).
 
-    Elsewhere bfloat16 is emulated, far slower than float32 (maskrcnn.engine.trainer.native_bf16).
+    Elsewhere bfloat16 is emulated, far slower than float32 (maskrcnn.engine.precision.native_bf16).
     """
     import torch
 
-    from maskrcnn.engine.trainer import native_bf16
+    from maskrcnn.engine.precision import native_bf16
 
     if not native_bf16(torch.device("cpu")):
         raise UserError("--precision bf16 needs a CPU with native bfloat16 (AVX-512 or AMX), which this one lacks; "

@@ -153,7 +153,7 @@ AUGMENTED = ["input.crop.enabled=true", "input.crop.type=relative_range", "input
 
 def _stream(shapes, overrides: list[str], seed: int, start: int = 0, n: int = 3):
     """Return n train batches (images and boxes) from the trainer's own dataset and loader."""
-    from maskrcnn.engine.trainer import build_train_dataset
+    from maskrcnn.engine.train_setup import build_train_dataset
 
     ann, images = shapes["train"]
     cfg = load_config(None, [f"data.train=['{ann}:{images}']", *overrides])

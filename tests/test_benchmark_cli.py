@@ -10,7 +10,7 @@ import torch
 from maskrcnn.api import load_model
 from maskrcnn.cli import main
 from maskrcnn.engine.benchmark import STAGES, autocast_dtype, find_max_batch, parse_size, timed_forward
-from maskrcnn.engine.trainer import autocast_dtype as trainer_autocast_dtype
+from maskrcnn.engine.precision import autocast_dtype as trainer_autocast_dtype
 from maskrcnn.errors import UserError
 
 SMALL = ["model.box_head.fc_dim=64", "model.mask_head.conv_dim=32", "model.rpn.post_nms_top_n_test=50"]
@@ -71,7 +71,7 @@ def test_fp16_on_cpu_falls_back_to_bf16_with_a_note():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_takes_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, native):
-    monkeypatch.setattr("maskrcnn.engine.trainer.native_bf16", lambda device: native)
+    monkeypatch.setattr("maskrcnn.engine.precision.native_bf16", lambda device: native)
     dtype, note = trainer_autocast_dtype("auto", torch.device("cpu"))
     assert dtype == (torch.bfloat16 if native else None)
     assert (note is None) == native and (native or "float32" in note)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from maskrcnn import cli
-from maskrcnn.engine.trainer import TrainingInterrupted
+from maskrcnn.engine.stopping import TrainingInterrupted
 
 
 def _parse(*argv: str):

@@ -114,7 +114,7 @@ def test_env_rank_reads_torchruns_rank_before_the_process_group_exists(monkeypat
 
 def test_reference_world_size_scales_batch_lr_and_schedule():
     from maskrcnn.config import load_config
-    from maskrcnn.engine.trainer import apply_reference_world_size
+    from maskrcnn.engine.train_setup import apply_reference_world_size
 
     cfg = load_config(None, ["solver.reference_world_size=8", "solver.eval_period=5000"])
     apply_reference_world_size(cfg, 16)

@@ -293,15 +293,15 @@ def test_openvino_bf16_only_where_native(exported, runtimes, monkeypatch):
     """The precision asked for is the one compiled in (OpenVINO would pick bf16 by itself on this CPU)."""
     import openvino
 
-    import maskrcnn.engine.trainer
+    import maskrcnn.engine.precision
 
     model, path = exported
     assert runtimes["openvino"].runner.compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32
-    monkeypatch.setattr(maskrcnn.engine.trainer, "native_bf16", lambda device: False)
+    monkeypatch.setattr(maskrcnn.engine.precision, "native_bf16", lambda device: False)
     with pytest.raises(UserError, match="--precision bf16 needs a CPU with native bfloat16"):
         OnnxMaskRCNN(path, backend="openvino", precision="bf16")
     monkeypatch.undo()
-    if not maskrcnn.engine.trainer.native_bf16(torch.device("cpu")):
+    if not maskrcnn.engine.precision.native_bf16(torch.device("cpu")):
         pytest.skip("this CPU has no native bfloat16")
     bf16 = OnnxMaskRCNN(path, backend="openvino", precision="bf16")
     assert bf16.runner.compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.bf16

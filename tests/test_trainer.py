@@ -12,8 +12,8 @@ import torch
 
 from support import StandInModel, quick_run_config
 from maskrcnn.checkpoint import load_checkpoint
-from maskrcnn.engine.trainer import TrainingError, train
-from maskrcnn.errors import UserError
+from maskrcnn.engine.trainer import train
+from maskrcnn.errors import TrainingError, UserError
 
 
 @pytest.fixture

@@ -33,7 +33,8 @@ from maskrcnn.checkpoint import CheckpointError, latest_checkpoint, load_checkpo
 from maskrcnn.config import load_config
 from maskrcnn.data.loader import DataError, build_train_loader
 from maskrcnn.engine import trainer as trainer_module
-from maskrcnn.engine.trainer import TrainingError, train
+from maskrcnn.engine.trainer import train
+from maskrcnn.errors import TrainingError
 
 # ---- a stand-in model and a tiny run ------------------------------------------------------------
 

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from maskrcnn.commands.options import load_pytorch_model
     from maskrcnn.engine.benchmark import (BenchmarkOptions, find_max_batch, format_report, parse_size,
                                            run_benchmark)
-    from maskrcnn.engine.trainer import resolve_device
+    from maskrcnn.engine.precision import resolve_device
     from maskrcnn.fileio import atomic_write_text
 
     if args.config is None and args.weights is None:

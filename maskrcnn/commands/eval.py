@@ -96,7 +96,7 @@ def _run_model(args: argparse.Namespace, cfg: Any, spec: str, out: Path, onnx_mo
     from maskrcnn.api import load_model
     from maskrcnn.data.coco import CocoDataset, parse_data_spec
     from maskrcnn.engine.evaluator import evaluate
-    from maskrcnn.engine.trainer import resolve_device
+    from maskrcnn.engine.precision import resolve_device
 
     if not args.weights:
         raise UserError("eval needs --weights NAME_OR_FILE (a zoo model, checkpoint or state dict), "

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     from maskrcnn.config import load_config
     from maskrcnn.data.loader import build_train_loader
-    from maskrcnn.engine.trainer import build_train_dataset
+    from maskrcnn.engine.train_setup import build_train_dataset
     from maskrcnn.errors import UserError
     from maskrcnn.fileio import atomic_path
     from maskrcnn.visualize import image_grid

@@ -31,7 +31,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 from torch import Tensor
 
-from maskrcnn.engine.trainer import autocast_dtype as trainer_autocast_dtype
+from maskrcnn.engine.precision import autocast_dtype as trainer_autocast_dtype
 from maskrcnn.errors import UserError
 from maskrcnn.modeling import MaskRCNN
 
