@@ -1,6 +1,7 @@
 """Small file helpers at the bottom of the package (no maskrcnn imports): atomic writes, YAML reading.
 
-`maskrcnn.config` re-exports them, where most of the code still imports them from.
+The package imports them from here; `maskrcnn.config` still re-exports the atomic writers for code
+outside it that imported them from there.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maskrcnn.config import Config, TilingConfig
+from maskrcnn.config_schema import Config, TilingConfig
 from maskrcnn.structures import RLEMasks, rle_from_crop
 
 # A box within this many pixels of an inner window border counts as cut by it: a box regressed for an

@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-from maskrcnn.config import PRESET_DIR, Config, ConfigError, merge_file, validate
+from maskrcnn.config_checks import validate
+from maskrcnn.config_merge import PRESET_DIR, merge_file
+from maskrcnn.config_schema import Config, ConfigError
 from maskrcnn.fileio import read_yaml
 
 log = logging.getLogger(__name__)

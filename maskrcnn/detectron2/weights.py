@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maskrcnn.config import ModelConfig
+from maskrcnn.config_schema import ModelConfig
 from maskrcnn.errors import CheckpointError
 from maskrcnn.renaming import compile_rules, rename_key
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from maskrcnn.config import Config
+from maskrcnn.config_schema import Config
 from maskrcnn.modeling.mask_rcnn import MaskRCNN
 from maskrcnn.modeling.torchvision_import import convert_torchvision_state_dict, is_torchvision_state_dict
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from maskrcnn.config import AnchorConfig
+from maskrcnn.config_schema import AnchorConfig
 
 
 def base_anchors(sizes: list[float], aspect_ratios: list[float], round_to_int: bool) -> Tensor:

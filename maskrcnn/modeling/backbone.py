@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor, nn
 
-from maskrcnn.config import BackboneConfig
+from maskrcnn.config_schema import BackboneConfig
 from maskrcnn.modeling.blocks import FOLDED_BLOCKS, conv_norm
 from maskrcnn.modeling.deform import make_deformable
 from maskrcnn.modeling.norms import FrozenBatchNorm2d, norm_factory

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskrcnn.config import BoxHeadConfig
+from maskrcnn.config_schema import BoxHeadConfig
 from maskrcnn.modeling.matcher import Matcher
 from maskrcnn.modeling.roi_heads import (BoxPredictor, RoIHeads, SampledRoIs, StageRunner, box_losses,
                                          build_box_head)

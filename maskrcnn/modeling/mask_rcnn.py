@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskrcnn.config import Config
+from maskrcnn.config_schema import Config
 from maskrcnn.instance_masks import InstanceMasks, as_instance_masks
 from maskrcnn.modeling.anchors import AnchorGenerator
 from maskrcnn.modeling.backbone import Backbone

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
 
-from maskrcnn.config import PoolerConfig
+from maskrcnn.config_schema import PoolerConfig
 from maskrcnn.structures import box_area
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from maskrcnn.config import BoxHeadConfig, KeypointHeadConfig, MaskHeadConfig
+from maskrcnn.config_schema import BoxHeadConfig, KeypointHeadConfig, MaskHeadConfig
 from maskrcnn.instance_masks import InstanceMasks, as_instance_masks
 from maskrcnn.modeling.backbone import ConvNorm, norm_factory
 from maskrcnn.modeling.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets

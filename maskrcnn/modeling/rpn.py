@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from maskrcnn.config import RPNConfig
+from maskrcnn.config_schema import RPNConfig
 from maskrcnn.modeling.backbone import ConvNorm, norm_factory
 from maskrcnn.modeling.matcher import BACKGROUND, IGNORE, IOU_BLOCK_ELEMENTS, Matcher, sample_balanced
 from maskrcnn.structures import BoxCoder, clip_boxes, nonempty_boxes, pairwise_ioa
