@@ -11,7 +11,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskrcnn.cli import main
-from maskrcnn.data.coco import BAD_RLE, CocoDataset
+from maskrcnn.data.coco import CocoDataset
+from maskrcnn.data.coco_checks import BAD_RLE
 from maskrcnn.data.shapes import make_shapes
 from maskrcnn.data.validate import KINDS, check_data, polygon_self_intersects, validate_dataset
 

@@ -13,8 +13,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from maskrcnn.data import coco_table
-from maskrcnn.data.coco import (BAD_BOX, EMPTY_MASK, NON_FINITE, ZERO_AREA_BOX, CocoDataset, _check_schema,
-                                _prepare_segmentation)
+from maskrcnn.data.coco import CocoDataset
+from maskrcnn.data.coco_checks import (BAD_BOX, EMPTY_MASK, NON_FINITE, ZERO_AREA_BOX, check_schema,
+                                       prepare_segmentation)
 from maskrcnn.data.figures import make_figures
 from maskrcnn.data.jsonfile import stream_members
 from maskrcnn.data.shapes import make_shapes
@@ -28,7 +29,7 @@ from support import uncompressed_rle, write_coco_dataset
 def _prepare(ref: CocoDataset, ann: dict, img: dict, label_of: dict[int, int]) -> dict | None:
     """The usable form of one annotation, or None (counting why in `ref.skipped`) if it is degenerate."""
     h, w = int(img["height"]), int(img["width"])
-    seg, mask_box, reason = _prepare_segmentation(ann.get("segmentation"), h, w)
+    seg, mask_box, reason = prepare_segmentation(ann.get("segmentation"), h, w)
     if reason is None:
         box, reason = _prepare_box(ref, ann.get("bbox"), mask_box, h, w)
     if reason is not None:
@@ -88,7 +89,7 @@ def reference(ann_file: Path, filter_empty: bool = True, train: bool = False, mi
     annotation at a time to the parsed JSON.
     """
     data = json.loads(ann_file.read_text())
-    image_by_id = _check_schema(data, ann_file)
+    image_by_id = check_schema(data, ann_file)
     categories = sorted(data["categories"], key=lambda c: c["id"])
     label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
     with_keypoints = [c for c in categories if isinstance(c.get("keypoints"), list) and c["keypoints"]]
@@ -265,7 +266,7 @@ def test_schema_errors_as_before(tmp_path, edit, words):
     with pytest.raises(UserError) as new:
         CocoDataset(ann_file, image_dir)
     with pytest.raises(UserError) as old:
-        _check_schema(json.loads(ann_file.read_text()), ann_file)
+        check_schema(json.loads(ann_file.read_text()), ann_file)
     assert str(new.value) == str(old.value) and words in str(new.value)
 
 

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn.data.coco import CocoDataset, _decode_masks, _prepare_segmentation, rle_counts
+from maskrcnn.data.coco import CocoDataset, _decode_masks
+from maskrcnn.data.coco_checks import prepare_segmentation
+from maskrcnn.data.rle import rle_counts
 from maskrcnn.data.transforms import hflip
 from maskrcnn.engine.evaluator import predictions_to_coco
 from maskrcnn.errors import UserError
@@ -142,7 +144,7 @@ def test_every_rle_form_prepares_and_decodes_to_the_same_mask(mask):
         {"size": [h, w], "counts": _uncompressed(mask)},
     ]
     for seg in forms:
-        rle, extent, reason = _prepare_segmentation(seg, h, w)
+        rle, extent, reason = prepare_segmentation(seg, h, w)
         if not mask.any():
             assert reason is not None  # an empty mask is skipped, never trained on
             continue
@@ -159,7 +161,7 @@ def test_rle_whose_runs_do_not_cover_the_image_is_skipped(mask, extra):
     counts = _uncompressed(mask)
     counts[-1] += extra
     assume(counts[-1] >= 0)
-    _, _, reason = _prepare_segmentation({"size": [h, w], "counts": counts}, h, w)
+    _, _, reason = prepare_segmentation({"size": [h, w], "counts": counts}, h, w)
     assert reason is not None
 
 
@@ -179,7 +181,7 @@ def polygons(draw, h: int = 32, w: int = 32, reach: float = 30.0):
 @given(polys=polygons())
 def test_polygons_rasterise_as_pycocotools_does(polys):
     h, w = 32, 32
-    seg, extent, reason = _prepare_segmentation(polys, h, w)
+    seg, extent, reason = prepare_segmentation(polys, h, w)
     expected = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w)))
     if reason is not None:
         # Skipped as degenerate or empty: then pycocotools' own mask is (nearly) empty too.
@@ -200,7 +202,7 @@ def test_polygons_rasterise_as_pycocotools_does(polys):
 def test_clipped_polygons_differ_from_pycocotools_by_edge_pixels_only(polys):
     # Vertices up to ~10 image sizes out: clipped by us, still cheap for pycocotools to compare with.
     h, w = 32, 32
-    seg, _, reason = _prepare_segmentation(polys, h, w)
+    seg, _, reason = prepare_segmentation(polys, h, w)
     expected = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w)))
     ours = _decode_masks([seg], h, w)[0] if reason is None else np.zeros_like(expected)
     # Clipping moves where edges are rasterised, never the inside: every pixel that differs touches an edge
@@ -229,7 +231,7 @@ def test_polygons_with_absurd_coordinates_load_quickly(polys):
     # Unclipped, pycocotools would walk ~5e12 points along such an edge (minutes and all memory).
     h, w = 32, 32
     start = time.perf_counter()
-    seg, _, reason = _prepare_segmentation(polys, h, w)
+    seg, _, reason = prepare_segmentation(polys, h, w)
     if reason is None:
         assert _decode_masks([seg], h, w).shape == (1, h, w)
     assert time.perf_counter() - start < 2.0

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--max-images applies to running a model; filter the --predictions file instead")
         if args.resume:
             raise UserError("--resume continues running a model; drop it to score a --predictions file")
-        from maskrcnn.data.coco import check_annotation_file
+        from maskrcnn.data.coco_checks import check_annotation_file
 
         gt_file = _ground_truth_file(spec)
         if gt_file.is_file():  # the same one-line schema errors as training and model evaluation give

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from maskrcnn.data import coco
+from maskrcnn.data import coco_checks as checks
 from maskrcnn.data.jsonfile import DuplicateMember, json_error, read_json_text, stream_members
 from maskrcnn.errors import UserError
 
@@ -41,8 +41,8 @@ logger = logging.getLogger(__name__)
 FORMAT = 1  # bump when the arrays or their meaning change: older cache files are then ignored
 
 # Skip reasons by code (0 = kept), in the order the old loader's messages name them.
-REASONS = (coco.ZERO_AREA_BOX, coco.SHORT_POLYGON, coco.EMPTY_MASK, coco.NO_SEGMENTATION, coco.BAD_SEGMENTATION,
-           coco.SIZE_MISMATCH, coco.NON_FINITE, coco.BAD_BOX, coco.BAD_RLE)
+REASONS = (checks.ZERO_AREA_BOX, checks.SHORT_POLYGON, checks.EMPTY_MASK, checks.NO_SEGMENTATION,
+           checks.BAD_SEGMENTATION, checks.SIZE_MISMATCH, checks.NON_FINITE, checks.BAD_BOX, checks.BAD_RLE)
 CODE = {reason: k + 1 for k, reason in enumerate(REASONS)}
 _BOX_GIVEN, _BOX_ABSENT = 0, -1  # box states besides a skip code
 _KP_NONE, _KP_VALUES, _KP_BAD = 0, 1, 2
@@ -125,7 +125,7 @@ class AnnotationTable:
         if len(large):
             i = int(large[0])
             info = self.image_info(i)
-            raise coco._too_many_pixels(path, i, info["file_name"], info["width"], info["height"], max_pixels)
+            raise checks.too_many_pixels(path, i, info["file_name"], info["width"], info["height"], max_pixels)
 
     # -- the cache file
 
@@ -218,7 +218,7 @@ def parse_table(path: Path) -> AnnotationTable:
     except DuplicateMember as e:
         raise UserError(f"'{path}' has two '{e}' lists; keep one") from None
     del text  # the annotations are all in the builder's buffers now
-    coco._check_top_level(members, path)  # a streamed 'annotations' list is there as [] (it was a list)
+    checks.check_top_level(members, path)  # a streamed 'annotations' list is there as [] (it was a list)
     return builder.finish(members["images"], members["categories"])
 
 
@@ -246,7 +246,7 @@ class _Builder:
             crowd = ann.get("iscrowd", 0)
         if not (type(ann) is dict and type(image_id) is int and type(category_id) is int
                 and (ann_id is None or type(ann_id) is int) and crowd in (0, 1, None)):
-            image_id, category_id, ann_id, crowd = coco._check_annotation(ann, i, self.path)
+            image_id, category_id, ann_id, crowd = checks.check_annotation(ann, i, self.path)
         crowd = int(crowd or 0)
         try:
             self.image_id.append(image_id)
@@ -266,19 +266,19 @@ class _Builder:
     def _add_segmentation(self, i: int, seg: Any) -> int:
         """Keep a segmentation's polygons (or its RLE, for later); return the skip code found, or 0.
 
-        The same structural checks, in the same order, as `coco._prepare_segmentation`; `array.extend`
+        The same structural checks, in the same order, as `coco_checks.prepare_segmentation`; `array.extend`
         does the number check (it refuses strings, nulls and lists; JSON has no other non-numbers).
         """
         if seg is None or (isinstance(seg, (list, dict)) and not seg):
-            return CODE[coco.NO_SEGMENTATION]
+            return CODE[checks.NO_SEGMENTATION]
         if isinstance(seg, dict):
             self.rles[i] = seg
             return 0
         if not isinstance(seg, list) or not all(isinstance(p, list) for p in seg):
-            return CODE[coco.BAD_SEGMENTATION]
+            return CODE[checks.BAD_SEGMENTATION]
         polygons = [p for p in seg if len(p) >= 6 and len(p) % 2 == 0]
         if not polygons:
-            return CODE[coco.SHORT_POLYGON]
+            return CODE[checks.SHORT_POLYGON]
         n_coords, n_polygons = len(self.coords), len(self.polygon_end)
         try:
             for p in polygons:
@@ -286,7 +286,7 @@ class _Builder:
                 self.polygon_end.append(len(self.coords))
         except (TypeError, OverflowError) as e:  # a non-number, or an integer too large for a float
             del self.coords[n_coords:], self.polygon_end[n_polygons:]
-            return CODE[coco.BAD_SEGMENTATION if isinstance(e, TypeError) else coco.NON_FINITE]
+            return CODE[checks.BAD_SEGMENTATION if isinstance(e, TypeError) else checks.NON_FINITE]
         return 0
 
     def _add_box(self, bbox: Any) -> int:
@@ -296,14 +296,14 @@ class _Builder:
             return _BOX_ABSENT
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
             self.box.extend(_NAN4)
-            return CODE[coco.BAD_BOX]
+            return CODE[checks.BAD_BOX]
         n = len(self.box)
         try:
             self.box.extend(bbox)
         except (TypeError, OverflowError) as e:
             del self.box[n:]
             self.box.extend(_NAN4)
-            return CODE[coco.BAD_BOX if isinstance(e, TypeError) else coco.NON_FINITE]
+            return CODE[checks.BAD_BOX if isinstance(e, TypeError) else checks.NON_FINITE]
         return _BOX_GIVEN  # non-finite values are found at the end, with the arithmetic checks
 
     def _add_keypoints(self, values: Any) -> int:
@@ -325,8 +325,8 @@ class _Builder:
     def finish(self, images: list, categories: list) -> AnnotationTable:
         """Check references and geometry of every annotation; return the table of the usable ones."""
         path = self.path
-        coco._check_images(images, path, max_pixels=2**63)  # the limit is the dataset's, checked on the table
-        coco._check_categories(categories, path)
+        checks.check_images(images, path, max_pixels=2**63)  # the limit is the dataset's, checked on the table
+        checks.check_categories(categories, path)
         categories = sorted(categories, key=lambda c: c["id"])
         too_large = [e["id"] for e in (*images, *categories) if not -2**63 <= e["id"] < 2**63]
         if too_large:
@@ -348,7 +348,7 @@ class _Builder:
         mask_box = np.full((n, 4), np.nan)
         rle_counts: dict[int, bytes] = {}
         for i, seg in self.rles.items():  # few (crowds): the loader's own check, one by one
-            rle, box, why = coco._prepare_segmentation(seg, int(h[i]), int(w[i]))
+            rle, box, why = checks.prepare_segmentation(seg, int(h[i]), int(w[i]))
             reason[i] = CODE[why] if why else 0
             if why is None:
                 rle_counts[i], mask_box[i] = rle["counts"], box
@@ -398,25 +398,25 @@ class _Builder:
         pos, found = _lookup(image_ids, ann_image)
         if not found.all():
             i = int(np.flatnonzero(~found)[0])
-            first_bad.append((i, 0, coco._unknown_image(self.path, i, int(ann_image[i]))))
+            first_bad.append((i, 0, checks.unknown_image(self.path, i, int(ann_image[i]))))
         _, cat_found = _lookup(np.array(category_ids, dtype=np.int64), ann_cat)
         if not cat_found.all():
             i = int(np.flatnonzero(~cat_found)[0])
-            first_bad.append((i, 1, coco._unknown_category(self.path, i, int(ann_cat[i]))))
+            first_bad.append((i, 1, checks.unknown_category(self.path, i, int(ann_cat[i]))))
         with_id = np.flatnonzero(_np(self.has_id, np.int8))
         ids = _np(self.ann_id, np.int64)[with_id]
         by_id = np.argsort(ids, kind="stable")
         repeats = with_id[by_id[1:][ids[by_id][1:] == ids[by_id][:-1]]]
         if len(repeats):
             i = int(repeats.min())
-            first_bad.append((i, 2, coco._bad_annotation_id(self.path, i, int(self.ann_id[i]))))
+            first_bad.append((i, 2, checks.bad_annotation_id(self.path, i, int(self.ann_id[i]))))
         if first_bad:
             raise min(first_bad, key=lambda t: t[:2])[2]
         return pos
 
     def _prepare_polygons(self, reason: np.ndarray, mask_box: np.ndarray, h: np.ndarray, w: np.ndarray
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Check every annotation's polygons as `coco._prepare_segmentation` does (vectorised; the rare
+        """Check every annotation's polygons as `coco_checks.prepare_segmentation` does (vectorised; the rare
         annotations reaching far outside the image go through it one by one, to be clipped).
 
         Sets skip codes and mask extents in place; returns the coordinate buffer, polygon bounds [P, 2]
@@ -442,7 +442,7 @@ class _Builder:
         base, rows = len(coords), len(bounds)
         for i in clip:
             polygons = [coords[s:e].tolist() for s, e in bounds[first[i]:first[i] + count[i]]]
-            clipped, box, why = coco._prepare_segmentation(polygons, int(h[i]), int(w[i]))
+            clipped, box, why = checks.prepare_segmentation(polygons, int(h[i]), int(w[i]))
             if why is not None:
                 reason[i] = CODE[why]
                 continue
@@ -467,10 +467,10 @@ class _Builder:
         reason[bad_state] = state[bad_state]
         given = ok & (state == _BOX_GIVEN)
         nonfinite = given & ~np.isfinite(raw).all(axis=1)
-        reason[nonfinite] = CODE[coco.NON_FINITE]
+        reason[nonfinite] = CODE[checks.NON_FINITE]
         given &= ~nonfinite
         zero = given & ((raw[:, 2] <= 0) | (raw[:, 3] <= 0))
-        reason[zero] = CODE[coco.ZERO_AREA_BOX]
+        reason[zero] = CODE[checks.ZERO_AREA_BOX]
         given &= ~zero
         with np.errstate(invalid="ignore"):
             xyxy = np.where(given[:, None], np.concatenate([raw[:, :2], raw[:, :2] + raw[:, 2:]], axis=1), mask_box)
@@ -478,7 +478,7 @@ class _Builder:
         y1, y2 = np.minimum(np.maximum(xyxy[:, 1], 0.0), h), np.minimum(np.maximum(xyxy[:, 3], 0.0), h)
         with np.errstate(invalid="ignore"):
             empty = (reason == 0) & ((x2 <= x1) | (y2 <= y1))
-        reason[empty] = CODE[coco.EMPTY_MASK]
+        reason[empty] = CODE[checks.EMPTY_MASK]
         return np.stack([x1, y1, x2, y2], axis=1)
 
     def _prepare_keypoints(self, order: np.ndarray, k: int) -> tuple[np.ndarray, int]:
@@ -521,7 +521,8 @@ def _check_polygon_chunk(coords: np.ndarray, bounds: np.ndarray, anns: np.ndarra
     hh, ww = h[anns].astype(np.float64), w[anns].astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         finite = np.logical_and.reduceat(np.isfinite(pts).all(axis=1), ann_starts)
-        # Inside the window one image size around the image, where `_clip_polygon` leaves polygons alone.
+        # Inside the window one image size around the image, where `coco_checks._clip_polygon` leaves
+        # polygons alone.
         margin = np.maximum(hh, ww)
         lo, x_hi, y_hi = (np.repeat(v, ann_sizes) for v in (-margin, ww + margin, hh + margin))
         inside = (pts[:, 0] >= lo) & (pts[:, 1] >= lo) & (pts[:, 0] <= x_hi) & (pts[:, 1] <= y_hi)
@@ -529,17 +530,17 @@ def _check_polygon_chunk(coords: np.ndarray, bounds: np.ndarray, anns: np.ndarra
         x1, y1 = np.minimum.reduceat(pts[:, 0], ann_starts), np.minimum.reduceat(pts[:, 1], ann_starts)
         x2, y2 = np.maximum.reduceat(pts[:, 0], ann_starts), np.maximum.reduceat(pts[:, 1], ann_starts)
         collinear = np.logical_and.reduceat(_collinear_polygons(pts, starts, sizes), ann_rows)
-    reason[anns[~finite]] = CODE[coco.NON_FINITE]
+    reason[anns[~finite]] = CODE[checks.NON_FINITE]
     plain = finite & inside
     empty = plain & (collinear | (x2 <= 0) | (y2 <= 0) | (x1 >= ww) | (y1 >= hh))
-    reason[anns[empty]] = CODE[coco.EMPTY_MASK]
+    reason[anns[empty]] = CODE[checks.EMPTY_MASK]
     good = plain & ~empty
     mask_box[anns[good]] = np.stack([x1, y1, x2, y2], axis=1)[good]
     return anns[finite & ~inside].tolist()
 
 
 def _collinear_polygons(pts: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Return, per polygon, whether all its points lie on one line, as `coco._collinear` computes it:
+    """Return, per polygon, whether all its points lie on one line, as `coco_checks.collinear` computes it:
     the same float operations on the offsets from the first point, so the verdicts are identical."""
     n = len(pts)
     d = pts - np.repeat(pts[starts], sizes, axis=0)

@@ -26,9 +26,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn.data.coco import RleError, rle_from_counts
+from maskrcnn.data.coco_checks import collinear, is_int
 from maskrcnn.data.jsonfile import load_json
 from maskrcnn.data.polygons import distinct_vertices, polygon_self_intersects
+from maskrcnn.data.rle import RleError, rle_from_counts
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS, _check_size, read_image
 from maskrcnn.errors import ImageReadError, UserError
 
@@ -200,27 +201,7 @@ class ImageProber:
             self._cache.update(zip(todo, probes))
 
 
-# ---- polygons -----------------------------------------------------------------------------------
-
-
-def _cross(o: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Return the z of (a - o) x (b - o), broadcast over leading axes (sign = turn direction)."""
-    return (a[..., 0] - o[..., 0]) * (b[..., 1] - o[..., 1]) - (a[..., 1] - o[..., 1]) * (b[..., 0] - o[..., 0])
-
-
-def _collinear(p: np.ndarray) -> bool:
-    """Return whether all points [N,2] lie on one line (the polygon encloses nothing).
-
-    Not the shoelace sum: a symmetric bow tie sums to 0 yet covers pixels.
-    """
-    return len(p) < 3 or bool(np.all(_cross(p[0], p[1], p[2:]) == 0))
-
-
 # ---- checking -----------------------------------------------------------------------------------
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _finite_numbers(values: list) -> bool:
@@ -275,7 +256,7 @@ class _Checker:
         used, usable = self.check_annotations()
         for i, cat in enumerate(self.data["categories"]):
             cid = cat.get("id") if isinstance(cat, dict) else None
-            if _is_int(cid) and cid in self.category_ids and cid not in used:
+            if is_int(cid) and cid in self.category_ids and cid not in used:
                 used.add(cid)  # report a duplicated id once
                 self.add("unused-category", f"category {cid} ({cat.get('name')!r}) has no annotation",
                          section="categories", index=i, category_id=cid)
@@ -294,7 +275,7 @@ class _Checker:
         for i, cat in enumerate(cats):
             cid = cat.get("id") if isinstance(cat, dict) else None
             where = {"section": "categories", "index": i}
-            if not isinstance(cat, dict) or not _is_int(cid):
+            if not isinstance(cat, dict) or not is_int(cid):
                 self.add("bad-category-entry", f"categories[{i}] is not an object with an integer 'id'", **where)
             elif cid in self.category_ids:
                 self.add("duplicate-category-id", f"categories[{i}] repeats category id {cid}",
@@ -315,7 +296,7 @@ class _Checker:
         for i, img in enumerate(images):
             iid = img.get("id") if isinstance(img, dict) else None
             where = {"section": "images", "index": i}
-            if not isinstance(img, dict) or not _is_int(iid):
+            if not isinstance(img, dict) or not is_int(iid):
                 self.add("bad-image-entry", f"images[{i}] is not an object with an integer 'id'", **where)
                 continue
             where["image_id"] = iid
@@ -335,7 +316,7 @@ class _Checker:
             if probe.kind:
                 self.add(probe.kind, probe.message, **where)
             w, h = img.get("width"), img.get("height")
-            if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
+            if not (is_int(w) and is_int(h) and w > 0 and h > 0):
                 self.add("bad-image-size", f"image {iid} needs positive integer 'width' and 'height', has {w!r} x {h!r}"
                          + (f"; the file is {probe.size[0]}x{probe.size[1]}" if probe.size else ""), **where)
                 self.image_sizes[iid] = probe.size
@@ -359,10 +340,10 @@ class _Checker:
                          section="annotations", index=i)
                 continue
             aid = ann.get("id")
-            where = {"section": "annotations", "index": i, "annotation_id": aid if _is_int(aid) else None,
+            where = {"section": "annotations", "index": i, "annotation_id": aid if is_int(aid) else None,
                      "image_id": ann.get("image_id"), "category_id": ann.get("category_id")}
-            name = f"annotation {aid}" if _is_int(aid) else f"annotations[{i}]"
-            if not _is_int(aid):
+            name = f"annotation {aid}" if is_int(aid) else f"annotations[{i}]"
+            if not is_int(aid):
                 self.add("missing-annotation-id", f"{name} has no integer 'id' (has {aid!r})", **where)
             elif aid in seen:
                 self.add("duplicate-annotation-id", f"annotations[{i}] repeats annotation id {aid}", **where)
@@ -374,9 +355,9 @@ class _Checker:
                 self.add("bad-annotation-entry", f"{name} has no {' or '.join(repr(m) for m in missing)}", **where)
                 continue
             iid, cid = ann["image_id"], ann["category_id"]
-            if not (_is_int(iid) and iid in self.image_sizes):
+            if not (is_int(iid) and iid in self.image_sizes):
                 self.add("unknown-image-id", f"{name} refers to image_id {iid!r}, which is not in 'images'", **where)
-            if not (_is_int(cid) and cid in self.category_ids):
+            if not (is_int(cid) and cid in self.category_ids):
                 self.add("unknown-category-id", f"{name} has category_id {cid!r}, which is not in 'categories'",
                          **where)
             else:
@@ -384,7 +365,7 @@ class _Checker:
             crowd = ann.get("iscrowd", 0)
             if crowd not in (0, 1) or isinstance(crowd, (bool, float)):
                 self.add("bad-iscrowd", f"{name} has iscrowd {crowd!r}; use 0 or 1", **where)
-            size = self.image_sizes.get(iid) if _is_int(iid) else None
+            size = self.image_sizes.get(iid) if is_int(iid) else None
             self.check_bbox(ann, name, size, where)
             self.check_segmentation(ann, name, size, crowd == 1, where)
             if "area" not in ann:
@@ -423,7 +404,7 @@ class _Checker:
             self.check_polygons(seg, name, size, where)
         elif isinstance(seg, dict):
             iid = where["image_id"]
-            self.check_rle(seg, name, size, where, self.file_sizes.get(iid) if _is_int(iid) else None)
+            self.check_rle(seg, name, size, where, self.file_sizes.get(iid) if is_int(iid) else None)
         else:
             self.add("bad-segmentation", f"{name} has segmentation of type {type(seg).__name__}", **where)
 
@@ -442,7 +423,8 @@ class _Checker:
             else:
                 points = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
                 distinct = distinct_vertices(points)
-                if _collinear(distinct):
+                # The loader's test (not the shoelace sum: a symmetric bow tie sums to 0 yet covers pixels).
+                if collinear(distinct):
                     self.add("polygon-zero-area", f"{what} encloses no area (its points are on one line)", **where)
                     continue
                 if polygon_self_intersects(distinct, distinct=True):
@@ -459,7 +441,7 @@ class _Checker:
     def check_rle(self, seg: dict, name: str, size: tuple[int, int] | None, where: dict,
                   file_size: tuple[int, int] | None = None) -> None:
         rle_size, counts = seg.get("size"), seg.get("counts")
-        if not (isinstance(rle_size, list) and len(rle_size) == 2 and all(_is_int(v) and v > 0 for v in rle_size)):
+        if not (isinstance(rle_size, list) and len(rle_size) == 2 and all(is_int(v) and v > 0 for v in rle_size)):
             self.add("bad-rle", f"{name} has RLE size {_short(rle_size)}; expected [height, width]", **where)
             return
         if not isinstance(counts, (list, str)):
@@ -561,7 +543,7 @@ def clean_data(data: dict[str, Any], probe: Callable[[str], ImageProbe],
                 image["width"], image["height"] = w, h
                 resized.add(image["id"])
         if no_id:
-            next_id = 1 + max((a["id"] for a in fixed["annotations"] if isinstance(a, dict) and _is_int(a.get("id"))),
+            next_id = 1 + max((a["id"] for a in fixed["annotations"] if isinstance(a, dict) and is_int(a.get("id"))),
                               default=0)
             for offset, i in enumerate(no_id):
                 fixed["annotations"][i] = {**fixed["annotations"][i], "id": next_id + offset}

@@ -1,8 +1,8 @@
 """The training loop: one `Trainer` runs data, model, optimizer and schedule to the end, checkpointing and
 evaluating on the way. The policies it follows live beside it, one file each: `precision` (device and
 autocast), `train_setup` (data, classes, initial weights, world size), `checkpointing` (resume, saves,
-rotation), `rng`, `nonfinite` (NaN/inf losses), `budget` (solver.max_minutes), `stopping` (SIGINT/SIGTERM, agreeing across ranks)
-and `metrics` (metrics.jsonl, TensorBoard, log lines, the loss curve).
+rotation), `rng`, `nonfinite` (NaN/inf losses), `budget` (solver.max_minutes), `stopping` (SIGINT/SIGTERM,
+agreeing across ranks) and `metrics` (metrics.jsonl, TensorBoard, log lines, the loss curve).
 
 Layout of a run directory (`cfg.output_dir`):
     config.yaml              the resolved config the run used
