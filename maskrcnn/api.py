@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
 from maskrcnn.config import Config, load_config, merge_dict
 from maskrcnn.errors import UserError
 from maskrcnn.modeling import MaskRCNN, build_model
+
+if TYPE_CHECKING:
+    from maskrcnn.zoo import ZooEntry
 
 
 def config_from_checkpoint(weights: str | os.PathLike, overrides: list[str] | None = None) -> Config:
@@ -23,6 +27,25 @@ def config_from_checkpoint(weights: str | os.PathLike, overrides: list[str] | No
     cfg = Config()
     merge_dict(cfg, state["config"])
     return apply_overrides(cfg, overrides or [])
+
+
+def resolve_config(config: str | os.PathLike | Config | None, weights: str | os.PathLike | None,
+                   entry: ZooEntry | None = None, overrides: list[str] | None = None) -> Config | None:
+    """Return the config a model runs with, None when nothing names one.
+
+    `config` (a preset, YAML file or Config, which is copied as it is) comes first; without it, the
+    zoo `entry`'s config (the entry `weights` was resolved from), else the config saved in the `weights`
+    checkpoint. Shared by `load_model` and `maskrcnn eval` (which scores results files without a model).
+    """
+    if config is None:
+        if entry is not None:
+            from maskrcnn.zoo import entry_config
+
+            return entry_config(entry, overrides)
+        return config_from_checkpoint(weights, overrides) if weights else None
+    if isinstance(config, Config):
+        return config.clone()
+    return load_config(str(config), overrides or [])
 
 
 def load_model(
@@ -39,23 +62,15 @@ def load_model(
     our checkpoints, a torchvision Mask R-CNN state-dict file or a Detectron2 model-zoo file.
     """
     from maskrcnn.checkpoint import WeightsMismatchError, load_weights
-    from maskrcnn.zoo import entry_config, find_entry, resolve_weights
+    from maskrcnn.zoo import find_entry, resolve_weights
 
     if weights is None and find_entry(config) is not None:
         config, weights = None, str(config)  # load_model(NAME): the zoo entry brings both
     weights, entry = resolve_weights(weights)
-    if config is None:
-        if entry is not None:
-            cfg = entry_config(entry, overrides)
-        elif not weights:
-            raise UserError("load_model needs a model zoo name (e.g. 'maskrcnn_resnet50_fpn_v2'), a config "
-                            "(preset or YAML) or a checkpoint that carries one")
-        else:
-            cfg = config_from_checkpoint(weights, overrides)
-    elif isinstance(config, Config):
-        cfg = config.clone()
-    else:
-        cfg = load_config(str(config), overrides or [])
+    cfg = resolve_config(config, weights, entry, overrides)
+    if cfg is None:
+        raise UserError("load_model needs a model zoo name (e.g. 'maskrcnn_resnet50_fpn_v2'), a config "
+                        "(preset or YAML) or a checkpoint that carries one")
     model = build_model(cfg)
     if weights:
         try:

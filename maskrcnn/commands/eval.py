@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +33,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_overrides(p, dest="opts", example="model.mask_head.threshold=0.4")
 
 
-def _load_cfg(args: argparse.Namespace, entry: Any = None):
-    """Return the config from --config, else the zoo entry's, else the --weights checkpoint's, else the defaults."""
+def _load_cfg(args: argparse.Namespace, entry: Any = None) -> Any:
+    """Return the config from --config, else the zoo entry's, else the --weights checkpoint's, else the defaults.
+
+    As `load_model` resolves it (`api.resolve_config`), except that scoring a --predictions file needs
+    no model, so its config may be the defaults.
+    """
+    from maskrcnn.api import resolve_config
     from maskrcnn.config import load_config
-    from maskrcnn.zoo import entry_config
 
-    if args.config:
-        return load_config(args.config, list(args.opts))
-    if entry is not None:
-        return entry_config(entry, list(args.opts))
-    if args.weights and not args.predictions:
-        from maskrcnn.api import config_from_checkpoint
-
-        if not Path(args.weights).is_file():
-            raise UserError(f"weights file '{args.weights}' does not exist")
-        return config_from_checkpoint(args.weights, list(args.opts))
-    return load_config(None, list(args.opts))
+    weights = None if args.predictions else args.weights
+    if not args.config and entry is None and weights and not Path(weights).is_file():
+        raise UserError(f"weights file '{weights}' does not exist")
+    cfg = resolve_config(args.config or None, weights, entry, list(args.opts))
+    return cfg if cfg is not None else load_config(None, list(args.opts))
 
 
 def _ground_truth_file(spec: str) -> Path:
@@ -169,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         metrics = _run_model(args, cfg, spec, out, onnx_model)
         written = ["predictions.json", "predictions.jsonl", "metrics.json", "pr_curve.png"]
-        if os.environ.get("RANK", "0") != "0":
+        from maskrcnn.distributed import env_rank
+
+        if env_rank() != 0:
             return 0  # distributed: rank 0 prints the tables
 
     print(format_metrics(metrics))
