@@ -16,6 +16,7 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS
 from maskrcnn.data.jsonfile import load_json
+from maskrcnn.data.polygons import clip_to_rectangle
 from maskrcnn.data.rle import RleCoverageError, RleError, rle_from_counts
 from maskrcnn.errors import UserError
 
@@ -99,32 +100,12 @@ def collinear(points: np.ndarray) -> bool:
 def _clip_polygon(points: np.ndarray, w: int, h: int) -> np.ndarray:
     """Return the polygon [P,2] clipped to a window one image size around the image (unchanged if inside).
 
-    Sutherland-Hodgman against each side in turn: exact geometry for any polygon and a convex
-    window. pycocotools rounds vertices to 1/5 pixel, so a clipped polygon may differ from the
+    pycocotools rounds vertices to 1/5 pixel, so a clipped polygon may differ from the
     unclipped one by a pixel along an edge; with the window this wide only absurd annotations
     (vertices more than an image size outside) are clipped at all.
     """
     margin = float(max(h, w))
-    lo = np.array([-margin, -margin])
-    hi = np.array([w + margin, h + margin])
-    if (points >= lo).all() and (points <= hi).all():
-        return points
-    for axis, bound, keep_below in ((0, lo[0], False), (0, hi[0], True), (1, lo[1], False), (1, hi[1], True)):
-        if len(points) == 0:
-            break
-        out = []
-        prev = points[-1]
-        for cur in points:
-            cur_in = cur[axis] <= bound if keep_below else cur[axis] >= bound
-            prev_in = prev[axis] <= bound if keep_below else prev[axis] >= bound
-            if cur_in != prev_in:  # the edge crosses the line: add the crossing point
-                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
-                out.append(prev + t * (cur - prev))
-            if cur_in:
-                out.append(cur)
-            prev = cur
-        points = np.array(out, dtype=np.float64).reshape(-1, 2)
-    return points
+    return clip_to_rectangle(points, (-margin, -margin), (w + margin, h + margin))
 
 
 # ---- loading and checking the JSON ------------------------------------------------------------

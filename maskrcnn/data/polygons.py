@@ -1,4 +1,5 @@
-"""Does a polygon cross or touch itself? A sweep-line test in O(n log n) time and O(n) memory.
+"""Polygon geometry: clipping to a rectangle (`clip_to_rectangle`), and does a polygon cross or touch
+itself? The latter by a sweep-line test in O(n log n) time and O(n) memory.
 
 check-dataset warns about such polygons (they still rasterise). Testing every pair of edges costs
 O(n^2): 37 GiB for the 200 000-point contours that tracing a large mask produces. Instead, the
@@ -30,6 +31,38 @@ def distinct_vertices(points: np.ndarray) -> np.ndarray:
         return points
     keep = np.any(points != np.concatenate([points[-1:], points[:-1]]), axis=1)
     return points[keep] if keep.any() else points[:1]
+
+
+def clip_to_rectangle(points: np.ndarray, lo: tuple[float, float], hi: tuple[float, float],
+                      snap: bool = False) -> np.ndarray:
+    """Return the part of polygon [P,2] inside the rectangle from `lo` to `hi` (x, y); unchanged if inside.
+
+    Sutherland-Hodgman, one side at a time: exact geometry for any polygon against a convex window (a
+    concave polygon may keep zero-width slivers along the border, which rasterise to nothing). `snap`
+    puts each crossing point exactly on its side, whatever the rounding.
+    """
+    low, high = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    if (points >= low).all() and (points <= high).all():
+        return points
+    for axis, bound, keep_below in ((0, low[0], False), (0, high[0], True), (1, low[1], False), (1, high[1], True)):
+        if len(points) == 0:
+            break
+        out = []
+        prev = points[-1]
+        for cur in points:
+            cur_in = cur[axis] <= bound if keep_below else cur[axis] >= bound
+            prev_in = prev[axis] <= bound if keep_below else prev[axis] >= bound
+            if cur_in != prev_in:  # the edge crosses this side: keep the crossing point
+                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
+                cross = prev + t * (cur - prev)
+                if snap:
+                    cross[axis] = bound
+                out.append(cross)
+            if cur_in:
+                out.append(cur)
+            prev = cur
+        points = np.array(out, dtype=np.float64).reshape(-1, 2)
+    return points
 
 
 PAIRWISE_UP_TO = 48  # vertices: below this, testing all pairs at once in numpy beats the Python sweep

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from maskrcnn.data.polygons import clip_to_rectangle
+
 # Most vertices a circle or ellipse gets: past this the chord error is far below a pixel anyway.
 MAX_ELLIPSE_VERTICES = 720
 CHORD_ERROR = 0.1  # pixels an ellipse's polygon may lie inside the true curve
@@ -72,30 +74,10 @@ def collinear(points: np.ndarray) -> bool:
 def clip_polygon(points: np.ndarray, width: float, height: float) -> np.ndarray:
     """Return the part of polygon [P,2] inside the image rectangle 0..width x 0..height.
 
-    Sutherland-Hodgman, one image side at a time: exact for any polygon against a convex window
-    (a concave polygon may keep zero-width slivers along the border, which rasterise to nothing).
-    Annotation tools let vertices stray past the border; clipping keeps boxes inside the image.
+    Annotation tools let vertices stray past the border; clipping keeps boxes inside the image. Crossing
+    points are put exactly on the border (`snap`), so a clipped vertex never lands a hair outside.
     """
-    if (points >= 0).all() and (points[:, 0] <= width).all() and (points[:, 1] <= height).all():
-        return points
-    for axis, bound, keep_below in ((0, 0.0, False), (0, float(width), True), (1, 0.0, False), (1, float(height), True)):
-        if len(points) == 0:
-            break
-        out = []
-        prev = points[-1]
-        for cur in points:
-            cur_in = cur[axis] <= bound if keep_below else cur[axis] >= bound
-            prev_in = prev[axis] <= bound if keep_below else prev[axis] >= bound
-            if cur_in != prev_in:  # the edge crosses this side: keep the crossing point
-                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
-                cross = prev + t * (cur - prev)
-                cross[axis] = bound  # exactly on the side, whatever the rounding
-                out.append(cross)
-            if cur_in:
-                out.append(cur)
-            prev = cur
-        points = np.array(out, dtype=np.float64).reshape(-1, 2)
-    return points
+    return clip_to_rectangle(points, (0.0, 0.0), (width, height), snap=True)
 
 
 # ---- RLE ------------------------------------------------------------------------------------------
