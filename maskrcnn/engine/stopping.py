@@ -1,5 +1,7 @@
-"""Stopping a run cleanly: on SIGINT/SIGTERM the loop finishes its iteration, saves a checkpoint, then raises;
-under torchrun, every rank stops at the same iteration."""
+"""Stopping a run cleanly: on SIGINT/SIGTERM the loop finishes its iteration, saves a checkpoint, then raises.
+
+Under torchrun every rank stops at the same iteration (`agree_across_ranks`).
+"""
 
 from __future__ import annotations
 
