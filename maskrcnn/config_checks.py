@@ -10,7 +10,7 @@ from maskrcnn.config_schema import BackboneConfig, Config, ConfigError, InputCon
 _CHOICES = {
     "model.backbone.norm": ("frozen_bn", "bn", "gn"),
     "model.backbone.kind": ("fpn", "c4", "c5"),
-    "model.backbone.depth": (18, 34, 50, 101, 152),
+    "model.backbone.depth": (10, 18, 34, 50, 101, 152),
     "model.box_head.type": ("2fc", "4conv1fc", "res5"),
     "model.box_head.pooler.type": ("roialign", "roipool"),
     "model.mask_head.pooler.type": ("roialign", "roipool"),

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class BackboneConfig:
     """The ResNet/ResNeXt trunk, its normalisation, and FPN or C4."""
 
-    depth: int = 50  # 18, 34, 50, 101, 152
+    depth: int = 50  # 10, 18, 34, 50, 101, 152
     groups: int = 1  # ResNeXt cardinality (32 or 64); 1 = plain ResNet
     width_per_group: int = 64  # ResNeXt bottleneck width per group (4 or 8)
     norm: str = "frozen_bn"  # frozen_bn | bn | gn

@@ -38,8 +38,10 @@ class ConvNorm(nn.Sequential):
         super().__init__(layers)
 
 
-# depth -> (residual block, blocks per stage res2..res5), as in the ResNet paper's Table 1.
+# depth -> (residual block, blocks per stage res2..res5), as in the ResNet paper's Table 1; ResNet-10 (one
+# basic block a stage, torchvision's ResNet class with layers [1, 1, 1, 1]) is the small trunk for CPU training.
 DEPTHS: dict[int, tuple[type[nn.Module], list[int]]] = {
+    10: (BasicBlock, [1, 1, 1, 1]),
     18: (BasicBlock, [2, 2, 2, 2]),
     34: (BasicBlock, [3, 4, 6, 3]),
     50: (Bottleneck, [3, 4, 6, 3]),
