@@ -64,7 +64,7 @@ def test_yaml_file_with_base_and_round_trip(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("_base_: shapes\nsolver: {max_iter: 7}\n")
     cfg = load_config(str(path), ["solver.seed=3"])
-    assert cfg.solver.max_iter == 7 and cfg.solver.seed == 3 and cfg.model.backbone.depth == 18
+    assert cfg.solver.max_iter == 7 and cfg.solver.seed == 3 and cfg.model.backbone.depth == 10
     saved = tmp_path / "resolved.yaml"
     cfg.save(saved)
     again = load_config(str(saved))
