@@ -71,10 +71,10 @@ def child(args: argparse.Namespace) -> None:
     from maskrcnn.config import load_config
     from maskrcnn.data.loader import build_train_loader
     from maskrcnn.engine.solver import build_lr_scheduler, build_optimizer
-    from maskrcnn.engine.precision import amp_dtype
-    from maskrcnn.engine.rng import seed_all
-    from maskrcnn.engine.train_setup import build_train_dataset
     from maskrcnn.modeling import build_model
+    from revision_compat import training_helpers
+
+    amp_dtype, seed_all, build_train_dataset = training_helpers()
 
     result: dict = {"source": args.source, "steps": []}
     try:
