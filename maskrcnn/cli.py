@@ -13,7 +13,7 @@ import sys
 from maskrcnn.config import ConfigError
 from maskrcnn.errors import UserError
 
-COMMANDS = ["train", "eval", "predict", "demo", "make_shapes", "benchmark", "check_dataset", "convert", "export",
+COMMANDS = ["train", "eval", "predict", "demo", "make_shapes", "benchmark", "check_dataset", "convert", "export", "quantize",
             "serve", "models", "show_data"]
 
 

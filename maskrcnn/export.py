@@ -243,17 +243,20 @@ def export_onnx(model: MaskRCNN, out: str | os.PathLike, example_size: tuple[int
 class OnnxMaskRCNN:
     """An exported model run on the CPU by ONNX Runtime or OpenVINO, with `MaskRCNN.predict`'s inputs and outputs.
 
-    `backend` names the runtime (maskrcnn.onnx_backends.BACKENDS); `precision` is fp32, or bf16 for OpenVINO.
+    `backend` names the runtime (maskrcnn.onnx_backends.BACKENDS); `precision` is fp32, or bf16 for OpenVINO;
+    None (the default) runs the file as it is: fp32, or int8 for `maskrcnn quantize`'s IR (.xml, OpenVINO only).
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, backend: str = "onnxruntime",
-                 precision: str = "fp32"):
+                 precision: str | None = None):
         from maskrcnn.config import Config, merge_dict
         from maskrcnn.onnx_backends import open_runner
 
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"ONNX file '{path}' not found; write one with `maskrcnn export --format onnx`")
+            kind, command = ("OpenVINO IR", "maskrcnn quantize") if path.suffix.lower() == ".xml" else \
+                ("ONNX file", "maskrcnn export --format onnx")
+            raise UserError(f"{kind} '{path}' not found; write one with `{command}`")
         self.runner = open_runner(backend, path, threads, precision)
         config = self.runner.metadata("maskrcnn.config")
         if config is None:

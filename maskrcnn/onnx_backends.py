@@ -1,6 +1,6 @@
 """Runtimes that execute the file `maskrcnn export --format onnx` writes: ONNX Runtime and OpenVINO.
 
-Both read the same .onnx file. A runner only loads it and maps one image array to the graph's output
+Both read the same .onnx file; OpenVINO also runs the int8 IR (.xml) that `maskrcnn quantize` makes of it. A runner only loads it and maps one image array to the graph's output
 arrays; everything else (checks, metadata, mask pasting, `predict`) is `maskrcnn.export.OnnxMaskRCNN`'s,
 shared by every runtime. This module imports nothing heavy at the top, so the command line can list
 the backends without loading numpy or a runtime.
@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 OUTPUT_NAMES = ["boxes", "scores", "labels", "mask_probs"]
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
+IR_SUFFIX = ".xml"  # an OpenVINO IR, as `maskrcnn quantize` writes it (OpenVINO only)
 
 
 def first_line(error: BaseException) -> str:
@@ -31,25 +32,27 @@ def first_line(error: BaseException) -> str:
 
 
 class OnnxRunner(ABC):
-    """One exported file loaded by one runtime: a float32 [3, H, W] image in, the OUTPUT_NAMES arrays out."""
+    """One exported file loaded by one runtime: a float32 [3, H, W] image in, the OUTPUT_NAMES arrays out.
+
+    `precision` None runs the file as it is: float32, or int8 for a quantized IR; `self.precision` says which.
+    """
 
     backend: ClassVar[str]  # the --backend name
     name: ClassVar[str]  # the runtime's name in messages
     package: ClassVar[str]  # the Python package it needs
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
 
-    def __init__(self, path: Path, threads: int | None = None, precision: str = "fp32"):
-        if precision not in self.precisions:
+    def __init__(self, path: Path, threads: int | None = None, precision: str | None = None):
+        if precision is not None and precision not in self.precisions:
             raise UserError(f"--backend {self.backend} runs the file in {' or '.join(self.precisions)}, "
                             f"not {precision}")
         runtime = self._import_runtime()
         try:
-            self._load(runtime, path, threads, precision)
+            self.precision = self._load(runtime, path, threads, precision)
         except UserError:
             raise
         except Exception as e:  # runtimes raise their own classes for every kind of bad file
             raise UserError(f"{self.name} cannot load '{path}': {first_line(e)}") from None
-        self.precision = precision
 
     def _import_runtime(self) -> ModuleType:
         try:
@@ -60,8 +63,8 @@ class OnnxRunner(ABC):
                             ) from None
 
     @abstractmethod
-    def _load(self, runtime: ModuleType, path: Path, threads: int | None, precision: str) -> None:
-        """Read and prepare the file with `runtime` (the imported package)."""
+    def _load(self, runtime: ModuleType, path: Path, threads: int | None, precision: str | None) -> str:
+        """Read and prepare the file with `runtime` (the imported package); return the precision it runs in."""
 
     @abstractmethod
     def metadata(self, key: str) -> str | None:
@@ -77,12 +80,15 @@ class OnnxRuntimeRunner(OnnxRunner):
 
     backend, name, package = "onnxruntime", "ONNX Runtime", "onnxruntime"
 
-    def _load(self, runtime: ModuleType, path: Path, threads: int | None, precision: str) -> None:
+    def _load(self, runtime: ModuleType, path: Path, threads: int | None, precision: str | None) -> str:
+        if path.suffix.lower() == IR_SUFFIX:
+            raise UserError(f"'{path}' is an OpenVINO IR (from `maskrcnn quantize`); run it with --backend openvino")
         options = runtime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.session = runtime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._metadata = self.session.get_modelmeta().custom_metadata_map
+        return "fp32"
 
     def metadata(self, key: str) -> str | None:
         return self._metadata.get(key)
@@ -92,23 +98,26 @@ class OnnxRuntimeRunner(OnnxRunner):
 
 
 class OpenVinoRunner(OnnxRunner):
-    """OpenVINO's CPU plugin, which reads the .onnx file directly (no conversion step), FP32 or BF16."""
+    """OpenVINO's CPU plugin: the .onnx file directly (no conversion step) in FP32 or BF16, or the int8 IR."""
 
     backend, name, package = "openvino", "OpenVINO", "openvino"
     precisions = PRECISIONS
 
-    def _load(self, runtime: ModuleType, path: Path, threads: int | None, precision: str) -> None:
+    def _load(self, runtime: ModuleType, path: Path, threads: int | None, precision: str | None) -> str:
         core = runtime.Core()
+        self.model = core.read_model(str(path))
+        precision = file_precision(path, is_quantized(self.model), precision)
         if precision == "bf16":
             require_native_bf16()
-        self.model = core.read_model(str(path))
         # The hint is always set: on a CPU with native bfloat16 OpenVINO otherwise picks bf16 by itself
-        # (2026.4 does here), which would silently break parity with PyTorch's float32.
+        # (2026.4 does here), which would silently break parity with PyTorch's float32. An int8 file's
+        # layers left unquantized (prediction layers, post-processing) run in float32 too.
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
                                   "PERFORMANCE_HINT": "LATENCY"}  # one image at a time
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(self.model, "CPU", config)
+        return precision
 
     def metadata(self, key: str) -> str | None:
         # OpenVINO keeps an ONNX file's metadata_props under the model's "framework" runtime info.
@@ -119,6 +128,28 @@ class OpenVinoRunner(OnnxRunner):
     def run(self, image: np.ndarray) -> list[np.ndarray]:
         outputs = self.compiled({"image": image})  # copies the results out of the request's buffers
         return [outputs[name] for name in OUTPUT_NAMES]
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether an OpenVINO model holds int8 quantization (FakeQuantize operations, as NNCF inserts them)."""
+    return any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+
+
+def file_precision(path: Path, quantized: bool, precision: str | None) -> str:
+    """Return the precision OpenVINO runs `path` in: int8 for a quantized file, else `precision` (default fp32).
+
+    An int8 file has no float32 weights for most layers, so fp32/bf16 are refused for it; int8 needs one.
+    """
+    if quantized:
+        if precision not in (None, "int8"):
+            raise UserError(f"'{path}' is quantized to int8; run it without --precision (or with --precision int8), "
+                            f"or run the .onnx file it was made from for {precision}")
+        return "int8"
+    if precision == "int8":
+        raise UserError(f"--precision int8 needs a file quantized by `maskrcnn quantize`, and '{path}' is not one: "
+                        f"maskrcnn quantize --onnx MODEL.onnx --calibration IMAGES --out {path.stem}-int8.xml, "
+                        "then --weights that .xml")
+    return precision or "fp32"
 
 
 def require_native_bf16() -> None:
@@ -149,11 +180,21 @@ def installed_backends() -> list[str]:
     return [b for b in PREFERENCE if importlib.util.find_spec(RUNNERS[b].package) is not None]
 
 
+def is_exported_file(weights: str | Path | None) -> bool:
+    """Whether `weights` names a file for the ONNX runtimes: an exported .onnx, or an OpenVINO IR (.xml)."""
+    return bool(weights) and str(weights).lower().endswith((".onnx", IR_SUFFIX))
+
+
 def choose_backend(weights: str | Path | None) -> str:
     """Return what `--backend auto` runs `weights` with: PyTorch for a checkpoint or a zoo name, the fastest
-    installed runtime for an exported `.onnx` file."""
-    if not weights or not str(weights).endswith(".onnx"):
+    installed runtime for an exported `.onnx` file, OpenVINO for its IR (`maskrcnn quantize`'s .xml)."""
+    if not is_exported_file(weights):
         return "pytorch"
+    if str(weights).lower().endswith(IR_SUFFIX):
+        if importlib.util.find_spec(RUNNERS["openvino"].package) is None:
+            raise UserError(f"'{weights}' is an OpenVINO IR, which runs with OpenVINO, and it is not installed: "
+                            "pip install openvino (or the deploy extra: pip install 'maskrcnn[deploy]')")
+        return "openvino"
     installed = installed_backends()
     if not installed:
         raise UserError(f"'{weights}' is an exported ONNX file, which runs with OpenVINO or ONNX Runtime, and "
@@ -162,8 +203,8 @@ def choose_backend(weights: str | Path | None) -> str:
     return installed[0]
 
 
-def open_runner(backend: str, path: Path, threads: int | None = None, precision: str = "fp32") -> OnnxRunner:
-    """Return `path` loaded by the runtime named `backend` (one of BACKENDS)."""
+def open_runner(backend: str, path: Path, threads: int | None = None, precision: str | None = None) -> OnnxRunner:
+    """Return `path` loaded by the runtime named `backend` (one of BACKENDS); `precision` None: the file's own."""
     if backend not in RUNNERS:
         raise UserError(f"unknown ONNX backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     return RUNNERS[backend](path, threads, precision)

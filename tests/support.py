@@ -114,6 +114,24 @@ def plain_layout_copy(model):
     return plain
 
 
+def decisive(model):
+    """Return the model with mask logits far from 0 (random heads give p ≈ 0.5: pixel coin flips)."""
+    torch.manual_seed(1)
+    predictors = model.roi_heads.box_predictor  # a cascade has one per stage
+    with torch.no_grad():
+        for predictor in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
+            predictor.class_logits.bias.copy_(torch.tensor([-3.0, 3.0, 0.0, 0.0]))
+        model.roi_heads.mask_head.predictor.weight.normal_(std=0.05)
+        model.roi_heads.mask_head.predictor.bias.fill_(0.3)
+    return model.eval()
+
+
+def tiny_model(extra: list[str] = ()):
+    """The seeded, decisive `shapes` model with TINY's thin heads (the export tests' model)."""
+    torch.manual_seed(0)
+    return decisive(build_model(load_config("shapes", TINY + list(extra))))
+
+
 # ---- parity with torchvision ----------------------------------------------------------------------
 
 PARITY_MIN_SIZE, PARITY_MAX_SIZE = 320, 512  # smaller than the presets' 800 px, so parity tests stay quick

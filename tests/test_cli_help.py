@@ -18,7 +18,7 @@ from maskrcnn.cli import COMMANDS
 ROOT = Path(__file__).resolve().parents[1]
 # Top-level packages (and our own modules) that cost seconds to import; none may load for --help.
 HEAVY = ("torch", "torchvision", "numpy", "PIL", "pycocotools", "matplotlib", "onnx", "onnxruntime", "openvino",
-         "av", "fastapi", "uvicorn", "maskrcnn.api", "maskrcnn.modeling", "maskrcnn.engine", "maskrcnn.data")
+         "nncf", "av", "fastapi", "uvicorn", "maskrcnn.api", "maskrcnn.modeling", "maskrcnn.engine", "maskrcnn.data")
 
 # Prints which of HEAVY `maskrcnn ARGS...` imported before exiting (its stdout muted meanwhile).
 PROBE = """

@@ -8,7 +8,7 @@ import sys
 import onnx
 import pytest
 import torch
-from support import TINY, decisive_torchvision_model
+from support import TINY, decisive, decisive_torchvision_model, tiny_model
 
 from maskrcnn.checkpoint import save_checkpoint
 from maskrcnn.cli import main
@@ -22,23 +22,6 @@ from maskrcnn.onnx_backends import BACKENDS
 
 # Several aspect ratios: upscaled, downscaled, square, and one where the longer-side cap decides.
 SIZES = [(480, 640), (257, 199), (100, 170), (333, 333), (600, 90)]
-
-
-def decisive(model):
-    """Return the model with mask logits far from 0 (random heads give p ≈ 0.5: pixel coin flips)."""
-    torch.manual_seed(1)
-    predictors = model.roi_heads.box_predictor  # a cascade has one per stage
-    with torch.no_grad():
-        for predictor in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
-            predictor.class_logits.bias.copy_(torch.tensor([-3.0, 3.0, 0.0, 0.0]))
-        model.roi_heads.mask_head.predictor.weight.normal_(std=0.05)
-        model.roi_heads.mask_head.predictor.bias.fill_(0.3)
-    return model.eval()
-
-
-def tiny_model(extra: list[str] = ()):
-    torch.manual_seed(0)
-    return decisive(build_model(load_config("shapes", TINY + list(extra))))
 
 
 @pytest.fixture(scope="module")

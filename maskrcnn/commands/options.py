@@ -69,8 +69,9 @@ def add_backend_option(p: argparse.ArgumentParser) -> None:
                         "then onnxruntime) for --weights MODEL.onnx from `maskrcnn export --format onnx`; "
                         "or name one")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="openvino only: its inference precision (default: fp32); bf16 needs a CPU with native "
-                        "bfloat16 (AVX-512/AMX). For PyTorch use the override test.precision=bf16")
+                   help="openvino only: its inference precision (default: fp32, int8 for a file from `maskrcnn "
+                        "quantize`); bf16 needs a CPU with native bfloat16 (AVX-512/AMX). For PyTorch use the "
+                        "override test.precision=bf16")
 
 
 def resolve_backend(args: argparse.Namespace) -> str:
@@ -84,13 +85,14 @@ def resolve_backend(args: argparse.Namespace) -> str:
     return args.backend
 
 
-def backend_precision(args: argparse.Namespace) -> str:
-    """Return the --precision to run an exported file with (fp32 unless given); refuse it where it does not apply."""
+def backend_precision(args: argparse.Namespace) -> str | None:
+    """Return the --precision to run an exported file with (None: the file's own, fp32 or int8); refuse it where it
+    does not apply."""
     backend, precision = resolve_backend(args), getattr(args, "precision", None)
     if precision is not None and backend != "openvino":
         hint = "set test.precision=bf16 for PyTorch" if backend == "pytorch" else "ONNX Runtime runs float32"
         raise UserError(f"--precision applies to --backend openvino only ({hint})")
-    return precision or "fp32"
+    return precision
 
 
 def load_pytorch_model(args: argparse.Namespace, overrides: list[str], *, default_model: bool = False,
@@ -117,7 +119,7 @@ def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:
 
     Given neither --weights nor --config, the default COCO model of the zoo is used (fetched once).
     """
-    from maskrcnn.onnx_backends import BACKENDS
+    from maskrcnn.onnx_backends import BACKENDS, IR_SUFFIX, is_exported_file
 
     precision = backend_precision(args)
     backend = args.backend
@@ -126,8 +128,11 @@ def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:
     from maskrcnn.config import apply_overrides
     from maskrcnn.export import OnnxMaskRCNN
 
-    if not args.weights or not str(args.weights).endswith(".onnx"):
-        raise UserError(f"--backend {backend} needs --weights MODEL.onnx (written by `maskrcnn export --format onnx`)")
+    if not is_exported_file(args.weights):
+        raise UserError(f"--backend {backend} needs --weights MODEL.onnx (written by `maskrcnn export --format onnx`)"
+                        + (" or MODEL.xml (by `maskrcnn quantize`)" if backend == "openvino" else ""))
+    if backend != "openvino" and str(args.weights).lower().endswith(IR_SUFFIX):
+        raise UserError(f"'{args.weights}' is an OpenVINO IR (from `maskrcnn quantize`); run it with --backend openvino")
     # Tiling happens outside the graph (windows in, detections merged), so its keys still apply.
     tiling = [item for item in overrides if item.split("=", 1)[0].strip().startswith("test.tiling.")]
     if args.config or len(tiling) < len(overrides):
@@ -137,5 +142,7 @@ def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:
     if args.device != "cpu":
         raise UserError(f"--backend {backend} runs on the CPU only; drop --device")
     model = OnnxMaskRCNN(args.weights, backend=backend, precision=precision)
+    if model.runner.precision == "int8":  # said once, as --backend auto says which runtime
+        print(f"{model.runner.name} runs '{args.weights}' in int8 (quantized by `maskrcnn quantize`)", file=sys.stderr)
     apply_overrides(model.cfg, tiling)
     return model

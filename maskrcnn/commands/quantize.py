@@ -1,0 +1,52 @@
+"""`maskrcnn quantize`: make an int8 OpenVINO model of an exported .onnx file (post-training, NNCF)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from maskrcnn.errors import UserError
+
+HELP = ("Quantize an exported model to int8 for OpenVINO: maskrcnn quantize --onnx model.onnx --calibration "
+        "IMAGES --out model-int8.xml (post-training, with NNCF; run it with --backend openvino)")
+DEFAULT_CALIBRATION_SIZE = 100  # maskrcnn.quantize.DEFAULT_CALIBRATION_SIZE, named here so --help imports nothing
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the quantize command's arguments."""
+    p.add_argument("--onnx", required=True, metavar="MODEL.onnx", help="the file `maskrcnn export --format onnx` wrote")
+    p.add_argument("--calibration", required=True, metavar="DIR_OR_ANN.json:IMAGE_DIR",
+                   help="images like those the model will see (e.g. the training set): a folder, or a COCO "
+                        "annotation file and its image folder")
+    p.add_argument("--calibration-size", type=int, default=DEFAULT_CALIBRATION_SIZE, metavar="N",
+                   help=f"how many of them to calibrate on, spread over the set (default: {DEFAULT_CALIBRATION_SIZE})")
+    p.add_argument("--out", required=True, metavar="MODEL.xml",
+                   help="the int8 OpenVINO IR to write (its weights go to MODEL.bin beside it)")
+
+
+def _require_nncf() -> None:
+    """Raise a one-line UserError unless NNCF and OpenVINO are installed."""
+    import importlib.util
+
+    missing = [name for name in ("openvino", "nncf") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"maskrcnn quantize needs {' and '.join(missing)}, not installed: pip install "
+                        f"{' '.join(missing)} (or the deploy extra: pip install 'maskrcnn[deploy]')")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the inputs, quantize, print what was written and how to run it."""
+    from pathlib import Path
+
+    if not args.out.lower().endswith(".xml"):
+        raise UserError(f"--out '{args.out}' must end in .xml: an OpenVINO IR (the weights go to the .bin beside it)")
+    _require_nncf()
+    from maskrcnn.quantize import calibration_files, quantize_onnx
+
+    images = calibration_files(args.calibration, args.calibration_size)
+    print(f"calibrating on {len(images)} images of '{args.calibration}'", file=sys.stderr)
+    report = quantize_onnx(Path(args.onnx), images, Path(args.out))
+    print(report.line())
+    print(f"run it: maskrcnn predict IMAGES --weights {report.path} (OpenVINO, int8); maskrcnn eval --weights "
+          f"{report.path} --data ANN.json:IMAGE_DIR for its AP")
+    return 0
