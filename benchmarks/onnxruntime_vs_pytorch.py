@@ -2,16 +2,18 @@
 
 For each model: export once, then time one image end to end (input tensor → boxes, scores, labels and
 pasted masks) for torchvision FP32 (torchvision's own Mask R-CNN with the same weights, for
-`torchvision-r50-fpn` only), PyTorch FP32, PyTorch BF16 autocast, ONNX Runtime FP32, OpenVINO FP32 and OpenVINO
-BF16 (only on a CPU with native bfloat16; `--backends` picks), runs interleaved so that machine noise
-hits all alike, same weights. Agreement with PyTorch FP32 is counted with the parity tests' tolerances
+`torchvision-r50-fpn` only), PyTorch FP32, PyTorch BF16 autocast, ONNX Runtime FP32, OpenVINO FP32, OpenVINO
+BF16 (only on a CPU with native bfloat16) and OpenVINO int8 (`maskrcnn quantize`'s IR of the same file,
+calibrated on `--calibration` images or, by default, on `--calibration-size` seeded random images of the
+benchmark's size, as its image is; `--backends` picks), runs interleaved so that machine noise hits all
+alike, same weights. Agreement with PyTorch FP32 is counted with the parity tests' tolerances
 (boxes 0.05 px, scores 1e-4, mask IoU 0.99), and with compare_torchvision.py's looser "same detection"
 ones (2 px, 0.02, mask IoU 0.9) that BF16 can meet. Weights are random and seeded; the torchvision preset's
 classifier is scaled by 0.5 so that 100 detections survive, as with a trained model.
 
     .venv/bin/python benchmarks/onnxruntime_vs_pytorch.py [--runs 5] [--models torchvision-r50-fpn,shapes]
-        [--backends torchvision-fp32,pytorch-fp32,pytorch-bf16,onnxruntime,openvino-fp32,openvino-bf16] [--json out.json]
-        [--markdown out.md]
+        [--backends torchvision-fp32,pytorch-fp32,pytorch-bf16,onnxruntime,openvino-fp32,openvino-bf16,openvino-int8]
+        [--calibration DIR] [--calibration-size 4] [--json out.json] [--markdown out.md]
 """
 
 from __future__ import annotations
@@ -82,11 +84,31 @@ def measure(calls: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict
 BACKENDS = {"torchvision-fp32": ("torchvision FP32", "torchvision", "fp32"),
             "pytorch-fp32": ("PyTorch FP32", None, "fp32"), "pytorch-bf16": ("PyTorch BF16 autocast", None, "bf16"),
             "onnxruntime": ("ONNX Runtime FP32", "onnxruntime", "fp32"),
-            "openvino-fp32": ("OpenVINO FP32", "openvino", "fp32"), "openvino-bf16": ("OpenVINO BF16", "openvino", "bf16")}
+            "openvino-fp32": ("OpenVINO FP32", "openvino", "fp32"), "openvino-bf16": ("OpenVINO BF16", "openvino", "bf16"),
+            "openvino-int8": ("OpenVINO int8", "openvino", "int8")}
 
 
-def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[str]) -> list[dict[str, Any]]:
-    """Return one row per backend for the preset `name` (PyTorch FP32 always: the reference)."""
+def calibration_images(folder: Path, size: tuple[int, int], count: int, source: str | None) -> list[Path]:
+    """Return the int8 row's calibration images: `count` of `source`, or `count` seeded random PNGs of `size`."""
+    from PIL import Image
+
+    from maskrcnn.quantize import calibration_files
+
+    if source:
+        return calibration_files(source, count)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):  # like the timed image (uniform noise), other seeds
+        pixels = torch.rand(*size, 3, generator=torch.Generator().manual_seed(100 + i)).mul(255).to(torch.uint8)
+        paths.append(folder / f"calibration{i}.png")
+        Image.fromarray(pixels.numpy()).save(paths[-1])
+    return paths
+
+
+def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[str],
+                calibration: tuple[str | None, int] = (None, 4)) -> list[dict[str, Any]]:
+    """Return one row per backend for the preset `name` (PyTorch FP32 always: the reference); `calibration`:
+    the int8 row's images (a folder or ANN.json:IMAGE_DIR, None for random ones) and how many."""
     model, reference_model = model_pair(name)
     size = SIZES.get(name, (800, 1067))
     image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
@@ -95,6 +117,7 @@ def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[
         path = export_onnx(model, Path(tmp) / f"{name}.onnx")
         export_s = time.perf_counter() - start
         file_mb = path.stat().st_size / 2**20
+        quantize_s = None
 
         def pytorch_fp32():
             with torch.inference_mode():
@@ -115,7 +138,15 @@ def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[
                 if reference_model is not None:  # the same weights in torchvision's own implementation
                     calls[label] = lambda: _infer(reference_model, image)
                 continue
-            exported = OnnxMaskRCNN(path, threads=threads, backend=runtime, precision=precision)
+            weights = path
+            if precision == "int8":
+                from maskrcnn.quantize import quantize_onnx
+
+                images = calibration_images(Path(tmp) / "calibration", size, calibration[1], calibration[0])
+                report = quantize_onnx(path, images, Path(tmp) / f"{name}-int8.xml")
+                weights, quantize_s = report.path, report.seconds
+                print(report.line(), file=sys.stderr)
+            exported = OnnxMaskRCNN(weights, threads=threads, backend=runtime, precision=precision)
             calls[label] = lambda exported=exported: exported([image])[0]
         reference = pytorch_fp32()
         outputs = {label: call() for label, call in calls.items()}
@@ -133,7 +164,9 @@ def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[
                      "detections": agree["actual"], "agree_with_fp32": f"{agree['matched']}/{agree['expected']}",
                      "same_detections": f"{same['matched']}/{same['expected']}",
                      "export_s": export_s if not label.startswith("PyTorch") else None,
-                     "file_mb": file_mb if not label.startswith("PyTorch") else None})
+                     "file_mb": file_mb if not label.startswith("PyTorch") else None,
+                     "quantize_s": quantize_s if label == BACKENDS["openvino-int8"][0] else None,
+                     "calibration_images": calibration[1] if label == BACKENDS["openvino-int8"][0] else None})
     return rows
 
 
@@ -148,11 +181,17 @@ def _ratio(value: float | None) -> str:
 
 def environment(threads: int) -> dict[str, Any]:
     """Return the versions and machine the numbers were taken on."""
+    import importlib.metadata
+
     import onnxruntime
     import openvino
 
+    try:
+        nncf = importlib.metadata.version("nncf")
+    except importlib.metadata.PackageNotFoundError:
+        nncf = "not installed"
     return {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__.split("-")[0],
+            "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__.split("-")[0], "nncf": nncf,
             "cpu": platform.processor() or platform.machine(), "threads": threads,
             "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg())}
 
@@ -160,7 +199,7 @@ def environment(threads: int) -> dict[str, Any]:
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any], runs: int) -> str:
     """Return the result table as Markdown."""
     lines = [f"Measured {env['date']}: torch {env['torch']}, onnxruntime {env['onnxruntime']}, openvino "
-             f"{env['openvino']}, {env['threads']} threads, median of {runs} runs (one image, input tensor to pasted "
+             f"{env['openvino']}, nncf {env['nncf']}, {env['threads']} threads, median of {runs} runs (one image, input tensor to pasted "
              f"masks), load average {env['load_average']} at the end.", "",
              "| model | image | backend | median s | min s | vs PyTorch FP32 | vs torchvision FP32 | detections | "
              "agree with FP32 | same detection (2 px, 0.02, IoU 0.9) |",
@@ -171,6 +210,8 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], runs: int) -> str:
     exports = list({r["model"]: r for r in rows if r["export_s"] is not None}.values())  # one per model
     lines.append("")
     lines.extend(f"- {r['model']}: export {r['export_s']:.1f} s, file {r['file_mb']:.1f} MB" for r in exports)
+    lines.extend(f"- {r['model']}: int8 quantization {r['quantize_s']:.1f} s on {r['calibration_images']} calibration "
+                 "images" for r in rows if r.get("quantize_s") is not None)
     return "\n".join(lines) + "\n"
 
 
@@ -181,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help=f"comma-separated, of {', '.join(BACKENDS)} (PyTorch FP32 always runs: the reference)")
+    parser.add_argument("--calibration", default=None, metavar="DIR_OR_ANN.json:IMAGE_DIR",
+                        help="the int8 row's calibration images (default: seeded random images like the timed one)")
+    parser.add_argument("--calibration-size", type=int, default=4, help="how many calibration images (default: 4)")
     parser.add_argument("--json", default=None, help="write the rows and environment as JSON here")
     parser.add_argument("--markdown", default=None, help="write the Markdown table here")
     args = parser.parse_args(argv)
@@ -193,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no native bfloat16 on this CPU: skipping the BF16 rows", file=sys.stderr)
         backends = [b for b in backends if BACKENDS[b][2] != "bf16"]
     rows = [row for name in args.models.split(",")
-            for row in bench_model(name, args.runs, args.warmup, threads, backends)]
+            for row in bench_model(name, args.runs, args.warmup, threads, backends,
+                                   (args.calibration, args.calibration_size))]
     env = environment(threads)
     table = markdown(rows, env, args.runs)
     print(table)

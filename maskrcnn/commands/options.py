@@ -32,7 +32,8 @@ def add_config_option(p: argparse.ArgumentParser, default: str = DEFAULT_CONFIG_
 def add_weights_option(p: argparse.ArgumentParser, *, onnx: bool = False, default: str | None = None,
                        help: str | None = None) -> None:
     """Add `--weights NAME_OR_FILE`: what to load (`onnx`: an exported file too); `help` replaces the text."""
-    sources = [*WEIGHTS_SOURCES, *(["a .onnx file from `maskrcnn export`"] if onnx else [])]
+    sources = [*WEIGHTS_SOURCES, *(["a .onnx file from `maskrcnn export` (or its int8 .xml from `maskrcnn quantize`)"]
+                                   if onnx else [])]
     text = ", ".join(sources[:-1]) + f" or {sources[-1]}"
     p.add_argument("--weights", default=None, metavar="NAME_OR_FILE",
                    help=help or (text + (f" (default: {default})" if default else "")))
@@ -66,7 +67,8 @@ def add_backend_option(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--backend", choices=["auto", "pytorch", *BACKENDS], default="auto",
                    help="auto (default): PyTorch for a checkpoint, the fastest installed runtime (openvino, "
-                        "then onnxruntime) for --weights MODEL.onnx from `maskrcnn export --format onnx`; "
+                        "then onnxruntime) for --weights MODEL.onnx from `maskrcnn export --format onnx`, "
+                        "openvino for the int8 MODEL.xml from `maskrcnn quantize`; "
                         "or name one")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="openvino only: its inference precision (default: fp32, int8 for a file from `maskrcnn "
