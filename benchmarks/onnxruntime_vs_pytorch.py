@@ -5,14 +5,16 @@ pasted masks) for torchvision FP32 (torchvision's own Mask R-CNN with the same w
 `torchvision-r50-fpn` only), PyTorch FP32, PyTorch BF16 autocast, ONNX Runtime FP32, OpenVINO FP32, OpenVINO
 BF16 (only on a CPU with native bfloat16) and OpenVINO int8 (`maskrcnn quantize`'s IR of the same file,
 calibrated on `--calibration` images or, by default, on `--calibration-size` seeded random images of the
-benchmark's size, as its image is; `--backends` picks), runs interleaved so that machine noise hits all
+benchmark's size, as its image is; `openvino-int8-bf16` runs its float layers in bf16, an experiment;
+`--backends` picks), runs interleaved so that machine noise hits all
 alike, same weights. Agreement with PyTorch FP32 is counted with the parity tests' tolerances
 (boxes 0.05 px, scores 1e-4, mask IoU 0.99), and with compare_torchvision.py's looser "same detection"
 ones (2 px, 0.02, mask IoU 0.9) that BF16 can meet. Weights are random and seeded; the torchvision preset's
 classifier is scaled by 0.5 so that 100 detections survive, as with a trained model.
 
     .venv/bin/python benchmarks/onnxruntime_vs_pytorch.py [--runs 5] [--models torchvision-r50-fpn,shapes]
-        [--backends torchvision-fp32,pytorch-fp32,pytorch-bf16,onnxruntime,openvino-fp32,openvino-bf16,openvino-int8]
+        [--backends torchvision-fp32,pytorch-fp32,pytorch-bf16,onnxruntime,openvino-fp32,openvino-bf16,openvino-int8,
+                    openvino-int8-bf16]
         [--calibration DIR] [--calibration-size 4] [--json out.json] [--markdown out.md]
 """
 
@@ -85,7 +87,17 @@ BACKENDS = {"torchvision-fp32": ("torchvision FP32", "torchvision", "fp32"),
             "pytorch-fp32": ("PyTorch FP32", None, "fp32"), "pytorch-bf16": ("PyTorch BF16 autocast", None, "bf16"),
             "onnxruntime": ("ONNX Runtime FP32", "onnxruntime", "fp32"),
             "openvino-fp32": ("OpenVINO FP32", "openvino", "fp32"), "openvino-bf16": ("OpenVINO BF16", "openvino", "bf16"),
-            "openvino-int8": ("OpenVINO int8", "openvino", "int8")}
+            "openvino-int8": ("OpenVINO int8", "openvino", "int8"),
+            "openvino-int8-bf16": ("OpenVINO int8, rest BF16", "openvino", "int8-bf16")}
+
+
+def rest_in_bf16(exported: OnnxMaskRCNN, threads: int) -> None:
+    """Recompile an int8 file with OpenVINO's bf16 hint: its float32 layers (FPN outputs, predictors, RoI
+    pooling, post-processing) then run in bfloat16. An experiment, not a `--precision` of the command line."""
+    import openvino
+
+    config = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    exported.runner.compiled = openvino.Core().compile_model(exported.runner.model, "CPU", config)
 
 
 def calibration_images(folder: Path, size: tuple[int, int], count: int, source: str | None) -> list[Path]:
@@ -139,14 +151,19 @@ def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[
                     calls[label] = lambda: _infer(reference_model, image)
                 continue
             weights = path
-            if precision == "int8":
-                from maskrcnn.quantize import quantize_onnx
+            if precision.startswith("int8"):
+                int8_path = Path(tmp) / f"{name}-int8.xml"
+                if not int8_path.exists():  # one quantized file for both int8 rows
+                    from maskrcnn.quantize import quantize_onnx
 
-                images = calibration_images(Path(tmp) / "calibration", size, calibration[1], calibration[0])
-                report = quantize_onnx(path, images, Path(tmp) / f"{name}-int8.xml")
-                weights, quantize_s = report.path, report.seconds
-                print(report.line(), file=sys.stderr)
-            exported = OnnxMaskRCNN(weights, threads=threads, backend=runtime, precision=precision)
+                    images = calibration_images(Path(tmp) / "calibration", size, calibration[1], calibration[0])
+                    report = quantize_onnx(path, images, int8_path)
+                    quantize_s = report.seconds
+                    print(report.line(), file=sys.stderr)
+                weights = int8_path
+            exported = OnnxMaskRCNN(weights, threads=threads, backend=runtime, precision=precision[:4])
+            if precision == "int8-bf16":
+                rest_in_bf16(exported, threads)
             calls[label] = lambda exported=exported: exported([image])[0]
         reference = pytorch_fp32()
         outputs = {label: call() for label, call in calls.items()}
@@ -165,8 +182,8 @@ def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[
                      "same_detections": f"{same['matched']}/{same['expected']}",
                      "export_s": export_s if not label.startswith("PyTorch") else None,
                      "file_mb": file_mb if not label.startswith("PyTorch") else None,
-                     "quantize_s": quantize_s if label == BACKENDS["openvino-int8"][0] else None,
-                     "calibration_images": calibration[1] if label == BACKENDS["openvino-int8"][0] else None})
+                     "quantize_s": quantize_s if label.startswith("OpenVINO int8") else None,
+                     "calibration_images": calibration[1] if label.startswith("OpenVINO int8") else None})
     return rows
 
 
@@ -210,8 +227,9 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], runs: int) -> str:
     exports = list({r["model"]: r for r in rows if r["export_s"] is not None}.values())  # one per model
     lines.append("")
     lines.extend(f"- {r['model']}: export {r['export_s']:.1f} s, file {r['file_mb']:.1f} MB" for r in exports)
+    int8 = list({r["model"]: r for r in rows if r.get("quantize_s") is not None}.values())  # one per model
     lines.extend(f"- {r['model']}: int8 quantization {r['quantize_s']:.1f} s on {r['calibration_images']} calibration "
-                 "images" for r in rows if r.get("quantize_s") is not None)
+                 "images" for r in int8)
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     if not native_bf16(torch.device("cpu")):
         print("no native bfloat16 on this CPU: skipping the BF16 rows", file=sys.stderr)
-        backends = [b for b in backends if BACKENDS[b][2] != "bf16"]
+        backends = [b for b in backends if not BACKENDS[b][2].endswith("bf16")]
     rows = [row for name in args.models.split(",")
             for row in bench_model(name, args.runs, args.warmup, threads, backends,
                                    (args.calibration, args.calibration_size))]
