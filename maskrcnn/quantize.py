@@ -73,7 +73,7 @@ def calibration_files(source: str | os.PathLike, count: int = DEFAULT_CALIBRATIO
 
     Spread, not the first `count`: a folder or annotation file is often ordered by scene or by source.
     """
-    from maskrcnn.commands.predict import IMAGE_SUFFIXES
+    from maskrcnn.data.image_io import IMAGE_SUFFIXES
 
     if count < 1:
         raise UserError(f"--calibration-size {count}: need at least one calibration image")

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from maskrcnn.engine.detections_log import DetectionsLog
 
 HELP = "Detect and segment objects in images; write overlay PNGs and predictions.json (COCO results)."
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +52,8 @@ def expand_inputs(items: list[str]) -> list[Path]:
 
     Names that match nothing are returned as they are, so they are reported as missing later.
     """
-    from maskrcnn.video import VIDEO_SUFFIXES  # numpy: imported here, not when the parser is built
+    from maskrcnn.data.image_io import IMAGE_SUFFIXES  # numpy and torch: imported here, not when the parser is built
+    from maskrcnn.video import VIDEO_SUFFIXES
 
     files: list[Path] = []
     for item in items:

@@ -12,6 +12,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from maskrcnn.errors import ImageReadError
 
+# The image files a folder given to predict or quantize is read for.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
 DEFAULT_MAX_PIXELS = 100_000_000
 
 # Modes that carry an alpha channel; they are composited onto white (how viewers show them).
