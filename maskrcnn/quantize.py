@@ -221,7 +221,9 @@ def quantize_onnx(onnx_path: str | os.PathLike, images: Sequence[Path], out: str
     model = read_onnx(onnx_path)
     scope = float_scope(model) if ignored_scope is None else ignored_scope
     floats = float_layers(model, scope)
-    nncf.set_log_level(logging.ERROR)  # its INFO lines repeat what the summary line says
+    # Its INFO lines repeat what the summary line says. Not nncf.set_log_level: that also sets the level of
+    # every handler it finds, the root logger's included, silencing the rest of the process's warnings.
+    logging.getLogger("nncf").setLevel(logging.ERROR)
     dataset = nncf.Dataset(list(images), preprocess or calibration_array)
     # MIXED: asymmetric ranges for activations, which FPN and head outputs (no ReLU) need; symmetric weights.
     quantized = nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED,

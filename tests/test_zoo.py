@@ -448,5 +448,5 @@ def test_finetune_from_a_zoo_name_takes_its_config_and_the_datas_classes(tiny_zo
     assert final["config"]["model"]["class_names"] == [c["name"] for c in data["categories"]]
     assert final["config"]["model"]["backbone"]["fpn_channels"] == 32  # the zoo entry's (tiny) architecture
     zoo_weights = load_checkpoint(tiny_zoo["path"])["model"]
-    for name in ("backbone.trunk.conv1.weight", "backbone.trunk.layer4.1.conv2.weight"):
+    for name in ("backbone.trunk.conv1.weight", "backbone.trunk.layer4.0.conv2.weight"):
         assert torch.equal(final["model"][name], zoo_weights[name])
