@@ -29,7 +29,7 @@ from maskrcnn.fileio import atomic_path
 if TYPE_CHECKING:
     import numpy as np
 
-DEFAULT_CALIBRATION_SIZE = 100  # as commands/quantize.py's, which --help shows without importing this module
+DEFAULT_CALIBRATION_SIZE = 100
 # The operations whose inputs and weights are quantized; everything else computes in float32.
 QUANTIZED_OPS = frozenset({"Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul"})
 # Convolutions and matrix products left in float32, by name as `maskrcnn export` traces them:
@@ -68,6 +68,14 @@ class QuantizeReport:
                 f"calibrated on {self.calibration_images} images in {self.seconds:.1f} s")
 
 
+def ir_path(out: str | os.PathLike) -> Path:
+    """Return `out` as the .xml path of the IR to write, or raise a UserError if it names something else."""
+    out = Path(out)
+    if out.suffix.lower() != ".xml":
+        raise UserError(f"--out '{out}' must end in .xml: an OpenVINO IR (the weights go to the .bin beside it)")
+    return out
+
+
 def calibration_files(source: str | os.PathLike, count: int = DEFAULT_CALIBRATION_SIZE) -> list[Path]:
     """Return up to `count` image files of `source`, a folder or `ANN.json:IMAGE_DIR`, spread over the sorted list.
 
@@ -97,14 +105,10 @@ def calibration_files(source: str | os.PathLike, count: int = DEFAULT_CALIBRATIO
 def _coco_images(spec: str) -> list[Path]:
     """Return the image files an `ANN.json:IMAGE_DIR` annotation file lists, in its order."""
     from maskrcnn.data.coco import parse_data_spec
+    from maskrcnn.data.jsonfile import load_json
 
     ann, image_dir = parse_data_spec(spec)
-    try:
-        data = json.loads(ann.read_text())
-    except OSError as e:
-        raise UserError(f"cannot read calibration annotations '{ann}': {e.strerror}") from None
-    except ValueError as e:
-        raise UserError(f"calibration annotations '{ann}' are not valid JSON: {e}") from None
+    data = load_json(ann, "calibration annotations")
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list) or not all(isinstance(i, dict) and "file_name" in i for i in images):
         raise UserError(f"calibration annotations '{ann}' have no COCO 'images' list with file names")
@@ -209,9 +213,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, images: Sequence[Path], out: str
 
     from maskrcnn.data.image_io import read_image
 
-    out, onnx_path = Path(out), Path(onnx_path)
-    if out.suffix.lower() != ".xml":
-        raise UserError(f"--out '{out}' must end in .xml: an OpenVINO IR (the weights go to the .bin beside it)")
+    out, onnx_path = ir_path(out), Path(onnx_path)
     if not images:
         raise UserError("no calibration images given")
     start = time.perf_counter()

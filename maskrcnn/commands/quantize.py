@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from maskrcnn.errors import UserError
+from maskrcnn.quantize import DEFAULT_CALIBRATION_SIZE, ir_path  # light: NNCF and OpenVINO load on first use
 
 HELP = ("Quantize an exported model to int8 for OpenVINO: maskrcnn quantize --onnx model.onnx --calibration "
         "IMAGES --out model-int8.xml (post-training, with NNCF; run it with --backend openvino)")
-DEFAULT_CALIBRATION_SIZE = 100  # maskrcnn.quantize.DEFAULT_CALIBRATION_SIZE, named here so --help imports nothing
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,14 +38,13 @@ def run(args: argparse.Namespace) -> int:
     """Check the inputs, quantize, print what was written and how to run it."""
     from pathlib import Path
 
-    if not args.out.lower().endswith(".xml"):
-        raise UserError(f"--out '{args.out}' must end in .xml: an OpenVINO IR (the weights go to the .bin beside it)")
+    out = ir_path(args.out)  # before the calibration images are looked for: the cheaper mistake first
     _require_nncf()
     from maskrcnn.quantize import calibration_files, quantize_onnx
 
     images = calibration_files(args.calibration, args.calibration_size)
     print(f"calibrating on {len(images)} images of '{args.calibration}'", file=sys.stderr)
-    report = quantize_onnx(Path(args.onnx), images, Path(args.out))
+    report = quantize_onnx(Path(args.onnx), images, out)
     print(report.line())
     print(f"run it: maskrcnn predict IMAGES --weights {report.path} (OpenVINO, int8); maskrcnn eval --weights "
           f"{report.path} --data ANN.json:IMAGE_DIR for its AP")
