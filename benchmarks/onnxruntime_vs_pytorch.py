@@ -9,7 +9,9 @@ benchmark's size, as its image is; `openvino-int8-bf16` runs its float layers in
 `--backends` picks), runs interleaved so that machine noise hits all
 alike, same weights. Agreement with PyTorch FP32 is counted with the parity tests' tolerances
 (boxes 0.05 px, scores 1e-4, mask IoU 0.99), and with compare_torchvision.py's looser "same detection"
-ones (2 px, 0.02, mask IoU 0.9) that BF16 can meet. Weights are random and seeded; the torchvision preset's
+ones (2 px, 0.02, mask IoU 0.9) that BF16 can meet. The FLOP floor rows divide the forward's FLOPs (PyTorch
+FP32, counted by torch.utils.flop_counter) by the best 3x3-convolution throughput this process measures in
+FP32 (and in BF16 where the BF16 rows run): no path can beat them by more than the CPU's best case allows. Weights are random and seeded; the torchvision preset's
 classifier is scaled by 0.5 so that 100 detections survive, as with a trained model.
 
     .venv/bin/python benchmarks/onnxruntime_vs_pytorch.py [--runs 5] [--models torchvision-r50-fpn,shapes]
@@ -42,6 +44,7 @@ from maskrcnn.modeling import build_model
 sys.path.insert(0, str(Path(__file__).parent))
 from compare_torchvision import BF16_TOLERANCES  # noqa: E402  "the same detection": boxes 2 px, scores 0.02, IoU 0.9
 from compare_torchvision import our_model, torchvision_model  # noqa: E402
+from flops import counted_flops, inference_conv_throughput  # noqa: E402
 
 SIZES = {"torchvision-r50-fpn": (800, 1067), "shapes": (128, 171)}
 
@@ -184,6 +187,16 @@ def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[
                      "file_mb": file_mb if not label.startswith("PyTorch") else None,
                      "quantize_s": quantize_s if label.startswith("OpenVINO int8") else None,
                      "calibration_images": calibration[1] if label.startswith("OpenVINO int8") else None})
+    flops = counted_flops(pytorch_fp32)
+    floors = {"FP32": None} | ({"BF16": torch.bfloat16} if "PyTorch BF16 autocast" in times else {})
+    for precision, dtype in floors.items():
+        throughput = inference_conv_throughput(dtype)
+        floor_s = flops / throughput
+        rows.append({"model": name, "size": f"{size[0]}x{size[1]}", "median_s": floor_s, "min_s": None,
+                     "backend": f"FLOP floor, {precision} ({flops / 1e9:.0f} GFLOP at {throughput / 1e9:.0f} GFLOP/s)",
+                     "speed_vs_fp32": base / floor_s, "speed_vs_torchvision": torchvision_s / floor_s if torchvision_s else None,
+                     "detections": None, "agree_with_fp32": "–", "same_detections": "–", "export_s": None,
+                     "file_mb": None, "gflop": flops / 1e9, "conv_gflops": throughput / 1e9})
     return rows
 
 
@@ -222,8 +235,10 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], runs: int) -> str:
              "agree with FP32 | same detection (2 px, 0.02, IoU 0.9) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['size']} | {r['backend']} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
-                     f"{r['speed_vs_fp32']:.2f}x | {_ratio(r['speed_vs_torchvision'])} | {r['detections']} | {r['agree_with_fp32']} | {r['same_detections']} |")
+        min_s = f"{r['min_s']:.3f}" if r["min_s"] is not None else "–"
+        detections = r["detections"] if r["detections"] is not None else "–"
+        lines.append(f"| {r['model']} | {r['size']} | {r['backend']} | {r['median_s']:.3f} | {min_s} | "
+                     f"{r['speed_vs_fp32']:.2f}x | {_ratio(r['speed_vs_torchvision'])} | {detections} | {r['agree_with_fp32']} | {r['same_detections']} |")
     exports = list({r["model"]: r for r in rows if r["export_s"] is not None}.values())  # one per model
     lines.append("")
     lines.extend(f"- {r['model']}: export {r['export_s']:.1f} s, file {r['file_mb']:.1f} MB" for r in exports)

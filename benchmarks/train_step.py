@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flops import conv_throughput, counted_flops  # this script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 WORKTREE = "WORKTREE"
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
@@ -116,38 +118,17 @@ def worker(args: argparse.Namespace) -> None:
 def step_flops(model, loader, dtype) -> float:
     """Return the FLOPs of one training step's forward and backward on the next batch."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     images, targets = next(loader)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        losses = model(images, targets)
-        sum(losses.values()).backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
 
-
-def conv_throughput(dtype, repeats: int = 5) -> float:
-    """Return FLOP/s of a 3x3, 128-channel convolution's forward and backward over 8 maps of 64x64."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    conv = torch.nn.Conv2d(128, 128, 3, padding=1)
-    x = torch.randn(8, 128, 64, 64, requires_grad=True)
-
-    def once() -> None:
+    def step() -> None:
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            y = conv(x)
-        y.float().sum().backward()
+            losses = model(images, targets)
+        sum(losses.values()).backward()
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        once()
-    once()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        once()
-    return counter.get_total_flops() * repeats / (time.perf_counter() - start)
+    flops = counted_flops(step)
+    model.zero_grad(set_to_none=True)
+    return flops
 
 
 def run_variant(source_dir: Path, kind: str, args: argparse.Namespace) -> dict:
