@@ -94,13 +94,16 @@ BACKENDS = {"torchvision-fp32": ("torchvision FP32", "torchvision", "fp32"),
             "openvino-int8-bf16": ("OpenVINO int8, rest BF16", "openvino", "int8-bf16")}
 
 
-def rest_in_bf16(exported: OnnxMaskRCNN, threads: int) -> None:
-    """Recompile an int8 file with OpenVINO's bf16 hint: its float32 layers (FPN outputs, predictors, RoI
-    pooling, post-processing) then run in bfloat16. An experiment, not a `--precision` of the command line."""
+def rest_in_bf16(runner: Any, threads: int | None) -> None:
+    """Recompile an OpenVinoRunner's int8 file with OpenVINO's bf16 hint: its float32 layers (FPN outputs,
+    predictors, RoI pooling, post-processing) then run in bfloat16. An experiment, not a `--precision` of the
+    command line (eval_int8_rest_bf16.py measures its AP)."""
     import openvino
 
-    config = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-    exported.runner.compiled = openvino.Core().compile_model(exported.runner.model, "CPU", config)
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    runner.compiled = openvino.Core().compile_model(runner.model, "CPU", config)
 
 
 def calibration_images(folder: Path, size: tuple[int, int], count: int, source: str | None) -> list[Path]:
@@ -166,7 +169,7 @@ def bench_model(name: str, runs: int, warmup: int, threads: int, backends: list[
                 weights = int8_path
             exported = OnnxMaskRCNN(weights, threads=threads, backend=runtime, precision=precision[:4])
             if precision == "int8-bf16":
-                rest_in_bf16(exported, threads)
+                rest_in_bf16(exported.runner, threads)
             calls[label] = lambda exported=exported: exported([image])[0]
         reference = pytorch_fp32()
         outputs = {label: call() for label, call in calls.items()}
