@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from maskrcnn.data.polygons import distinct_vertices, polygon_self_intersects
+from maskrcnn.data.polygons import collinear, distinct_vertices, polygon_self_intersects
 
 
 def _cross(o, a, b):
@@ -133,3 +133,15 @@ def test_large_contours_quickly():
     assert polygon_self_intersects(q)
     assert brute_force(q[::100].tolist() + [q[30_000].tolist()]) == polygon_self_intersects(
         np.array(q[::100].tolist() + [q[30_000].tolist()]))
+
+
+@pytest.mark.parametrize("points, atol, expected", [
+    ([[1, 1], [5, 5], [9, 9]], 0.0, True),  # on one line
+    ([[2, 2], [2, 2], [2, 2]], 0.0, True),  # one point
+    ([[0, 0], [4, 0], [4, 3]], 0.0, False),  # a triangle
+    ([[0, 0], [1, 1e-12], [2, 0]], 0.0, False),  # off the line by a hair: exact says it has an interior
+    ([[0, 0], [1, 1e-12], [2, 0]], 1e-9, True),  # ... the converters' tolerance forgives it
+    ([[0, 0], [float("nan"), 1], [2, 0]], 1e-9, False),  # NaN is never collinear
+])
+def test_collinear(points, atol, expected):
+    assert collinear(np.array(points, dtype=float), atol=atol) is expected

@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS
 from maskrcnn.data.jsonfile import load_json
-from maskrcnn.data.polygons import clip_to_rectangle
+from maskrcnn.data.polygons import clip_to_rectangle, collinear
 from maskrcnn.data.rle import RleCoverageError, RleError, rle_from_counts
 from maskrcnn.errors import UserError
 
@@ -85,16 +85,6 @@ def prepare_segmentation(seg: Any, h: int, w: int) -> tuple[Any, list[float], st
         x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
         return rle, [x, y, x + bw, y + bh], None
     return None, [], BAD_SEGMENTATION
-
-
-def collinear(points: np.ndarray) -> bool:
-    """Return True if all points [P,2] lie on one line (or coincide): the polygon has no interior."""
-    d = points[1:] - points[0]
-    nonzero = np.flatnonzero(np.abs(d).sum(axis=1))
-    if len(nonzero) == 0:
-        return True
-    v = d[nonzero[0]]
-    return bool((v[0] * d[:, 1] - v[1] * d[:, 0] == 0).all())
 
 
 def _clip_polygon(points: np.ndarray, w: int, h: int) -> np.ndarray:

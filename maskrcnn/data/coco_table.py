@@ -540,7 +540,7 @@ def _check_polygon_chunk(coords: np.ndarray, bounds: np.ndarray, anns: np.ndarra
 
 
 def _collinear_polygons(pts: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Return, per polygon, whether all its points lie on one line, as `coco_checks.collinear` computes it:
+    """Return, per polygon, whether all its points lie on one line, as `polygons.collinear` computes it:
     the same float operations on the offsets from the first point, so the verdicts are identical."""
     n = len(pts)
     d = pts - np.repeat(pts[starts], sizes, axis=0)

@@ -33,6 +33,20 @@ def distinct_vertices(points: np.ndarray) -> np.ndarray:
     return points[keep] if keep.any() else points[:1]
 
 
+def collinear(points: np.ndarray, atol: float = 0.0) -> bool:
+    """Return True if all points [P,2] lie on one line (or coincide): the polygon has no interior.
+
+    Exact by default, as COCO annotations are checked; `atol` forgives the rounding of computed vertices
+    (a clipped polygon's crossing points). A NaN coordinate makes the answer False.
+    """
+    d = points[1:] - points[0]
+    nonzero = np.flatnonzero(np.abs(d).sum(axis=1))
+    if len(nonzero) == 0:
+        return True
+    v = d[nonzero[0]]
+    return bool((np.abs(v[0] * d[:, 1] - v[1] * d[:, 0]) <= atol).all())
+
+
 def clip_to_rectangle(points: np.ndarray, lo: tuple[float, float], hi: tuple[float, float],
                       snap: bool = False) -> np.ndarray:
     """Return the part of polygon [P,2] inside the rectangle from `lo` to `hi` (x, y); unchanged if inside.

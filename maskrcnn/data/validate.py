@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn.data.coco_checks import collinear, is_int
+from maskrcnn.data.coco_checks import is_int
 from maskrcnn.data.jsonfile import load_json
-from maskrcnn.data.polygons import distinct_vertices, polygon_self_intersects
+from maskrcnn.data.polygons import collinear, distinct_vertices, polygon_self_intersects
 from maskrcnn.data.rle import RleError, rle_from_counts
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS, _check_size, read_image
 from maskrcnn.errors import ImageReadError, UserError

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from maskrcnn.data import polygons
 from maskrcnn.data.polygons import clip_to_rectangle
 
 # Most vertices a circle or ellipse gets: past this the chord error is far below a pixel anyway.
@@ -62,13 +63,8 @@ def signed_area(points: np.ndarray) -> float:
 
 
 def collinear(points: np.ndarray) -> bool:
-    """Return True if all points lie on one line (or coincide): the polygon encloses nothing."""
-    d = points[1:] - points[0]
-    nonzero = np.flatnonzero(np.abs(d).sum(axis=1) > 0)
-    if len(nonzero) == 0:
-        return True
-    v = d[nonzero[0]]
-    return bool(np.allclose(v[0] * d[:, 1] - v[1] * d[:, 0], 0.0, atol=1e-9))
+    """Return True if all points lie on one line (or coincide), up to the rounding of computed vertices."""
+    return polygons.collinear(points, atol=1e-9)
 
 
 def clip_polygon(points: np.ndarray, width: float, height: float) -> np.ndarray:
