@@ -15,6 +15,7 @@ on data. It reuses the model's modules and parameters, so the exported file hold
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -56,6 +57,13 @@ def unsupported_parts(model: MaskRCNN) -> list[str]:
     return problems
 
 
+def check_exportable(model: MaskRCNN) -> None:
+    """Raise an ExportError naming every part of `model` that the exported graph cannot reproduce."""
+    problems = unsupported_parts(model)
+    if problems:
+        raise ExportError("cannot export: " + "; ".join(problems))
+
+
 def _clip(boxes: Tensor, height: Tensor, width: Tensor) -> Tensor:
     """Return [..., 4] boxes clamped to the rectangle, with the bounds as (traced) tensors."""
     zero = boxes.new_zeros(())
@@ -78,9 +86,7 @@ class ExportableMaskRCNN(nn.Module):
 
     def __init__(self, model: MaskRCNN):
         super().__init__()
-        problems = unsupported_parts(model)
-        if problems:
-            raise ExportError("cannot export: " + "; ".join(problems))
+        check_exportable(model)
         self.model = model.eval()
 
     # -- pieces -----------------------------------------------------------------------------------
@@ -238,6 +244,34 @@ def export_onnx(model: MaskRCNN, out: str | os.PathLike, example_size: tuple[int
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def export_key(model: MaskRCNN) -> str:
+    """Return a digest of everything an export of `model` depends on: its weights, config and class names
+    (the file's metadata), the package's source code and torch's version (they make the graph)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for key, value in sorted(model_metadata(model).items()):
+        digest.update(f"{key}={value}".encode())
+    package = Path(__file__).parent
+    for source in sorted(package.rglob("*.py")):
+        digest.update(str(source.relative_to(package)).encode())
+        digest.update(source.read_bytes())
+    digest.update(f"torch {torch.__version__}, opset {OPSET}".encode())
+    return digest.hexdigest()[:24]
+
+
+def cached_export(model: MaskRCNN, directory: str | os.PathLike) -> tuple[Path, bool]:
+    """Return the ONNX export of `model` in `directory` (written there on first use, named by `export_key`)
+    and whether it was there already. Raises ExportError if the model has a part the graph cannot hold."""
+    check_exportable(model)  # before the digest: it hashes every weight
+    path = Path(directory) / f"maskrcnn-{export_key(model)}.onnx"
+    if path.is_file():
+        return path, True
+    return export_onnx(model, path), False
 
 
 class OnnxMaskRCNN:

@@ -171,35 +171,71 @@ def test_cli_check_with_nothing_detected_says_so_and_fails(tmp_path, capsys):
     assert "same detections" not in out
 
 
-def test_cli_export_then_predict_with_onnx_backends(tmp_path, capsys):
+def two_images(folder):
+    """Write two seeded random PNGs (im0.png, im1.png) into `folder` and return it."""
     from PIL import Image
 
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(5)
+    for i, size in enumerate([(120, 160), (200, 150)]):
+        pixels = (torch.rand(*size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"im{i}.png")
+    return folder
+
+
+def predict_json(images, weights, backend, out, *overrides):
+    """Run `maskrcnn predict` on `images` and return its predictions.json."""
+    assert main(["predict", str(images), "--weights", str(weights), "--backend", backend, "--out", str(out),
+                 "--score-threshold", "0.3", *overrides]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["im0.png", "im1.png"]
+    return json.loads((out / "predictions.json").read_text())
+
+
+def assert_same_predictions(expected, actual):
+    """The same detections, in score order, within the parity tolerances (boxes 0.05 px, scores 1e-4)."""
+    expected, actual = (sorted(run, key=lambda r: -r["score"]) for run in (expected, actual))
+    assert len(expected) == len(actual) > 0
+    for a, b in zip(expected, actual):
+        assert a["category_id"] == b["category_id"] and a["file_name"] == b["file_name"]
+        assert abs(a["score"] - b["score"]) < 1e-4
+        assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 0.05
+
+
+def test_cli_export_then_predict_with_onnx_backends(tmp_path, capsys):
     ckpt = saved(tiny_model(), tmp_path / "model.pth")
     onnx_path = tmp_path / "model.onnx"
     assert main(["export", "--weights", str(ckpt), "--format", "onnx", "--out", str(onnx_path), "--check"]) == 0
     assert "parity: ONNX Runtime gives the same detections" in capsys.readouterr().out
-    images = tmp_path / "images"
-    images.mkdir()
-    generator = torch.Generator().manual_seed(5)
-    for i, size in enumerate([(120, 160), (200, 150)]):
-        pixels = (torch.rand(*size, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(images / f"im{i}.png")
-    runs = {}
-    for backend in ("pytorch", *BACKENDS):
-        out = tmp_path / backend
-        weights = ckpt if backend == "pytorch" else onnx_path
-        assert main(["predict", str(images), "--weights", str(weights), "--backend", backend, "--out", str(out),
-                     "--score-threshold", "0.3"]) == 0
-        runs[backend] = json.loads((out / "predictions.json").read_text())
-        assert sorted(p.name for p in out.glob("*.png")) == ["im0.png", "im1.png"]
-    pt = sorted(runs["pytorch"], key=lambda r: -r["score"])
+    images = two_images(tmp_path / "images")
+    pytorch = predict_json(images, ckpt, "pytorch", tmp_path / "pytorch")
     for backend in BACKENDS:
-        exported = sorted(runs[backend], key=lambda r: -r["score"])
-        assert len(pt) == len(exported) > 0, backend
-        for a, b in zip(pt, exported):
-            assert a["category_id"] == b["category_id"] and a["file_name"] == b["file_name"]
-            assert abs(a["score"] - b["score"]) < 1e-4
-            assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 0.05
+        assert_same_predictions(pytorch, predict_json(images, onnx_path, backend, tmp_path / backend))
+
+
+def test_runtime_backends_run_a_checkpoint_through_one_cached_export(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MASKRCNN_CACHE", str(tmp_path / "cache"))
+    exports = tmp_path / "cache" / "exports"
+    ckpt = saved(tiny_model(), tmp_path / "model.pth")
+    images = two_images(tmp_path / "images")
+    pytorch = predict_json(images, ckpt, "pytorch", tmp_path / "pytorch")
+    assert_same_predictions(pytorch, predict_json(images, ckpt, "openvino", tmp_path / "openvino"))
+    assert "exported '" in capsys.readouterr().err
+    [export] = exports.glob("*.onnx")
+    written = export.stat().st_mtime_ns
+    # Another runtime, and the same one again: the same file, not exported again.
+    assert_same_predictions(pytorch, predict_json(images, ckpt, "onnxruntime", tmp_path / "onnxruntime"))
+    assert_same_predictions(pytorch, predict_json(images, ckpt, "openvino", tmp_path / "openvino-again"))
+    assert capsys.readouterr().err.count(f"cached in {export}") == 2
+    assert list(exports.glob("*.onnx")) == [export] and export.stat().st_mtime_ns == written
+    # A change of the model (a post-processing override baked into the graph) exports a second file.
+    changed = predict_json(images, ckpt, "openvino", tmp_path / "changed", "model.box_head.detections_per_image=2")
+    assert len(list(exports.glob("*.onnx"))) == 2
+    assert_same_predictions(predict_json(images, ckpt, "pytorch", tmp_path / "changed-pytorch",
+                                         "model.box_head.detections_per_image=2"), changed)
+    capsys.readouterr()
+    assert main(["predict", str(images), "--config", "shapes", "input.resize=pil", "--backend", "openvino",
+                 "--out", str(tmp_path / "pil")]) == 2
+    assert "\nerror: cannot export: input.resize=pil" in capsys.readouterr().err  # after the random-weights note
 
 
 def test_eval_with_onnx_backends_matches_pytorch(tmp_path, shapes, capsys):
@@ -230,7 +266,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     ckpt = tmp_path / "m.pth"
     ckpt.write_bytes(b"")
     assert main(["predict", str(tmp_path), "--weights", str(ckpt), "--backend", "onnxruntime"]) == 2
-    assert "needs --weights MODEL.onnx" in capsys.readouterr().err
+    assert str(ckpt) in capsys.readouterr().err  # an empty checkpoint: the loader's one-line error
     assert main(["predict", str(tmp_path), "--weights", str(tmp_path / "none.onnx"), "--backend", "onnxruntime"]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["export", "--config", "shapes", "input.resize=pil", "--out", str(tmp_path / "x.onnx")]) == 2
@@ -256,7 +292,7 @@ def test_openvino_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     onnx.save(onnx.helper.make_model(graph), str(foreign))
     predict = ["predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]
     cases = [
-        (["--backend", "openvino", "--weights", str(tmp_path / "m.pth")], "--backend openvino needs --weights MODEL.onnx"),
+        (["--backend", "openvino", "--weights", str(tmp_path / "m.pth")], f"checkpoint '{tmp_path / 'm.pth'}' does not exist"),
         (["--backend", "openvino", "--weights", str(garbage)], f"OpenVINO cannot load '{garbage}'"),
         (["--backend", "openvino", "--weights", str(foreign)], "was not written by `maskrcnn export`"),
         (["--backend", "onnxruntime", "--weights", str(foreign), "--precision", "bf16"],

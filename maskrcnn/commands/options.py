@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from maskrcnn.errors import UserError
@@ -69,7 +71,8 @@ def add_backend_option(p: argparse.ArgumentParser) -> None:
                    help="auto (default): PyTorch for a checkpoint, the fastest installed runtime (openvino, "
                         "then onnxruntime) for --weights MODEL.onnx from `maskrcnn export --format onnx`, "
                         "openvino for the int8 MODEL.xml from `maskrcnn quantize`; "
-                        "or name one")
+                        "or name one (onnxruntime and openvino also take a checkpoint or a zoo name: exported "
+                        "once into the weights cache and reused while the model is unchanged)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="openvino only: its inference precision (default: fp32, int8 for a file from `maskrcnn "
                         "quantize`); bf16 needs a CPU with native bfloat16 (AVX-512/AMX). For PyTorch use the "
@@ -116,6 +119,33 @@ def load_pytorch_model(args: argparse.Namespace, overrides: list[str], *, defaul
     return load_model(args.config, args.weights, overrides, device=device or getattr(args, "device", None) or "cpu")
 
 
+def _is_tiling(override: str) -> bool:
+    return override.split("=", 1)[0].strip().startswith("test.tiling.")
+
+
+def exported_checkpoint(args: argparse.Namespace, overrides: list[str], backend: str) -> Path:
+    """Return an ONNX export of the PyTorch model `--config`/`--weights`/overrides name, for `--backend` to run.
+
+    Exported once into the cache's `exports/` folder (beside the zoo's weights), named by a digest of the
+    weights, config and code, so a later run with the same model reuses the file and any change exports anew.
+    """
+    from maskrcnn.export import cached_export
+    from maskrcnn.onnx_backends import RUNNERS
+    from maskrcnn.zoo.download import cache_dir
+
+    model = load_pytorch_model(args, overrides, default_model=True, device="cpu")
+    name = RUNNERS[backend].name
+    start = time.perf_counter()
+    path, reused = cached_export(model, cache_dir() / "exports")
+    if reused:
+        print(f"--backend {backend}: running the export of '{args.weights or args.config}' cached in {path}",
+              file=sys.stderr)
+    else:
+        print(f"--backend {backend}: exported '{args.weights or args.config}' for {name} in "
+              f"{time.perf_counter() - start:.1f} s to {path} (reused while the model is unchanged)", file=sys.stderr)
+    return path
+
+
 def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:
     """Return the model to predict with: a PyTorch MaskRCNN, or an exported file run by ONNX Runtime or OpenVINO.
 
@@ -130,19 +160,20 @@ def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:
     from maskrcnn.config import apply_overrides
     from maskrcnn.export import OnnxMaskRCNN
 
+    if args.device != "cpu":
+        raise UserError(f"--backend {backend} runs on the CPU only; drop --device")
     if not is_exported_file(args.weights):
-        raise UserError(f"--backend {backend} needs --weights MODEL.onnx (written by `maskrcnn export --format onnx`)"
-                        + (" or MODEL.xml (by `maskrcnn quantize`)" if backend == "openvino" else ""))
+        model = OnnxMaskRCNN(exported_checkpoint(args, overrides, backend), backend=backend, precision=precision)
+        apply_overrides(model.cfg, [item for item in overrides if _is_tiling(item)])  # run outside the graph
+        return model
     if backend != "openvino" and str(args.weights).lower().endswith(IR_SUFFIX):
         raise UserError(f"'{args.weights}' is an OpenVINO IR (from `maskrcnn quantize`); run it with --backend openvino")
     # Tiling happens outside the graph (windows in, detections merged), so its keys still apply.
-    tiling = [item for item in overrides if item.split("=", 1)[0].strip().startswith("test.tiling.")]
+    tiling = [item for item in overrides if _is_tiling(item)]
     if args.config or len(tiling) < len(overrides):
         raise UserError(f"--backend {backend} uses the config stored in the .onnx file; "
                         "drop --config and KEY=VALUE overrides other than test.tiling.* "
                         "(export again to change the model)")
-    if args.device != "cpu":
-        raise UserError(f"--backend {backend} runs on the CPU only; drop --device")
     model = OnnxMaskRCNN(args.weights, backend=backend, precision=precision)
     if model.runner.precision == "int8":  # said once, as --backend auto says which runtime
         print(f"{model.runner.name} runs '{args.weights}' in int8 (quantized by `maskrcnn quantize`)", file=sys.stderr)
