@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, roi_align, roi_pool
 
 from maskrcnn.errors import UserError
+from maskrcnn.fileio import atomic_path
 from maskrcnn.modeling.mask_rcnn import MaskRCNN
 from maskrcnn.modeling.poolers import RoIPooler, assign_levels
 from maskrcnn.modeling.roi_heads import mask_probabilities
@@ -223,26 +224,20 @@ def export_onnx(model: MaskRCNN, out: str | os.PathLike, example_size: tuple[int
     wrapper = ExportableMaskRCNN(model).eval()
     torch.manual_seed(0)
     example = torch.rand(3, *example_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
-            torch.onnx.export(
-                wrapper, (example,), str(tmp), input_names=["image"], output_names=OUTPUT_NAMES,
-                opset_version=opset, dynamo=False,
-                dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
-                              "scores": {0: "detections"}, "labels": {0: "detections"},
-                              "mask_probs": {0: "detections"}},
-            )
+    with atomic_path(out) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
+        torch.onnx.export(
+            wrapper, (example,), str(tmp), input_names=["image"], output_names=OUTPUT_NAMES,
+            opset_version=opset, dynamo=False,
+            dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
+                          "scores": {0: "detections"}, "labels": {0: "detections"},
+                          "mask_probs": {0: "detections"}},
+        )
         proto = onnx.load(str(tmp))
         for key, value in model_metadata(model).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.save(proto, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
