@@ -78,3 +78,25 @@ def test_auto_precision_takes_bf16_only_where_the_cpu_computes_it_natively(monke
     # An explicit bf16 is kept either way, with a warning where it is emulated.
     dtype, note = trainer_autocast_dtype("bf16", torch.device("cpu"))
     assert dtype == torch.bfloat16 and (note is None) == native and (native or "emulated" in note)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_benchmark_times_an_exported_model(tmp_path, capsys, monkeypatch, backend):
+    monkeypatch.setenv("MASKRCNN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "b.json"
+    common = ["benchmark", "--config", "shapes", "--size", "96x128", "--runs", "2", "--warmup", "1",
+              "--backend", backend, *SMALL]
+    assert main([*common, "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "whole forward" in captured.out and "(not cached: random weights)" in captured.err
+    report = json.loads(out.read_text())
+    assert report["backend"] == backend and report["mode"] == "inference" and report["precision"] == "fp32"
+    inf = report["inference"]
+    assert inf["runs"] == 2 and inf["warmup"] == 1 and inf["stages"] == {}
+    assert 0 < inf["seconds_per_image"]["min"] <= inf["seconds_per_image"]["median"]
+    assert inf["detections_per_image"] > 0 and inf["memory"]["peak_mb"] > 0
+    assert not (tmp_path / "cache" / "exports").exists()  # random weights differ every run: nothing to reuse
+    for extra, message in [(["--mode", "train"], "times inference only"), (["--precision", "fp16"], "fp16 is CUDA")]:
+        assert main([*common, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from maskrcnn.commands.options import add_config_option, add_device_option, add_overrides, add_weights_option
 from maskrcnn.errors import UserError
@@ -28,16 +29,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=float, default=None, metavar="MB",
                    help="training: find the largest batch 1, 2, 4, ... whose step's peak memory growth "
                         "stays within MB, each measured in a fresh process")
+    from maskrcnn.onnx_backends import BACKENDS
+
+    p.add_argument("--backend", choices=["pytorch", *BACKENDS], default="pytorch",
+                   help="pytorch (default), or time inference in an ONNX runtime: --weights MODEL.onnx (or "
+                        "openvino's int8 MODEL.xml), or a checkpoint/config exported once into the cache; "
+                        "--precision bf16 is OpenVINO's bf16; no stage split (the graph is one call)")
     add_device_option(p, note="the CUDA path is untested here")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON to OUT")
     p.add_argument("--quiet", action="store_true", help="print no table")
+
+
+def exported_model(args: argparse.Namespace) -> Any:
+    """Return the exported model `--backend onnxruntime|openvino` times: `--weights` as a file, or the
+    checkpoint/config exported once into the cache (`options.load_backend`, as `predict` loads it)."""
+    from maskrcnn.commands.options import load_backend
+
+    if args.mode != "inference" or args.max_memory is not None:
+        raise UserError(f"--backend {args.backend} times inference only: drop --mode {args.mode} / --max-memory")
+    if args.precision == "fp16":
+        raise UserError(f"--backend {args.backend} runs fp32 (and openvino bf16); fp16 is CUDA autocast")
+    # The runtimes' precision: None runs the file as it is (fp32, or int8 for `maskrcnn quantize`'s IR).
+    runtime_args = argparse.Namespace(**{**vars(args), "precision": None if args.precision == "fp32" else args.precision})
+    return load_backend(runtime_args, args.overrides)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the model, measure, print a table and optionally write JSON."""
     from maskrcnn.commands.options import load_pytorch_model
     from maskrcnn.engine.benchmark import (BenchmarkOptions, find_max_batch, format_report, parse_size,
-                                           run_benchmark)
+                                           run_benchmark, run_exported_benchmark)
     from maskrcnn.engine.precision import resolve_device
     from maskrcnn.fileio import atomic_write_text
 
@@ -55,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         size=size, precision=args.precision, mode=args.mode, runs=args.runs, warmup=args.warmup,
         batch=args.batch, extra={"config": args.config, "weights": args.weights, "overrides": args.overrides},
     )
-    if args.max_memory is not None:
+    if args.backend != "pytorch":
+        report = run_exported_benchmark(exported_model(args), opts)
+    elif args.max_memory is not None:
         # Only the search: each batch size runs in its own process.
         argv = [*args.overrides, "--size", args.size, "--precision", args.precision, "--runs", str(args.runs),
                 "--warmup", str(args.warmup), "--device", args.device]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from maskrcnn.errors import UserError
@@ -123,27 +123,32 @@ def _is_tiling(override: str) -> bool:
     return override.split("=", 1)[0].strip().startswith("test.tiling.")
 
 
-def exported_checkpoint(args: argparse.Namespace, overrides: list[str], backend: str) -> Path:
-    """Return an ONNX export of the PyTorch model `--config`/`--weights`/overrides name, for `--backend` to run.
+def exported_checkpoint(args: argparse.Namespace, overrides: list[str], backend: str, precision: str | None) -> Any:
+    """Return the PyTorch model `--config`/`--weights`/overrides name, exported to ONNX and loaded by `backend`.
 
-    Exported once into the cache's `exports/` folder (beside the zoo's weights), named by a digest of the
-    weights, config and code, so a later run with the same model reuses the file and any change exports anew.
+    With weights, the export goes into the cache's `exports/` folder (beside the zoo's weights), named by a
+    digest of the weights, config and code, so a later run with the same model reuses the file and any change
+    exports anew. A config without weights has fresh random weights each run: its export is temporary.
     """
-    from maskrcnn.export import cached_export
+    from maskrcnn.export import OnnxMaskRCNN, cached_export
     from maskrcnn.onnx_backends import RUNNERS
     from maskrcnn.zoo.download import cache_dir
 
     model = load_pytorch_model(args, overrides, default_model=True, device="cpu")
-    name = RUNNERS[backend].name
-    start = time.perf_counter()
+    source, start = args.weights or args.config, time.perf_counter()
+    if not args.weights:
+        with tempfile.TemporaryDirectory() as tmp:
+            exported = OnnxMaskRCNN(cached_export(model, tmp)[0], backend=backend, precision=precision)
+        print(f"--backend {backend}: exported '{source}' for {RUNNERS[backend].name} in "
+              f"{time.perf_counter() - start:.1f} s (not cached: random weights)", file=sys.stderr)
+        return exported
     path, reused = cached_export(model, cache_dir() / "exports")
     if reused:
-        print(f"--backend {backend}: running the export of '{args.weights or args.config}' cached in {path}",
-              file=sys.stderr)
+        print(f"--backend {backend}: running the export of '{source}' cached in {path}", file=sys.stderr)
     else:
-        print(f"--backend {backend}: exported '{args.weights or args.config}' for {name} in "
+        print(f"--backend {backend}: exported '{source}' for {RUNNERS[backend].name} in "
               f"{time.perf_counter() - start:.1f} s to {path} (reused while the model is unchanged)", file=sys.stderr)
-    return path
+    return OnnxMaskRCNN(path, backend=backend, precision=precision)
 
 
 def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:
@@ -163,7 +168,7 @@ def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:
     if args.device != "cpu":
         raise UserError(f"--backend {backend} runs on the CPU only; drop --device")
     if not is_exported_file(args.weights):
-        model = OnnxMaskRCNN(exported_checkpoint(args, overrides, backend), backend=backend, precision=precision)
+        model = exported_checkpoint(args, overrides, backend, precision)
         apply_overrides(model.cfg, [item for item in overrides if _is_tiling(item)])  # run outside the graph
         return model
     if backend != "openvino" and str(args.weights).lower().endswith(IR_SUFFIX):

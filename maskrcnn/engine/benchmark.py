@@ -211,6 +211,25 @@ def benchmark_inference(model: MaskRCNN, opts: BenchmarkOptions, device: torch.d
     }
 
 
+def benchmark_exported(model: Any, opts: BenchmarkOptions) -> dict[str, Any]:
+    """Time `opts.runs` single-image runs (after `opts.warmup`) of an exported model (`OnnxMaskRCNN`: ONNX Runtime
+    or OpenVINO), input tensor to pasted masks. The runtime runs the graph as one call, so there are no stages."""
+    device = torch.device("cpu")
+    image = torch.rand(3, *opts.size, generator=torch.Generator().manual_seed(opts.seed))
+    before = _memory_start(device)
+    seconds: list[float] = []
+    detections: list[int] = []
+    for i in range(opts.warmup + opts.runs):
+        start = time.perf_counter()
+        outputs = model([image])
+        if i >= opts.warmup:
+            seconds.append(time.perf_counter() - start)
+            detections.append(int(len(outputs[0]["boxes"])))
+    return {"seconds_per_image": summarize(seconds), "stages": {}, "box_stages": [],
+            "detections_per_image": statistics.median(detections), "runs": opts.runs, "warmup": opts.warmup,
+            "memory": _memory_report(device, before)}
+
+
 def random_targets(
     num_images: int, size: tuple[int, int], num_classes: int, generator: torch.Generator, max_objects: int = 3
 ) -> list[dict[str, Tensor]]:
@@ -319,6 +338,16 @@ def run_benchmark(model: MaskRCNN, opts: BenchmarkOptions, device: torch.device)
     return report
 
 
+def run_exported_benchmark(model: Any, opts: BenchmarkOptions) -> dict[str, Any]:
+    """Return the inference report of an exported model (`OnnxMaskRCNN`), as `run_benchmark`'s for PyTorch."""
+    if opts.runs < 1 or opts.warmup < 0:
+        raise UserError("--runs must be at least 1 and --warmup at least 0")
+    runner = model.runner
+    return {"size": list(opts.size), "precision": runner.precision, "autocast": "none", "mode": "inference",
+            "backend": runner.backend, "environment": {**environment(torch.device("cpu")), "runtime": runner.name},
+            **opts.extra, "inference": benchmark_exported(model, opts)}
+
+
 def find_max_batch(
     argv: list[str], budget_mb: float, limit: int = 256, runner: Callable[[list[str]], dict] | None = None
 ) -> dict[str, Any]:
@@ -364,9 +393,11 @@ def format_report(report: dict[str, Any]) -> str:
     """Return the report as a readable table."""
     env = report["environment"]
     h, w = report["size"]
+    runtime = f"{env['runtime']}, precision {report['precision']}" if "runtime" in env else \
+        f"precision {report['precision']} (autocast {report['autocast']})"
     lines = [
-        f"image {h}x{w}, precision {report['precision']} (autocast {report['autocast']}), "
-        f"torch {env['torch']}, {env['threads']} threads, {env.get('device_name', env['processor'])}"
+        f"image {h}x{w}, {runtime}, torch {env['torch']}, {env['threads']} threads, "
+        f"{env.get('device_name', env['processor'])}"
     ]
     if "note" in report:
         lines.append(f"note: {report['note']}")
