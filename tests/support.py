@@ -126,6 +126,14 @@ def decisive(model):
     return model.eval()
 
 
+def saved_checkpoint(model, path: Path) -> Path:
+    """Write `model` as one of our checkpoints (weights and config) at `path`; return the path."""
+    from maskrcnn.checkpoint import save_checkpoint
+
+    save_checkpoint(path, {"model": model.state_dict(), "config": model.cfg.to_dict(), "iteration": 0})
+    return path
+
+
 def tiny_model(extra: list[str] = ()):
     """The seeded, decisive `shapes` model with TINY's thin heads (the export tests' model)."""
     torch.manual_seed(0)

@@ -9,11 +9,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from support import TINY, Running, png_bytes
+from support import TINY, Running, png_bytes, saved_checkpoint
 from PIL import Image
 
 from maskrcnn.api import load_model
-from maskrcnn.checkpoint import save_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.config import ConfigError, load_config
 from maskrcnn.modeling import build_model
@@ -188,7 +187,7 @@ def test_serve_answers_with_the_cascade_models_detections(tmp_path):
 
     model = cascade_model()
     weights = tmp_path / "cascade.pth"
-    save_checkpoint(weights, {"model": model.state_dict(), "config": model.cfg.to_dict(), "iteration": 0})
+    saved_checkpoint(model, weights)
     loaded = load_model(None, weights=weights)
     assert isinstance(loaded.roi_heads, CascadeRoIHeads)
     running = Running(create_app(loaded, score_threshold=0.0))
@@ -208,7 +207,7 @@ def test_a_cascade_checkpoint_in_a_plain_model_is_one_line_naming_the_stages(tmp
 
     model = cascade_model()
     weights = tmp_path / "cascade.pth"
-    save_checkpoint(weights, {"model": model.state_dict(), "config": model.cfg.to_dict(), "iteration": 0})
+    saved_checkpoint(model, weights)
     with pytest.raises(CheckpointError, match="3 classes, 3 cascade stages") as error:
         load_weights(build_model(load_config("shapes", TINY)), weights)
     assert "\n" not in str(error.value)

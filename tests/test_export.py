@@ -8,9 +8,8 @@ import sys
 import onnx
 import pytest
 import torch
-from support import TINY, decisive, decisive_torchvision_model, tiny_model
+from support import TINY, decisive, decisive_torchvision_model, saved_checkpoint, tiny_model
 
-from maskrcnn.checkpoint import save_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.config import load_config
 from maskrcnn.errors import UserError
@@ -157,14 +156,8 @@ def test_unsupported_parts_are_named():
         ExportableMaskRCNN(tiny_model(["model.keypoint_head.enabled=true"]))
 
 
-def saved(model, path):
-    """Write `model` as one of our checkpoints (its config inside) and return the path."""
-    save_checkpoint(path, {"model": model.state_dict(), "config": model.cfg.to_dict(), "iteration": 0})
-    return path
-
-
 def test_cli_check_with_nothing_detected_says_so_and_fails(tmp_path, capsys):
-    ckpt = saved(tiny_model(["model.box_head.score_thresh=0.999"]), tmp_path / "model.pth")
+    ckpt = saved_checkpoint(tiny_model(["model.box_head.score_thresh=0.999"]), tmp_path / "model.pth")
     assert main(["export", "--weights", str(ckpt), "--out", str(tmp_path / "model.onnx"), "--check"]) == 1
     out = capsys.readouterr().out
     assert "parity: nothing to compare: neither PyTorch nor ONNX Runtime detected anything" in out
@@ -202,7 +195,7 @@ def assert_same_predictions(expected, actual):
 
 
 def test_cli_export_then_predict_with_onnx_backends(tmp_path, capsys):
-    ckpt = saved(tiny_model(), tmp_path / "model.pth")
+    ckpt = saved_checkpoint(tiny_model(), tmp_path / "model.pth")
     onnx_path = tmp_path / "model.onnx"
     assert main(["export", "--weights", str(ckpt), "--format", "onnx", "--out", str(onnx_path), "--check"]) == 0
     assert "parity: ONNX Runtime gives the same detections" in capsys.readouterr().out
@@ -215,7 +208,7 @@ def test_cli_export_then_predict_with_onnx_backends(tmp_path, capsys):
 def test_runtime_backends_run_a_checkpoint_through_one_cached_export(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MASKRCNN_CACHE", str(tmp_path / "cache"))
     exports = tmp_path / "cache" / "exports"
-    ckpt = saved(tiny_model(), tmp_path / "model.pth")
+    ckpt = saved_checkpoint(tiny_model(), tmp_path / "model.pth")
     images = two_images(tmp_path / "images")
     pytorch = predict_json(images, ckpt, "pytorch", tmp_path / "pytorch")
     assert_same_predictions(pytorch, predict_json(images, ckpt, "openvino", tmp_path / "openvino"))
@@ -239,7 +232,7 @@ def test_runtime_backends_run_a_checkpoint_through_one_cached_export(tmp_path, c
 
 
 def test_eval_with_onnx_backends_matches_pytorch(tmp_path, shapes, capsys):
-    ckpt = saved(tiny_model(), tmp_path / "model.pth")
+    ckpt = saved_checkpoint(tiny_model(), tmp_path / "model.pth")
     onnx_path = tmp_path / "model.onnx"
     assert main(["export", "--weights", str(ckpt), "--format", "onnx", "--out", str(onnx_path)]) == 0
     ann, images = shapes["val"]
@@ -373,7 +366,7 @@ def test_backend_auto_picks_the_fastest_installed_runtime(exported, tmp_path, ca
 
     Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
     model, onnx_path = exported
-    ckpt = saved(model, tmp_path / "model.pth")
+    ckpt = saved_checkpoint(model, tmp_path / "model.pth")
     predict = ["predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]
 
     def chosen(weights) -> str:

@@ -13,6 +13,7 @@ import argparse
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from maskrcnn.errors import UserError
@@ -123,32 +124,43 @@ def _is_tiling(override: str) -> bool:
     return override.split("=", 1)[0].strip().startswith("test.tiling.")
 
 
-def exported_checkpoint(args: argparse.Namespace, overrides: list[str], backend: str, precision: str | None) -> Any:
-    """Return the PyTorch model `--config`/`--weights`/overrides name, exported to ONNX and loaded by `backend`.
+def cached_checkpoint_export(args: argparse.Namespace, overrides: list[str], runtime: str) -> Path:
+    """Return the ONNX export of the checkpoint (or zoo model) `--weights`/`--config`/overrides name, for `runtime`.
 
-    With weights, the export goes into the cache's `exports/` folder (beside the zoo's weights), named by a
-    digest of the weights, config and code, so a later run with the same model reuses the file and any change
-    exports anew. A config without weights has fresh random weights each run: its export is temporary.
+    The export goes into the cache's `exports/` folder (beside the zoo's weights), named by a digest of the
+    weights, config and code, so a later run with the same model reuses the file and any change exports anew.
     """
-    from maskrcnn.export import OnnxMaskRCNN, cached_export
-    from maskrcnn.onnx_backends import RUNNERS
+    from maskrcnn.export import cached_export
     from maskrcnn.zoo.download import cache_dir
 
     model = load_pytorch_model(args, overrides, default_model=True, device="cpu")
-    source, start = args.weights or args.config, time.perf_counter()
-    if not args.weights:
-        with tempfile.TemporaryDirectory() as tmp:
-            exported = OnnxMaskRCNN(cached_export(model, tmp)[0], backend=backend, precision=precision)
-        print(f"--backend {backend}: exported '{source}' for {RUNNERS[backend].name} in "
-              f"{time.perf_counter() - start:.1f} s (not cached: random weights)", file=sys.stderr)
-        return exported
+    source, start = args.weights, time.perf_counter()
     path, reused = cached_export(model, cache_dir() / "exports")
     if reused:
-        print(f"--backend {backend}: running the export of '{source}' cached in {path}", file=sys.stderr)
+        print(f"running the export of '{source}' cached in {path}", file=sys.stderr)
     else:
-        print(f"--backend {backend}: exported '{source}' for {RUNNERS[backend].name} in "
-              f"{time.perf_counter() - start:.1f} s to {path} (reused while the model is unchanged)", file=sys.stderr)
-    return OnnxMaskRCNN(path, backend=backend, precision=precision)
+        print(f"exported '{source}' for {runtime} in {time.perf_counter() - start:.1f} s to {path} (reused while "
+              "the model is unchanged)", file=sys.stderr)
+    return path
+
+
+def exported_checkpoint(args: argparse.Namespace, overrides: list[str], backend: str, precision: str | None) -> Any:
+    """Return the PyTorch model `--config`/`--weights`/overrides name, exported to ONNX and loaded by `backend`:
+    through the cache (`cached_checkpoint_export`), or, for a config without weights, whose random weights
+    differ every run, through a temporary file."""
+    from maskrcnn.export import OnnxMaskRCNN, export_onnx
+    from maskrcnn.onnx_backends import RUNNERS
+
+    runtime = RUNNERS[backend].name
+    if args.weights or not args.config:
+        return OnnxMaskRCNN(cached_checkpoint_export(args, overrides, runtime), backend=backend, precision=precision)
+    model = load_pytorch_model(args, overrides, device="cpu")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = OnnxMaskRCNN(export_onnx(model, Path(tmp) / "model.onnx"), backend=backend, precision=precision)
+    print(f"exported '{args.config}' for {runtime} in {time.perf_counter() - start:.1f} s (not cached: random "
+          "weights)", file=sys.stderr)
+    return exported
 
 
 def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:

@@ -1,0 +1,37 @@
+"""`maskrcnn quantize --weights CHECKPOINT`: the checkpoint is exported once into the cache, then quantized."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from support import saved_checkpoint, tiny_model
+
+pytest.importorskip("openvino", reason="quantize needs openvino (the deploy extra), not installed")
+pytest.importorskip("nncf", reason="quantize needs nncf (the deploy extra), not installed")
+
+from maskrcnn.cli import main  # noqa: E402
+from maskrcnn.export import OnnxMaskRCNN  # noqa: E402
+
+
+def test_quantize_a_checkpoint_through_the_cached_export(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MASKRCNN_CACHE", str(tmp_path / "cache"))
+    ckpt = saved_checkpoint(tiny_model(), tmp_path / "model.pth")
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((180, 240, 3)) * 255).astype(np.uint8)).save(calibration / f"im{i}.png")
+    command = ["quantize", "--weights", str(ckpt), "--calibration", str(calibration)]
+    assert main([*command, "--out", str(tmp_path / "a.xml")]) == 0
+    assert "exported '" in capsys.readouterr().err
+    [export] = (tmp_path / "cache" / "exports").glob("*.onnx")
+    assert main([*command, "--out", str(tmp_path / "b.xml")]) == 0  # a second time: the same export
+    assert f"cached in {export}" in capsys.readouterr().err
+    model = OnnxMaskRCNN(tmp_path / "b.xml", backend="openvino")
+    assert model.runner.precision == "int8" and model.cfg.model.num_classes == tiny_model().cfg.model.num_classes
+    for args, message in [([], "needs --onnx MODEL.onnx or --weights CHECKPOINT"),
+                          (["--onnx", str(export), "--weights", str(ckpt)], "not both")]:
+        assert main(["quantize", "--calibration", str(calibration), "--out", str(tmp_path / "c.xml"), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
