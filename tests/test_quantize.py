@@ -72,7 +72,7 @@ def biased_tiny_model():
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.endswith(".bias") and (".fpn." in name or ".rpn." in name):
+            if name.endswith(".bias") and name.startswith(("backbone.fpn.", "rpn.")):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
     return model
 
@@ -128,8 +128,8 @@ def test_fpn_outputs_are_int8_when_biased(int8, tmp_path):
     images = write_images(tmp_path / "calibration", [(180, 240), (200, 240)])
     report = quantize.quantize_onnx(biased, images, tmp_path / "biased-int8.xml")
     assert int8_inputs(report.path, quantize.FPN_OUTPUTS) == 4
-    fp32, int8 = (OnnxMaskRCNN(path, backend="openvino") for path in (biased, report.path))
-    kept, total = kept_detections(fp32, int8)
+    reference, quantized = (OnnxMaskRCNN(path, backend="openvino") for path in (biased, report.path))
+    kept, total = kept_detections(reference, quantized)
     assert total > 0 and kept >= MIN_KEPT * total, (kept, total)
 
 
