@@ -7,10 +7,10 @@ graph normalises and resizes itself) and saved as an OpenVINO IR (.xml beside it
 
 Only convolutions and matrix products are quantized (trunk, FPN, RPN and RoI heads); the layers that
 output logits and box deltas and everything that is not a convolution (the input normalisation and
-resize, anchors and box decoding, NMS, RoIAlign, the mask selection) stay in float32, and so does an FPN
-output convolution without a bias (an untrained model's zero bias counts as none), which OpenVINO's CPU
-plugin gets wrong in int8: `FLOAT_LAYERS`, `unbiased_fpn_outputs` and `float_scope` say what is left
-out, and why.
+resize, anchors and box decoding, NMS, RoIAlign, the mask selection) stay in float32, and so do FPN
+output convolutions whose maps reach the RPN head and RoIAlign with no bias added (an untrained model's
+zero bias counts as none), which OpenVINO's CPU plugin gets wrong in int8: `FLOAT_LAYERS`,
+`unbiased_fpn_outputs` and `float_scope` say what is left out, and why.
 """
 
 from __future__ import annotations
@@ -42,16 +42,17 @@ FLOAT_LAYERS = {
     "predictors": r".*/(objectness|box_deltas|class_logits|predictor)(_\d+)?/.*",
 }
 # The FPN's output convolutions, whose maps go both to the quantized RPN head and, in float, to RoIAlign and
-# the anchors' ShapeOf: in int8 when they have a bias, as every trained model's do. Without one (or with an
-# all-zero bias, which OpenVINO drops as a no-op: the seeded test and benchmark models), OpenVINO 2026.4's
-# CPU plugin computes an all-zero RPN head on P2 and more levels (the tiny test model: 0 of FP32's 50
-# detections kept; 44/50 with them in float; 46/50 with non-zero biases and them in int8; the same IR is
-# right with the plugin's low-precision transformations off). As far as its source tells (not traced in a
-# debug build): those transformations fold the dequantizing Multiply into the RPN head's FakeQuantize,
-# which then reads the convolution's raw output, and the graph optimizer still fuses that Multiply into the
-# convolution (it does not check for other consumers), so the FakeQuantize sees a twice-scaled map and
-# clamps it to one value; a bias Add between the Multiply and the FakeQuantize stops the first step.
-# `unbiased_fpn_outputs` finds the ones left in float.
+# the anchors' ShapeOf: in int8 when a bias is added first, as in every trained model (a BatchNorm is folded
+# into it), or a norm reads them (GroupNorm). With neither (no bias, or an all-zero one, which OpenVINO drops
+# as a no-op: the seeded test and benchmark models), OpenVINO 2026.4's CPU plugin computes an all-zero RPN
+# head on P2 and more levels (the tiny test model: 0 of FP32's 50 detections kept; 44/50 with them in float;
+# 46/50 with non-zero biases and them in int8; with GroupNorm 44/50; the same IR is right with the plugin's
+# low-precision transformations off). As far as its source tells (not traced in a debug build): those
+# transformations fold the dequantizing Multiply into the RPN head's FakeQuantize, which then reads the
+# convolution's raw output, and the graph optimizer still fuses that Multiply into the convolution (it does
+# not check for other consumers), so the FakeQuantize sees a twice-scaled map and clamps it to one value; a
+# bias Add between the Multiply and the FakeQuantize stops the first step. `unbiased_fpn_outputs` finds the
+# ones left in float.
 FPN_OUTPUTS = r".*/fpn/output[^/]*/.*"
 # Not operations that NNCF quantizes: never listed in the ignored scope.
 _STRUCTURAL_OPS = frozenset({"Constant", "Parameter", "Result"})
@@ -156,28 +157,33 @@ def float_scope(model: Any) -> Any:
 
 
 def unbiased_fpn_outputs(model: Any) -> list[str]:
-    """Return the names of the FPN output convolutions of `model` whose bias is absent or all zero (see FPN_OUTPUTS)."""
+    """Return the names of the FPN output convolutions of `model` whose map goes, with no bias added, to more
+    than one operation (ShapeOf aside): the case OpenVINO's CPU plugin gets wrong in int8 (see FPN_OUTPUTS).
+
+    A bias that is all zero counts as none (OpenVINO drops it). An FPN with GroupNorm has no bias but one
+    consumer, the norm, and is quantized.
+    """
     return [op.get_friendly_name() for op in model_ops(model) if op.get_type_name() == "Convolution"
-            and re.fullmatch(FPN_OUTPUTS, op.get_friendly_name()) and not _has_bias(op)]
+            and re.fullmatch(FPN_OUTPUTS, op.get_friendly_name()) and len(_unbiased_consumers(op)) > 1]
 
 
-def _has_bias(conv: Any) -> bool:
-    """Whether the convolution's output goes through an Add of a constant with a non-zero value (its bias).
-
-    As the exporter writes it: Add(conv, Reshape(Constant, a shape computed from the constant's own)).
+def _unbiased_consumers(conv: Any) -> list[Any]:
+    """Return the operations (ShapeOf aside) that read the convolution's output with no bias added; none
+    if a non-zero bias is. The exporter writes a bias as Add(conv, Reshape(Constant, its shape)).
     """
     import numpy as np
 
-    for target in conv.output(0).get_target_inputs():
-        add = target.get_node()
-        if add.get_type_name() != "Add":
-            continue
-        bias = add.input_value(1 - target.get_index()).get_node()
+    consumers = [t for t in conv.output(0).get_target_inputs() if t.get_node().get_type_name() != "ShapeOf"]
+    if len(consumers) == 1 and consumers[0].get_node().get_type_name() == "Add":
+        add = consumers[0].get_node()
+        bias = add.input_value(1 - consumers[0].get_index()).get_node()
         while bias.get_type_name() in ("Reshape", "Unsqueeze", "Squeeze", "Convert"):
             bias = bias.input_value(0).get_node()
-        if bias.get_type_name() == "Constant" and np.any(bias.get_data() != 0):
-            return True
-    return False
+        if bias.get_type_name() == "Constant":
+            if np.any(bias.get_data() != 0):
+                return []
+            return _unbiased_consumers(add)  # a zero bias: OpenVINO drops the Add
+    return [t.get_node() for t in consumers]
 
 
 def float_layers(model: Any, scope: Any) -> int:

@@ -28,7 +28,8 @@ SIZES = [(240, 320), (150, 100), (333, 333), (480, 640), (200, 260)]
 # this model (2 calibration images): 44/50 (4 images: 42/50); with the calibration images left in 0..255
 # instead of the graph's 0..1, with NNCF's default scope (the box decoding and post-processing quantized
 # too), or with this model's FPN output convolutions (zero biases) quantized, 0/50: the RPN's ranking then
-# changes entirely. The model with trained-like biases (`biased_tiny_model`), FPN outputs in int8: 46/50.
+# changes entirely. The model with trained-like biases (`biased_tiny_model`), FPN outputs in int8: 46/50
+# (with GroupNorm in the FPN instead, zero biases: 44/50).
 MIN_KEPT = 0.7
 BOX_IOU = 0.9
 SCORE_TOLERANCE = 1e-3  # the matched scores differ by <= 7e-5 (the class logits stay in float32)
@@ -118,11 +119,14 @@ def test_int8_keeps_fp32_detections(int8, fp32):
 
 
 def test_fpn_outputs_are_int8_when_biased(int8, tmp_path):
-    """Trained FPN output convolutions (with a bias) run in int8 and keep FP32's detections; the seeded test
-    model's zero-bias ones stay float, which OpenVINO's CPU plugin computes wrong in int8 (see FPN_OUTPUTS)."""
+    """Trained FPN output convolutions (with a bias) run in int8 and keep FP32's detections, and so do ones a
+    GroupNorm reads; the seeded test model's zero-bias ones stay float, which OpenVINO's CPU plugin computes
+    wrong in int8 (see FPN_OUTPUTS)."""
     onnx_path, xml = int8
     assert len(quantize.unbiased_fpn_outputs(quantize.read_onnx(onnx_path))) == 4
     assert int8_inputs(xml, quantize.FPN_OUTPUTS) == 0
+    group_norm = export_onnx(tiny_model(["model.backbone.fpn_norm=gn"]), tmp_path / "gn.onnx")
+    assert quantize.unbiased_fpn_outputs(quantize.read_onnx(group_norm)) == []
     biased = export_onnx(biased_tiny_model(), tmp_path / "biased.onnx")
     assert quantize.unbiased_fpn_outputs(quantize.read_onnx(biased)) == []
     images = write_images(tmp_path / "calibration", [(180, 240), (200, 240)])
