@@ -171,7 +171,7 @@ BACKENDS = tuple(RUNNERS)
 
 
 # `--backend auto`'s order for an exported file, fastest first: measured side by side on R50-FPN (BENCHMARKS.md,
-# "CPU inference against ONNX Runtime and OpenVINO"): OpenVINO FP32 1.23x, ONNX Runtime 1.05x PyTorch FP32.
+# "OpenVINO and ONNX Runtime against PyTorch"): OpenVINO FP32 1.26x, ONNX Runtime 1.18x PyTorch FP32 (2026-12-03).
 PREFERENCE = ("openvino", "onnxruntime")
 
 
