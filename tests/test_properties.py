@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -22,7 +22,7 @@ from maskrcnn.data.rle import rle_counts
 from maskrcnn.data.transforms import hflip
 from maskrcnn.engine.evaluator import predictions_to_coco
 from maskrcnn.errors import UserError
-from maskrcnn.structures import BoxCoder, pairwise_iou
+from maskrcnn.structures import BoxCoder, box_area, pairwise_iou
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools under NumPy 2
 
@@ -71,13 +71,15 @@ def test_box_coder_zero_deltas_give_the_reference_box(refs):
 
 @FAST
 @given(a=boxes(n_max=8, min_side=0.0), b=boxes(n_max=8, min_side=0.0))
+@example(a=torch.zeros(1, 4, dtype=torch.float64),  # found by CI: b's area underflows to 0
+         b=torch.tensor([[0.0, 0.0, 1.4255e-98, 1.1125e-308]], dtype=torch.float64))
 def test_pairwise_iou_symmetric_and_bounded(a, b):
     iou_ab = pairwise_iou(a, b)
     iou_ba = pairwise_iou(b, a)
     assert iou_ab.shape == (len(a), len(b))
-    # Two empty boxes have IoU 0/0; every other pair must be a number in [0, 1].
-    empty_a = (a[:, 2] <= a[:, 0]) | (a[:, 3] <= a[:, 1])
-    empty_b = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+    # Two empty boxes have IoU 0/0 (as torchvision's box_iou); every other pair must be a number in [0, 1].
+    # Empty means zero area as computed: sides of 1e-98 and 1e-308 are positive, but their product is 0.
+    empty_a, empty_b = box_area(a) == 0, box_area(b) == 0
     defined = ~(empty_a[:, None] & empty_b[None, :])
     assert torch.isfinite(iou_ab[defined]).all()
     assert (iou_ab[defined] >= 0).all() and (iou_ab[defined] <= 1 + 1e-12).all()
