@@ -156,8 +156,10 @@ def exported_checkpoint(args: argparse.Namespace, overrides: list[str], backend:
         return OnnxMaskRCNN(cached_checkpoint_export(args, overrides, runtime), backend=backend, precision=precision)
     model = load_pytorch_model(args, overrides, device="cpu")
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        exported = OnnxMaskRCNN(export_onnx(model, Path(tmp) / "model.onnx"), backend=backend, precision=precision)
+    folder = tempfile.TemporaryDirectory(prefix="maskrcnn-export-")
+    exported = OnnxMaskRCNN(export_onnx(model, Path(folder.name) / "model.onnx"), backend=backend, precision=precision)
+    # OpenVINO may map the file rather than copy it: keep it for the model's lifetime (deleted with it).
+    exported.temporary_folder = folder
     print(f"exported '{args.config}' for {runtime} in {time.perf_counter() - start:.1f} s (not cached: random "
           "weights)", file=sys.stderr)
     return exported
