@@ -126,6 +126,18 @@ def decisive(model):
     return model.eval()
 
 
+def run_cli(*args: str) -> "subprocess.CompletedProcess[str]":
+    """Run `maskrcnn ARGS...` in a fresh Python process; return it finished (stdout, stderr as text).
+
+    For NNCF's int8 calibration: run many times inside the test process it has crashed that process later
+    (a kernel-sent SIGSEGV in an unrelated test, 2026-12-03), so the tests quantize out of process.
+    """
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "maskrcnn.cli", *args], capture_output=True, text=True, timeout=600)
+
+
 def saved_checkpoint(model, path: Path) -> Path:
     """Write `model` as one of our checkpoints (weights and config) at `path`; return the path."""
     from maskrcnn.checkpoint import save_checkpoint
