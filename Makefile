@@ -22,8 +22,14 @@ install: $(STAMP)
 browser: $(STAMP)
 	$(BIN)/python -m playwright install chromium
 
+# The tests that load ONNX Runtime, OpenVINO and NNCF run in a pytest process of their own: in one process
+# with the rest (forking DataLoader workers, torchrun, servers), the test process was killed by a SIGSEGV
+# at a later, unrelated test (2026-12-03; root cause not found). Each group passes alone.
+RUNTIME_TESTS = tests/test_export.py tests/test_quantize.py tests/test_quantize_checkpoint.py tests/test_benchmark_cli.py
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(addprefix --ignore=,$(RUNTIME_TESTS))
+	$(BIN)/python -m pytest -q $(RUNTIME_TESTS)
 
 # Tests marked `slow` (the rule: README, "Tests"): only them, or everything.
 test-slow: $(STAMP)
