@@ -129,8 +129,10 @@ def decisive(model):
 def run_cli(*args: str) -> "subprocess.CompletedProcess[str]":
     """Run `maskrcnn ARGS...` in a fresh Python process; return it finished (stdout, stderr as text).
 
-    For NNCF's int8 calibration: run many times inside the test process it has crashed that process later
-    (a kernel-sent SIGSEGV in an unrelated test, 2026-12-03), so the tests quantize out of process.
+    The int8 calibrations and the exported-model benchmark run this way, so NNCF and the runtimes' thread
+    pools stay out of the test process: a precaution taken while chasing a SIGSEGV that killed the test
+    process at a later, unrelated test (2026-12-03). It did not stop that crash (the Makefile's separate
+    runtime-test process did); its cause is unknown.
     """
     import subprocess
     import sys

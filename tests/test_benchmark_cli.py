@@ -87,8 +87,7 @@ def test_benchmark_times_an_exported_model(tmp_path, capsys, monkeypatch, backen
     out = tmp_path / "b.json"
     common = ["benchmark", "--config", "shapes", "--size", "96x128", "--runs", "2", "--warmup", "1",
               "--backend", backend, *SMALL]
-    # Out of process: this module runs early, and OpenVINO's and ONNX Runtime's thread pools started here, before
-    # the tests that fork, went with a crash of the test process later on (see support.run_cli).
+    # Out of process, keeping the runtimes out of the test process (a precaution: see support.run_cli).
     done = run_cli(*common, "--json", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "whole forward" in done.stdout and "(not cached: random weights)" in done.stderr

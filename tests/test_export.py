@@ -220,6 +220,9 @@ def test_runtime_backends_run_a_checkpoint_through_one_cached_export(tmp_path, c
     assert_same_predictions(pytorch, predict_json(images, ckpt, "openvino", tmp_path / "openvino-again"))
     assert capsys.readouterr().err.count(f"cached in {export}") == 2
     assert list(exports.glob("*.onnx")) == [export] and export.stat().st_mtime_ns == written
+    # Tiling runs outside the graph: its keys do not make a new export.
+    predict_json(images, ckpt, "openvino", tmp_path / "tiling", "test.tiling.overlap=0.3")
+    assert list(exports.glob("*.onnx")) == [export]
     # A change of the model (a post-processing override baked into the graph) exports a second file.
     changed = predict_json(images, ckpt, "openvino", tmp_path / "changed", "model.box_head.detections_per_image=2")
     assert len(list(exports.glob("*.onnx"))) == 2

@@ -181,14 +181,16 @@ def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:
 
     if args.device != "cpu":
         raise UserError(f"--backend {backend} runs on the CPU only; drop --device")
+    # Tiling happens outside the graph (windows in, detections merged): its keys apply to any exported model
+    # and are no part of the export (a checkpoint's cached export does not change with them).
+    tiling = [item for item in overrides if _is_tiling(item)]
     if not is_exported_file(args.weights):
-        model = exported_checkpoint(args, overrides, backend, precision)
-        apply_overrides(model.cfg, [item for item in overrides if _is_tiling(item)])  # run outside the graph
+        graph = [item for item in overrides if not _is_tiling(item)]
+        model = exported_checkpoint(args, graph, backend, precision)
+        apply_overrides(model.cfg, tiling)
         return model
     if backend != "openvino" and str(args.weights).lower().endswith(IR_SUFFIX):
         raise UserError(f"'{args.weights}' is an OpenVINO IR (from `maskrcnn quantize`); run it with --backend openvino")
-    # Tiling happens outside the graph (windows in, detections merged), so its keys still apply.
-    tiling = [item for item in overrides if _is_tiling(item)]
     if args.config or len(tiling) < len(overrides):
         raise UserError(f"--backend {backend} uses the config stored in the .onnx file; "
                         "drop --config and KEY=VALUE overrides other than test.tiling.* "
