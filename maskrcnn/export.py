@@ -103,6 +103,8 @@ class ExportableMaskRCNN(nn.Module):
         size64 = size.to(torch.float64)
         # 1-d constants: the exporter turns 0-d ones (and Python numbers) into float32 and casts to match.
         limits = size64.new_tensor([cfg.input.min_size_test, cfg.input.max_size_test])
+        if cfg.input.scale > 0:  # one factor for every image (input.scale), the longer side still capped
+            limits = torch.stack([size64.min() * cfg.input.scale, limits[1]])
         scale = (limits / torch.stack([size64.min(), size64.max()])).min()
         new_size = torch.floor(size64 * scale).to(torch.int64)
         image = (image - m.pixel_mean) / m.pixel_std
