@@ -89,6 +89,13 @@ def test_detectron2_conventions(tmp_path):
     assert_parity(model, path, [(240, 320), (150, 100)])
 
 
+def test_one_scale_for_every_image(tmp_path):
+    """input.scale: the graph resizes each image by the factor (capped by max_size_test), as the model does."""
+    model = tiny_model(["input.scale=0.75", "input.max_size_test=200"])
+    path = export_onnx(model, tmp_path / "m.onnx")
+    assert_parity(model, path, [(240, 320), (150, 100)])  # 320 x 0.75 = 240 > 200: the cap applies
+
+
 def test_no_detections_export_but_prove_nothing(tmp_path):
     """Empty outputs are no failure, but two empty lists are nothing to compare, not agreement."""
     model = tiny_model(["model.box_head.score_thresh=0.999"])
