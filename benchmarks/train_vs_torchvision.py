@@ -279,7 +279,7 @@ def ours_jobs(args: argparse.Namespace, out: Path) -> list[tuple[float, list[str
 
 
 def run_all(args: argparse.Namespace) -> None:
-    """Train both sides at once (ours on core 0, torchvision on core 1), then score every result."""
+    """Train both sides at once, each pinned to its core (`--cores`), then score every result."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -293,16 +293,16 @@ def run_all(args: argparse.Namespace) -> None:
     tv_keys = [f"torchvision {m:g} min" for m in args.minutes]
     tv = None
     if args.only != "ours" and not all(k in results for k in tv_keys):
-        tv = pinned(1, [*me, "--worker", "train-torchvision", *common, "--tv-scale", str(args.tv_scale),
+        tv = pinned(args.cores[1], [*me, "--worker", "train-torchvision", *common, "--tv-scale", str(args.tv_scale),
                         "--minutes", *map(str, args.minutes)], out / "torchvision_train.log")
     for minutes, cmd, run in ours_jobs(args, out) if args.only != "torchvision" else []:
         key = f"ours {minutes:g} min"
         if key in results:
             continue
         log = out / f"ours_{minutes:g}min_train.log"
-        if pinned(0, cmd, log).wait() != 0:
+        if pinned(args.cores[0], cmd, log).wait() != 0:
             raise RuntimeError(f"our training failed; see {log}")
-        scorer = pinned(0, [*me, "--worker", "score-ours", *common, "--checkpoint",
+        scorer = pinned(args.cores[0], [*me, "--worker", "score-ours", *common, "--checkpoint",
                             str(run / "checkpoints" / "model_final.pth")], out / f"ours_{minutes:g}min_score.log")
         scorer.wait()
         metrics = last_json(out / f"ours_{minutes:g}min_score.log")
@@ -317,7 +317,7 @@ def run_all(args: argparse.Namespace) -> None:
         for minutes, key in zip(args.minutes, tv_keys):
             ckpt = out / f"torchvision_{minutes:g}min.pth"
             log = out / f"torchvision_{minutes:g}min_score.log"
-            pinned(1, [*me, "--worker", "score-torchvision", *common, "--checkpoint", str(ckpt)], log).wait()
+            pinned(args.cores[1], [*me, "--worker", "score-torchvision", *common, "--checkpoint", str(ckpt)], log).wait()
             metrics = last_json(log)
             import torch
 
@@ -380,6 +380,8 @@ def main() -> None:
     p.add_argument("--ours", default="", help="extra arguments for maskrcnn train (a --config, KEY=VALUE ...)")
     p.add_argument("--tv-scale", type=float, default=1.0, help="torchvision side: resize factor (1 = native)")
     p.add_argument("--only", choices=["ours", "torchvision"], default=None)
+    p.add_argument("--cores", type=int, nargs=2, default=[0, 1], metavar=("OURS", "TORCHVISION"),
+                   help="the CPU each side is pinned to")
     p.add_argument("--table", action="store_true", help="print the table of OUT/results.json and exit")
     p.add_argument("--worker", choices=["train-torchvision", "score-ours", "score-torchvision"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
