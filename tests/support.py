@@ -6,12 +6,15 @@ the torchvision parity set-up, a server in a thread, and a few file and image he
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import re
+import sys
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
@@ -140,6 +143,16 @@ def run_cli(*args: str) -> "subprocess.CompletedProcess[str]":
     import sys
 
     return subprocess.run([sys.executable, "-m", "maskrcnn.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """Import benchmarks/NAME.py as the module `name` (the scripts are files, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass looks its module up while being defined
+    spec.loader.exec_module(module)
+    return module
 
 
 def saved_checkpoint(model, path: Path) -> Path:
