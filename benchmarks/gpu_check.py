@@ -205,12 +205,13 @@ def training_fits(model: torch.nn.Module, batch: int, size: tuple[int, int], dty
     """
     try:
         _train_steps(model, batch, size, dtype, device, steps)
-        return True
+        fits = True
     except out_of_memory_errors():
-        return False
-    finally:
-        model.zero_grad(set_to_none=True)
-        free_memory(device)
+        fits = False
+    # Here, after the handler, the error's traceback (and the frames holding the batch) is gone.
+    model.zero_grad(set_to_none=True)
+    free_memory(device)
+    return fits
 
 
 def _train_steps(model: torch.nn.Module, batch: int, size: tuple[int, int], dtype: torch.dtype | None,
