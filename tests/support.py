@@ -6,12 +6,15 @@ the torchvision parity set-up, a server in a thread, and a few file and image he
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import re
+import sys
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
@@ -21,8 +24,10 @@ from pycocotools import mask as mask_utils
 from torch import nn
 
 from maskrcnn.config import load_config
-from maskrcnn.engine.compare import Tolerances
-from maskrcnn.modeling import build_model, import_state_dict
+from maskrcnn.engine.torchvision_reference import (  # noqa: F401  (the parity set-up, shared with benchmarks/)
+    FAST_PATH, FAST_PATH_MATCHED, PARITY_MAX_SIZE, PARITY_MIN_SIZE, decisive_torchvision_model, ours_with_weights,
+    parity_size_overrides)
+from maskrcnn.modeling import build_model
 
 # ---- tiny models and runs -------------------------------------------------------------------------
 
@@ -140,6 +145,16 @@ def run_cli(*args: str) -> "subprocess.CompletedProcess[str]":
     return subprocess.run([sys.executable, "-m", "maskrcnn.cli", *args], capture_output=True, text=True, timeout=600)
 
 
+def benchmark_script(name: str) -> ModuleType:
+    """Import benchmarks/NAME.py as the module `name` (the scripts are files, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass looks its module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
 def saved_checkpoint(model, path: Path) -> Path:
     """Write `model` as one of our checkpoints (weights and config) at `path`; return the path."""
     from maskrcnn.checkpoint import save_checkpoint
@@ -156,39 +171,11 @@ def tiny_model(extra: list[str] = ()):
 
 # ---- parity with torchvision ----------------------------------------------------------------------
 
-PARITY_MIN_SIZE, PARITY_MAX_SIZE = 320, 512  # smaller than the presets' 800 px, so parity tests stay quick
-# Channels-last convolutions and folded frozen BN sum in another order than torchvision's NCHW
-# convolutions: on random weights boxes move by up to ~0.03 px and scores by ~2e-5, and one
-# detection in a hundred may sit on an NMS near-tie that the last bit decides.
-FAST_PATH = Tolerances(box=0.05, score=1e-4, mask_iou=0.99)
-FAST_PATH_MATCHED = 0.98
-
-
-def decisive_torchvision_model(builder):
-    """Return a seeded torchvision Mask R-CNN (from `builder`) whose scores and masks are not near-ties."""
-    torch.manual_seed(0)
-    model = builder(weights=None, weights_backbone=None, num_classes=91).eval()
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.weight.mul_(0.5)  # scores spread over ~0.35..0.5
-        # Random mask logits saturate to exactly 0 or 1, and a bilinear sample halfway between the two
-        # lands exactly on the 0.5 threshold; softer logits, shifted off zero, avoid such coin flips.
-        model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.05)
-        model.roi_heads.mask_predictor.mask_fcn_logits.bias.add_(0.3)
-    model.transform.min_size = (PARITY_MIN_SIZE,)
-    model.transform.max_size = PARITY_MAX_SIZE
-    return model
-
-
 def ours_from_torchvision(reference: nn.Module, preset: str, folder: Path):
     """Return our model of `preset` loaded from `reference`'s weights saved as a file (every key used)."""
     path = folder / "torchvision.pth"
     torch.save(reference.state_dict(), path)
-    cfg = load_config(preset, [f"input.min_size_test={PARITY_MIN_SIZE}", f"input.max_size_test={PARITY_MAX_SIZE}"])
-    ours = build_model(cfg)
-    result = ours.load_state_dict(import_state_dict(ours, torch.load(path, weights_only=True)), strict=False)
-    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
-    assert not result.missing_keys and not unexpected
-    return ours
+    return ours_with_weights(preset, torch.load(path, weights_only=True), parity_size_overrides())
 
 
 def detect_both(reference: nn.Module, ours: nn.Module, images: list[torch.Tensor]) -> tuple[list[dict], list[dict]]:
