@@ -205,8 +205,8 @@ def score(model: Any, val: str, out_json: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - seconds
     out_json.write_text(json.dumps(results))
     standard = evaluate_results(dataset.coco, results)
-    large = evaluate_results(dataset.coco, results, max_dets=LARGE_MAX_DETS)
-    return {"bbox": standard["bbox"], "segm": standard["segm"],
+    large = evaluate_results(dataset.coco, results, max_dets=LARGE_MAX_DETS, iou_types=("segm",))
+    return {"bbox": standard["bbox"], "segm": standard["segm"], "boundary": standard.get("boundary"),
             f"segm@{LARGE_MAX_DETS}": large["segm"], "eval_seconds": round(seconds, 1),
             "max_detections_an_image": max((sum(1 for r in results if r["image_id"] == i)
                                             for i in dataset.image_ids), default=0)}
@@ -359,14 +359,21 @@ def machine() -> str:
 
 def table(results: dict[str, Any]) -> str:
     """Markdown table of every scored entry."""
-    rows = ["| side, budget | iterations | box AP | mask AP | mask AP50 | mask AP75 | mask AP "
-            f"(≤{LARGE_MAX_DETS} dets) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| side, budget | iterations | box AP | mask AP | mask AP50 | mask AP75 | mask AP90 | boundary AP | "
+            f"mask AP (≤{LARGE_MAX_DETS} dets) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, m in results.items():
         if key == "runs":
             continue
         rows.append(f"| {key} | {m['iterations']} | {m['bbox']['AP']:.1f} | {m['segm']['AP']:.1f} | "
-                    f"{m['segm']['AP50']:.1f} | {m['segm']['AP75']:.1f} | {m[f'segm@{LARGE_MAX_DETS}']['AP']:.1f} |")
+                    f"{m['segm']['AP50']:.1f} | {m['segm']['AP75']:.1f} | {_stat(m['segm'], 'AP90')} | "
+                    f"{_stat(m.get('boundary'), 'AP')} | {m[f'segm@{LARGE_MAX_DETS}']['AP']:.1f} |")
     return "\n".join(rows)
+
+
+def _stat(metrics: dict[str, Any] | None, name: str) -> str:
+    """One stat to one decimal, or '—' where it was not scored (results from before it existed)."""
+    value = (metrics or {}).get(name)
+    return "—" if value is None else f"{value:.1f}"
 
 
 def main() -> None:
