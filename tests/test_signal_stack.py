@@ -1,0 +1,109 @@
+"""OpenVINO models loaded and dropped in any order leave the main thread a usable alternate signal stack.
+
+Each instance of OpenVINO's CPU plugin (one per `openvino.Core` that compiles a model) gives the thread
+that creates it a new alternate signal stack; its destructor unmaps that stack and puts the previous one
+back only if its own is still the current one. Two Cores destroyed in the order they were made therefore
+left the main thread's alternate stack pointing at unmapped memory, and the next signal Python handles
+(its handlers are installed with SA_ONSTACK; torch's DataLoader leaves one for SIGCHLD) made the kernel
+kill the process with SIGSEGV (si_code SI_KERNEL). `maskrcnn.onnx_backends.openvino_core` is one Core for
+the process, so loading a model no longer makes or destroys a plugin instance.
+
+The probe runs in a fresh process: a broken stack there kills that process, not the test run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (the deploy extra), not installed")
+
+HERE = Path(__file__).resolve().parent
+
+
+class _Stack(ctypes.Structure):
+    """C's stack_t, as sigaltstack(2) reads and writes it."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+SS_DISABLE = 2
+
+
+def alternate_stack() -> dict:
+    """Return this thread's alternate signal stack: its address, whether it is enabled and whether it is mapped."""
+    stack = _Stack()
+    if ctypes.CDLL(None, use_errno=True).sigaltstack(None, ctypes.byref(stack)) != 0:
+        raise OSError(ctypes.get_errno(), "sigaltstack failed")
+    address = stack.ss_sp or 0
+    with open("/proc/self/maps") as maps:
+        ranges = [[int(bound, 16) for bound in line.split()[0].split("-")] for line in maps]
+    return {"address": address, "enabled": not stack.ss_flags & SS_DISABLE,
+            "mapped": any(low <= address < high for low, high in ranges)}
+
+
+def probe(onnx_path: str, calibration_image: str) -> None:
+    """Load three OpenVINO models and drop them, in every order, and quantize once with a model loaded;
+    print the main thread's alternate stack (JSON) after each step; then have a child process exit while
+    a Python SIGCHLD handler is installed, which kills this process if that stack is unmapped."""
+    from maskrcnn.export import OnnxMaskRCNN
+    from maskrcnn.quantize import quantize_onnx
+
+    def report(step: str) -> None:
+        print(json.dumps({"step": step, **alternate_stack()}), flush=True)
+
+    for order in itertools.permutations(range(3)):
+        models = [OnnxMaskRCNN(onnx_path, backend="openvino") for _ in range(3)]
+        for index in order:
+            models[index] = None
+            gc.collect()
+        report(f"three models dropped in the order {order}")
+    kept = OnnxMaskRCNN(onnx_path, backend="openvino")
+    quantize_onnx(onnx_path, [Path(calibration_image)], Path(calibration_image).with_name("int8.xml"))
+    del kept
+    gc.collect()
+    report("a model kept while NNCF quantized, then dropped")
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    subprocess.Popen(["true"]).wait()
+    time.sleep(0.2)
+    print("survived SIGCHLD", flush=True)
+
+
+def test_models_dropped_in_any_order_leave_a_mapped_alternate_stack(tmp_path):
+    from maskrcnn.export import export_onnx
+    from support import tiny_model
+
+    onnx_path = export_onnx(tiny_model(), tmp_path / "tiny.onnx")
+    image = tmp_path / "calibration.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(image)
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_signal_stack as t; t.probe(*sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, str(onnx_path), str(image)],
+                          capture_output=True, text=True, timeout=600)
+    steps = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    unmapped = [step["step"] for step in steps if step["enabled"] and not step["mapped"]]
+    assert unmapped == [], f"the main thread's alternate signal stack is unmapped after: {unmapped}"
+    assert len(steps) == 7 and done.returncode == 0 and "survived SIGCHLD" in done.stdout, \
+        (done.returncode, done.stdout[-1000:], done.stderr[-2000:])
+
+
+def test_alternate_stack_reads_what_sigaltstack_set():
+    """The reader above sees an enabled, mapped stack that a thread installs (so the test can fail)."""
+    buffer = ctypes.create_string_buffer(1 << 16)
+    stack, previous = _Stack(ctypes.addressof(buffer), 0, len(buffer)), _Stack()
+    sigaltstack = ctypes.CDLL(None).sigaltstack
+    assert sigaltstack(ctypes.byref(stack), ctypes.byref(previous)) == 0
+    try:
+        assert alternate_stack() == {"address": ctypes.addressof(buffer), "enabled": True, "mapped": True}
+    finally:
+        assert sigaltstack(ctypes.byref(previous), None) == 0
