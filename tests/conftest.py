@@ -15,7 +15,19 @@ from maskrcnn.checkpoint import save_checkpoint
 from maskrcnn.config import load_config
 from maskrcnn.data.shapes import make_shapes
 from maskrcnn.modeling import build_model
-from support import TINY, StandInModel
+from support import TINY, StandInModel, alternate_stack
+
+
+@pytest.fixture(autouse=True)
+def alternate_stack_stays_mapped(request):
+    """Stop the run at a test that leaves the main thread's alternate signal stack unmapped: otherwise the next
+    signal that a Python handler catches kills pytest with SIGSEGV at some later, unrelated test (as OpenVINO's
+    CPU plugin did before `maskrcnn.onnx_backends.openvino_core`; tests/test_signal_stack.py)."""
+    yield
+    stack = alternate_stack()
+    if stack["enabled"] and not stack["mapped"]:
+        pytest.exit(f"{request.node.nodeid} left the main thread's alternate signal stack unmapped "
+                    f"(at {stack['address']:#x}); the next signal would kill the test process", returncode=1)
 
 
 @pytest.fixture(scope="session")

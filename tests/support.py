@@ -6,8 +6,11 @@ the torchvision parity set-up, a server in a thread, and a few file and image he
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import io
 import json
+import os
 import re
 import threading
 import time
@@ -138,6 +141,32 @@ def run_cli(*args: str) -> "subprocess.CompletedProcess[str]":
     import sys
 
     return subprocess.run([sys.executable, "-m", "maskrcnn.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+class SigaltstackT(ctypes.Structure):
+    """C's stack_t, as sigaltstack(2) reads and writes it."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+SS_DISABLE = 2  # stack_t.ss_flags: no alternate stack
+
+
+def alternate_stack() -> dict:
+    """Return this thread's alternate signal stack: its address, whether it is enabled, and whether all of it is
+    mapped (mincore(2) fails with ENOMEM on a range with an unmapped page)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    stack = SigaltstackT()
+    if libc.sigaltstack(None, ctypes.byref(stack)) != 0:
+        raise OSError(ctypes.get_errno(), "sigaltstack failed")
+    address, size = stack.ss_sp or 0, stack.ss_size
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = address - address % page
+    pages = (address + max(size, 1) - start + page - 1) // page
+    mapped = libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * page), (ctypes.c_ubyte * pages)()) == 0
+    if not mapped and ctypes.get_errno() != errno.ENOMEM:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return {"address": address, "enabled": not stack.ss_flags & SS_DISABLE, "mapped": mapped}
 
 
 def saved_checkpoint(model, path: Path) -> Path:

@@ -17,6 +17,8 @@ import ctypes
 import gc
 import itertools
 import json
+import mmap
+import os
 import signal
 import subprocess
 import sys
@@ -26,31 +28,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support import SigaltstackT, alternate_stack
 
 pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (the deploy extra), not installed")
 
 HERE = Path(__file__).resolve().parent
-
-
-class _Stack(ctypes.Structure):
-    """C's stack_t, as sigaltstack(2) reads and writes it."""
-
-    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
-
-
-SS_DISABLE = 2
-
-
-def alternate_stack() -> dict:
-    """Return this thread's alternate signal stack: its address, whether it is enabled and whether it is mapped."""
-    stack = _Stack()
-    if ctypes.CDLL(None, use_errno=True).sigaltstack(None, ctypes.byref(stack)) != 0:
-        raise OSError(ctypes.get_errno(), "sigaltstack failed")
-    address = stack.ss_sp or 0
-    with open("/proc/self/maps") as maps:
-        ranges = [[int(bound, 16) for bound in line.split()[0].split("-")] for line in maps]
-    return {"address": address, "enabled": not stack.ss_flags & SS_DISABLE,
-            "mapped": any(low <= address < high for low, high in ranges)}
 
 
 def probe(onnx_path: str, calibration_image: str) -> None:
@@ -97,13 +79,24 @@ def test_models_dropped_in_any_order_leave_a_mapped_alternate_stack(tmp_path):
         (done.returncode, done.stdout[-1000:], done.stderr[-2000:])
 
 
-def test_alternate_stack_reads_what_sigaltstack_set():
-    """The reader above sees an enabled, mapped stack that a thread installs (so the test can fail)."""
-    buffer = ctypes.create_string_buffer(1 << 16)
-    stack, previous = _Stack(ctypes.addressof(buffer), 0, len(buffer)), _Stack()
-    sigaltstack = ctypes.CDLL(None).sigaltstack
-    assert sigaltstack(ctypes.byref(stack), ctypes.byref(previous)) == 0
+def test_alternate_stack_tells_a_mapped_stack_from_an_unmapped_one():
+    """The reader the tests rely on sees a stack that this thread installs, mapped and then unmapped (with
+    every signal blocked meanwhile, so that none is delivered on the unmapped stack)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size = 4 * os.sysconf("SC_PAGE_SIZE")
+    memory = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert memory not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+    previous = SigaltstackT()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
-        assert alternate_stack() == {"address": ctypes.addressof(buffer), "enabled": True, "mapped": True}
+        assert libc.sigaltstack(ctypes.byref(SigaltstackT(memory, 0, size)), ctypes.byref(previous)) == 0
+        mapped = alternate_stack()
+        assert libc.munmap(ctypes.c_void_p(memory), ctypes.c_size_t(size)) == 0
+        unmapped = alternate_stack()
+        assert libc.sigaltstack(ctypes.byref(previous), None) == 0
     finally:
-        assert sigaltstack(ctypes.byref(previous), None) == 0
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    assert mapped == {"address": memory, "enabled": True, "mapped": True}
+    assert unmapped == {"address": memory, "enabled": True, "mapped": False}
