@@ -132,10 +132,10 @@ def decisive(model):
 def run_cli(*args: str) -> "subprocess.CompletedProcess[str]":
     """Run `maskrcnn ARGS...` in a fresh Python process; return it finished (stdout, stderr as text).
 
-    The int8 calibrations and the exported-model benchmark run this way, so NNCF and the runtimes' thread
-    pools stay out of the test process: a precaution taken while chasing a SIGSEGV that killed the test
-    process at a later, unrelated test (2026-12-03). It did not stop that crash (the Makefile's separate
-    runtime-test process did); its cause is unknown.
+    The int8 calibrations and the exported-model benchmark run this way, as a user runs them. That began as
+    a precaution while chasing a SIGSEGV that killed the test process at a later, unrelated test (2026-12-03);
+    it did not stop it. The cause, found later: OpenVINO Cores destroyed first-in first-out left the main
+    thread's alternate signal stack unmapped (tests/test_signal_stack.py); one process-wide Core fixed it.
     """
     import subprocess
     import sys
