@@ -25,9 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from support import SigaltstackT, alternate_stack
 
 pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (the deploy extra), not installed")
@@ -35,30 +33,27 @@ pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (the
 HERE = Path(__file__).resolve().parent
 
 
-def probe(onnx_path: str, calibration_image: str) -> None:
-    """Load three OpenVINO models and drop them, in every order, and quantize once with a model loaded;
-    print the main thread's alternate stack (JSON) after each step; then have a child process exit while
-    a Python SIGCHLD handler is installed, which kills this process if that stack is unmapped."""
+def probe(onnx_path: str) -> None:
+    """Load two OpenVINO models and drop them, in both orders, printing the main thread's alternate stack
+    (JSON) after each; then have child processes exit while a Python SIGCHLD handler is installed, which
+    kills this process if that stack is unmapped. (NNCF's calibration runs in the test process: the
+    `alternate_stack_stays_mapped` fixture of conftest.py checks it there.)"""
     from maskrcnn.export import OnnxMaskRCNN
-    from maskrcnn.quantize import quantize_onnx
 
     def report(step: str) -> None:
         print(json.dumps({"step": step, **alternate_stack()}), flush=True)
 
-    for order in itertools.permutations(range(3)):
-        models = [OnnxMaskRCNN(onnx_path, backend="openvino") for _ in range(3)]
+    for order in itertools.permutations(range(2)):
+        models = [OnnxMaskRCNN(onnx_path, backend="openvino") for _ in range(2)]
         for index in order:
             models[index] = None
             gc.collect()
-        report(f"three models dropped in the order {order}")
-    kept = OnnxMaskRCNN(onnx_path, backend="openvino")
-    quantize_onnx(onnx_path, [Path(calibration_image)], Path(calibration_image).with_name("int8.xml"))
-    del kept
-    gc.collect()
-    report("a model kept while NNCF quantized, then dropped")
+        report(f"two models dropped in the order {order}")
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    subprocess.Popen(["true"]).wait()
-    time.sleep(0.2)
+    for _ in range(3):  # the child exits while this process sleeps, as DataLoader workers and servers do
+        child = subprocess.Popen(["sleep", "0.05"])
+        time.sleep(0.2)
+        child.wait()
     print("survived SIGCHLD", flush=True)
 
 
@@ -67,15 +62,13 @@ def test_models_dropped_in_any_order_leave_a_mapped_alternate_stack(tmp_path):
     from support import tiny_model
 
     onnx_path = export_onnx(tiny_model(), tmp_path / "tiny.onnx")
-    image = tmp_path / "calibration.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(image)
     code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_signal_stack as t; t.probe(*sys.argv[1:])"
-    done = subprocess.run([sys.executable, "-c", code, str(onnx_path), str(image)],
+    done = subprocess.run([sys.executable, "-c", code, str(onnx_path)],
                           capture_output=True, text=True, timeout=600)
     steps = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     unmapped = [step["step"] for step in steps if step["enabled"] and not step["mapped"]]
     assert unmapped == [], f"the main thread's alternate signal stack is unmapped after: {unmapped}"
-    assert len(steps) == 7 and done.returncode == 0 and "survived SIGCHLD" in done.stdout, \
+    assert len(steps) == 2 and done.returncode == 0 and "survived SIGCHLD" in done.stdout, \
         (done.returncode, done.stdout[-1000:], done.stderr[-2000:])
 
 
