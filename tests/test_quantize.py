@@ -133,7 +133,6 @@ def test_fpn_outputs_are_int8_when_biased(int8, tmp_path):
     assert total > 0 and kept >= MIN_KEPT * total, (kept, total)
 
 
-@pytest.mark.slow
 def test_wrong_calibration_input_fails_the_closeness_check(int8, fp32, tmp_path):
     """The check above is not vacuous: images calibrated as 0..255 (the graph takes 0..1) lose every detection."""
     onnx_path, _ = int8
