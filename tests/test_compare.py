@@ -22,7 +22,8 @@ def detections(boxes: list[list[float]], scores: list[float] | None = None, labe
         masks = torch.zeros(n, SIZE, SIZE, dtype=torch.bool)
         for mask, (x0, y0, x1, y1) in zip(masks, boxes_t.round().long().tolist()):
             mask[y0:y1, x0:x1] = True
-    return {"boxes": boxes_t, "scores": torch.tensor(scores if scores is not None else [0.9 - 0.01 * i for i in range(n)]),
+    scores = scores if scores is not None else [0.9 - 0.01 * i for i in range(n)]
+    return {"boxes": boxes_t, "scores": torch.tensor(scores),
             "labels": torch.tensor(labels if labels is not None else [1] * n), "masks": masks}
 
 
