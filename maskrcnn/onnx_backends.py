@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import ModuleType
@@ -104,7 +105,7 @@ class OpenVinoRunner(OnnxRunner):
     precisions = PRECISIONS
 
     def _load(self, runtime: ModuleType, path: Path, threads: int | None, precision: str | None) -> str:
-        core = runtime.Core()
+        core = openvino_core()
         self.model = core.read_model(str(path))
         precision = file_precision(path, is_quantized(self.model), precision)
         if precision == "bf16":
@@ -128,6 +129,32 @@ class OpenVinoRunner(OnnxRunner):
     def run(self, image: np.ndarray) -> list[np.ndarray]:
         outputs = self.compiled({"image": image})  # copies the results out of the request's buffers
         return [outputs[name] for name in OUTPUT_NAMES]
+
+
+_core: Any = None
+_core_lock = threading.Lock()
+
+
+def openvino_core() -> Any:
+    """Return the process's one `openvino.Core`, made on first use with its CPU plugin loaded.
+
+    One Core, never destroyed, because every CPU-plugin instance (one per Core) gives the thread that makes
+    it a new alternate signal stack and, when destroyed, unmaps it but puts the previous one back only if
+    its own is still current. Cores destroyed in the order they were made (two models loaded and dropped)
+    left the main thread's alternate stack unmapped, and the next Python signal handler to run (SIGCHLD,
+    SIGINT: Python installs them with SA_ONSTACK) killed the process with SIGSEGV (tests/test_signal_stack.py).
+    The plugin is loaded at once, so that its stack is in place before any Core that NNCF makes for itself
+    (NNCF 3.4 takes no Core) and stays the bottom one.
+    """
+    global _core
+    with _core_lock:
+        if _core is None:
+            import openvino
+
+            core = openvino.Core()
+            core.get_property("CPU", "FULL_DEVICE_NAME")  # creates the CPU plugin instance
+            _core = core
+        return _core
 
 
 def is_quantized(model: Any) -> bool:

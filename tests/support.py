@@ -6,9 +6,12 @@ the torchvision parity set-up, a server in a thread, and a few file and image he
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import importlib.util
 import io
 import json
+import os
 import re
 import sys
 import threading
@@ -134,10 +137,10 @@ def decisive(model):
 def run_cli(*args: str) -> "subprocess.CompletedProcess[str]":
     """Run `maskrcnn ARGS...` in a fresh Python process; return it finished (stdout, stderr as text).
 
-    The int8 calibrations and the exported-model benchmark run this way, so NNCF and the runtimes' thread
-    pools stay out of the test process: a precaution taken while chasing a SIGSEGV that killed the test
-    process at a later, unrelated test (2026-12-03). It did not stop that crash (the Makefile's separate
-    runtime-test process did); its cause is unknown.
+    The int8 calibrations and the exported-model benchmark run this way, as a user runs them. That began as
+    a precaution while chasing a SIGSEGV that killed the test process at a later, unrelated test (2026-12-03);
+    it did not stop it. The cause, found later: OpenVINO Cores destroyed first-in first-out left the main
+    thread's alternate signal stack unmapped (tests/test_signal_stack.py); one process-wide Core fixed it.
     """
     import subprocess
     import sys
@@ -153,6 +156,32 @@ def benchmark_script(name: str) -> ModuleType:
     sys.modules[name] = module  # a dataclass looks its module up while being defined
     spec.loader.exec_module(module)
     return module
+
+
+class SigaltstackT(ctypes.Structure):
+    """C's stack_t, as sigaltstack(2) reads and writes it."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+SS_DISABLE = 2  # stack_t.ss_flags: no alternate stack
+
+
+def alternate_stack() -> dict:
+    """Return this thread's alternate signal stack: its address, whether it is enabled, and whether all of it is
+    mapped (mincore(2) fails with ENOMEM on a range with an unmapped page)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    stack = SigaltstackT()
+    if libc.sigaltstack(None, ctypes.byref(stack)) != 0:
+        raise OSError(ctypes.get_errno(), "sigaltstack failed")
+    address, size = stack.ss_sp or 0, stack.ss_size
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = address - address % page
+    pages = (address + max(size, 1) - start + page - 1) // page
+    mapped = libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * page), (ctypes.c_ubyte * pages)()) == 0
+    if not mapped and ctypes.get_errno() != errno.ENOMEM:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return {"address": address, "enabled": not stack.ss_flags & SS_DISABLE, "mapped": mapped}
 
 
 def saved_checkpoint(model, path: Path) -> Path:
