@@ -45,7 +45,8 @@ def test_small_objects_in_large_images_are_scaled_up_and_cropped(tmp_path):
     # 100 objects an image: 1.2 x 100 rounded up to 50 -> 150 detections, 300 proposals kept at least 1000
     assert chosen["model.box_head.detections_per_image"] == 150
     assert chosen["model.rpn.post_nms_top_n_test"] == 1000
-    assert chosen["input.vertical_flip"] == 0.5  # two images: few
+    assert chosen["input.vertical_flip"] == chosen["input.rotate90"] == 0.5  # two images: few
+    assert chosen["input.color_jitter.contrast"] == 0.3
 
 
 def test_large_objects_are_scaled_down_and_small_images_not_cropped(tmp_path):

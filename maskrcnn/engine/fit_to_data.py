@@ -15,8 +15,10 @@ autoanchor do by hand or by search:
   two, 8..32), doubling per FPN level;
 - `model.box_head.detections_per_image` and the RPN's test-time proposal counts, from the most objects an
   image holds (COCO's 100 would cap the recall of a crowded image);
-- `input.vertical_flip`: on for small training sets (fewer than FEW_IMAGES images), where over-fitting
-  dominates; real small sets are mostly seen from above (cells, tissue, fields, parts on a belt).
+- `input.vertical_flip`, `input.rotate90` and colour jitter: on for small training sets (fewer than
+  FEW_IMAGES images), where over-fitting dominates (DSB2018, 3 images, 30 minutes: the training loss fell to
+  0.15 against 1.4 on all 460 images); real small sets are mostly seen from above (cells, tissue, fields,
+  parts on a belt), so flips and quarter turns show them nothing false.
 
 Every choice is logged with its reason; a key given as a KEY=VALUE override keeps the user's value.
 """
@@ -39,6 +41,7 @@ SCALE_RANGE = (0.25, 4.0)
 TRAIN_WINDOW = 512  # px after scaling
 SMALLEST_ANCHOR_RANGE = (8, 32)
 FEW_IMAGES = 100
+FEW_IMAGES_JITTER = 0.3  # colour jitter factor drawn in [1 - 0.3, 1 + 0.3] for small sets
 LOG_PREFIX = "fitted to the data:"
 
 
@@ -108,8 +111,11 @@ def choose(stats: DataStatistics) -> dict[str, tuple[Any, str]]:
     chosen["model.rpn.pre_nms_top_n_test"] = (max(1000, 2 * post), "")
 
     if len(stats.objects_per_image) < FEW_IMAGES:
-        chosen["input.vertical_flip"] = (0.5, f"{len(stats.objects_per_image)} training images (< {FEW_IMAGES}); "
-                                              "set input.vertical_flip=0 for upright photos")
+        few = f"{len(stats.objects_per_image)} training images (< {FEW_IMAGES})"
+        chosen["input.vertical_flip"] = (0.5, f"{few}; set input.vertical_flip=0 input.rotate90=0 for upright photos")
+        chosen["input.rotate90"] = (0.5, "")
+        for key in ("brightness", "contrast", "saturation"):
+            chosen[f"input.color_jitter.{key}"] = (FEW_IMAGES_JITTER, "" if key != "brightness" else few)
     return chosen
 
 
