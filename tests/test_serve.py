@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -306,6 +307,46 @@ def test_slow_uploads_hold_no_queue_place_and_time_out(model):
         running.stop()
 
 
+def test_uploads_beyond_max_uploads_get_503(model):
+    running = Running(create_app(model, max_uploads=1, read_timeout=20))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(slow_upload, running.url, png_bytes(), 0.5)  # 2 s of upload
+            wait_for(lambda: httpx.get(f"{running.url}/health").json()["reading"] == 1, "the slow upload")
+            refused = post(running.url, png_bytes())
+            assert refused.status_code == 503 and "uploads are being read" in refused.json()["detail"]
+            assert slow.result()[0] == 200
+        assert metric(running.url, 'maskrcnn_rejected_total{reason="uploads"}') == 1
+    finally:
+        running.stop()
+
+
+def test_live_answers_while_an_answer_is_drawn(model):
+    """An overlay of 100 image-sized masks takes a while to draw and encode; it happens in a worker thread, so
+    /health/live keeps answering meanwhile (drawn on the event loop, a probe waited for the whole drawing)."""
+    running = Running(create_app(model, score_threshold=0.0))
+    data = png_bytes((1200, 1600), seed=3)
+    try:
+        ready(running.url)
+        with ThreadPoolExecutor(1) as pool:
+            start = time.monotonic()
+            answer = pool.submit(lambda: httpx.post(f"{running.url}/predict?overlay=1", content=data, timeout=120,
+                                                    headers={"content-type": "image/png"}))
+            probes = []
+            while not answer.done():
+                begin = time.monotonic()
+                httpx.get(f"{running.url}/health/live", timeout=60).raise_for_status()
+                probes.append(time.monotonic() - begin)
+                time.sleep(0.02)
+            took = time.monotonic() - start
+        assert answer.result().status_code == 200
+        print(f"request {took:.2f} s, {len(probes)} probes, slowest {max(probes) * 1000:.0f} ms, "
+              f"median {np.median(probes) * 1000:.0f} ms")
+        assert len(probes) >= 5 and max(probes) < max(0.1, took / 4)
+    finally:
+        running.stop()
+
+
 def test_request_ids_access_log_and_metrics(server, caplog):
     ready(server.url)
     with caplog.at_level("INFO", logger="maskrcnn.serve.access"):
@@ -313,6 +354,7 @@ def test_request_ids_access_log_and_metrics(server, caplog):
         theirs = post(server.url, png_bytes(), **{"X-Request-ID": "not a plain token\t!"})
         refused = httpx.post(f"{server.url}/predict", files={"file": ("n.txt", b"hello", "text/plain")})
     assert mine.headers["x-request-id"] == "client-id.42"
+    assert re.fullmatch(r"queue;dur=[0-9.]+, inference;dur=[0-9.]+", mine.headers["server-timing"])
     assert len(theirs.headers["x-request-id"]) == 16 and theirs.headers["x-request-id"] != refused.headers["x-request-id"]
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "maskrcnn.serve.access"]
     by_id = {line["id"]: line for line in lines}

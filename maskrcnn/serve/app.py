@@ -203,6 +203,8 @@ def create_app(model: Any, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_concurre
         except Dropped as e:
             if e.reason == "disconnected":
                 return Response(status_code=CLIENT_CLOSED)
+            if e.reason == "shutdown":
+                return busy("the server is shutting down", 5)
             return JSONResponse({"detail": f"no answer within the {timeout:g} s deadline"}, status_code=504)
         except Exception as e:  # the model failed on this batch
             LOG.exception("inference failed")
@@ -216,7 +218,8 @@ def create_app(model: Any, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_concurre
                                     batch=job.batch)
         threshold = score_threshold_or(score_threshold)
         body, media_type = await run_in_threadpool(render, output, image, threshold, overlay, names, ids, elapsed)
-        return Response(body, media_type=media_type)
+        timing = f"queue;dur={(job.started - job.enqueued) * 1000:.1f}, inference;dur={elapsed * 1000:.1f}"
+        return Response(body, media_type=media_type, headers={"Server-Timing": timing})
 
     def score_threshold_or(value: float | None) -> float:
         return score_threshold if value is None else value
