@@ -146,7 +146,10 @@ class Scheduler:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
+            # A job whose handler stopped waiting while the batch gathered (deadline, client gone) does not run.
+            batch = [job for job in await self._next_batch() if job.future is not None and not job.future.done()]
+            if not batch:
+                continue
             start = time.monotonic()
             for job in batch:
                 job.started, job.batch = start, len(batch)
