@@ -60,6 +60,25 @@ def test_runtime_matches_pytorch(exported, runtimes, backend, size):
     assert_same(expected, actual)
 
 
+@pytest.mark.parametrize("requests", [1, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runtime_is_safe_from_several_threads(exported, backend, requests):
+    """Four threads predicting at once get what one thread gets alone (one shared OpenVINO infer request
+    raised "Infer Request is busy"); OpenVINO's batch of several images runs on its infer requests at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, path = exported
+    runtime = OnnxMaskRCNN(path, backend=backend, requests=requests)
+    images = [torch.rand(3, 120 + 16 * i, 160, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    alone = [runtime([image])[0] for image in images]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda image: runtime([image])[0], images))
+    batched = runtime(images)
+    for expected, a, b in zip(alone, together, batched):
+        assert_same(expected, a)
+        assert_same(expected, b)
+
+
 def test_traceable_path_is_the_model_in_eager_mode(exported):
     model, _ = exported
     image = torch.rand(3, 211, 307, generator=torch.Generator().manual_seed(3))
