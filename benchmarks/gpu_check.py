@@ -425,7 +425,8 @@ class Check:
         start = time.perf_counter()
         run_dir = train(load_config("shapes", self.shapes_overrides(self.out / "shapes-run", iterations)))
         result = {"seconds_per_iter": (time.perf_counter() - start) / iterations, **training_run_summary(run_dir)}
-        return {**result, "problems": shapes_problems(result, iterations)}
+        problems = shapes_problems(result, iterations)  # adds first_loss and last_loss to result
+        return {**result, "problems": problems}
 
     def step_torchrun(self) -> dict[str, Any]:
         iterations = self.sizes.torchrun_iters

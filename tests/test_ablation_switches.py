@@ -6,6 +6,7 @@ No training here: benchmarks/ablations.py trains the variants; these tests pin w
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
