@@ -32,6 +32,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from maskrcnn.config_merge import merge_dict
 from maskrcnn.config_schema import Config
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def fit_to_data(cfg: Config, dataset: Any, keep: Iterable[str] = ()) -> list[str
         if key in keep or any(key.startswith(k + ".") for k in keep):
             lines.append(f"{LOG_PREFIX} {key} kept at {_get(cfg, key)!r} (given as an override)")
             continue
-        _set(cfg, key, value)
+        merge_dict(cfg, _nested(key, value))  # the config's own typed merge, as a KEY=VALUE override
         lines.append(f"{LOG_PREFIX} {key}={value}" + (f"  ({reason})" if reason else ""))
     lines.append(f"{LOG_PREFIX} any of these can be set as KEY=VALUE; data.fit_to_data=false takes the config as given")
     for line in lines:
@@ -149,9 +150,8 @@ def _get(cfg: Config, key: str) -> Any:
     return node
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
-    *path, last = key.split(".")
-    node: Any = cfg
-    for part in path:
-        node = getattr(node, part)
-    setattr(node, last, value)
+def _nested(key: str, value: Any) -> dict[str, Any]:
+    """`a.b.c`, v -> {"a": {"b": {"c": v}}}, the form `merge_dict` takes."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
