@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -260,11 +261,44 @@ def test_runtime_backends_run_a_checkpoint_through_one_cached_export(tmp_path, c
     assert "\nerror: cannot export: input.resize=pil" in capsys.readouterr().err  # after the random-weights note
 
 
+def ground_truth_from_detections(model, ann, images, path, min_score=0.5):
+    """Write `ann` with its annotations replaced by `model`'s own confident detections (boxes, labels,
+    masks encoded here by pycocotools, not by the eval path): evaluated on this file, a backend that
+    finds what PyTorch finds scores AP 100; one that moves, mislabels or misshapes them scores less."""
+    from pycocotools import mask as mask_utils
+
+    from maskrcnn.data.image_io import read_image
+
+    coco = json.loads(ann.read_text())
+    category_ids = [c["id"] for c in coco["categories"]]
+    annotations = []
+    for image in coco["images"]:
+        out = model.predict(read_image(images / image["file_name"]), score_threshold=min_score)[0]
+        for box, label, mask in zip(out["boxes"].tolist(), out["labels"].tolist(), out["masks"]):
+            rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+            x0, y0, x1, y1 = box
+            if mask_utils.area(rle) == 0 or x1 - x0 < 1 or y1 - y0 < 1:
+                continue
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "iscrowd": 0,
+                                "category_id": category_ids[label - 1], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                "area": float(mask_utils.area(rle)),
+                                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+    coco["annotations"] = annotations
+    path.write_text(json.dumps(coco))
+    return len(annotations)
+
+
 def test_eval_with_onnx_backends_matches_pytorch(tmp_path, shapes, capsys):
+    """The ground truth is PyTorch's own detections, so AP 100 is the right answer for every backend (on
+    the shapes annotations these random weights score AP 0, where any two backends agree)."""
+    from maskrcnn.api import load_model
+
     ckpt = saved_checkpoint(tiny_model(), tmp_path / "model.pth")
     onnx_path = tmp_path / "model.onnx"
     assert main(["export", "--weights", str(ckpt), "--format", "onnx", "--out", str(onnx_path)]) == 0
-    ann, images = shapes["val"]
+    shapes_ann, images = shapes["val"]
+    ann = tmp_path / "own-detections.json"
+    assert ground_truth_from_detections(load_model(None, weights=ckpt), shapes_ann, images, ann) >= 4
     metrics = {}
     for backend in ("pytorch", *BACKENDS):
         out = tmp_path / f"eval-{backend}"
@@ -273,6 +307,9 @@ def test_eval_with_onnx_backends_matches_pytorch(tmp_path, shapes, capsys):
                      "--out", str(out)]) == 0
         metrics[backend] = json.loads((out / "metrics.json").read_text())
         assert len(json.loads((out / "predictions.json").read_text())) > 0
+    for backend in ("pytorch", *BACKENDS):
+        for iou_type in ("bbox", "segm"):
+            assert metrics[backend][iou_type]["AP"] > 99.0, (backend, iou_type, metrics[backend][iou_type]["AP"])
     for backend in BACKENDS:
         for iou_type in ("bbox", "segm"):
             assert abs(metrics["pytorch"][iou_type]["AP"] - metrics[backend][iou_type]["AP"]) < 0.1, backend
