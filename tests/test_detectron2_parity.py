@@ -110,6 +110,40 @@ def test_predict_cli_reproduces_detectron2_cascade(tmp_path):
         assert detection_differences(theirs, mine, STRICT) == [], name
 
 
+def test_serve_answers_with_detectron2s_cascade_detections():
+    """`maskrcnn serve`'s answer for the Cascade fixture's smallest image is Detectron2's own: the served
+    boxes, scores and COCO ids, and the served RLE masks decoded by pycocotools against Detectron2's RLEs
+    (the cascade and serve tests elsewhere compare with our own `model.predict`)."""
+    import httpx
+
+    from maskrcnn.api import load_model
+    from maskrcnn.serve import create_app
+    from support import Running
+
+    assert CASCADE_FIXTURE.is_dir(), f"cascade fixture not found at {CASCADE_FIXTURE}"
+    model = load_model(str(CASCADE_FIXTURE / "config.yaml"), CASCADE_FIXTURE / "model.pkl")
+    coco_ids = model.cfg.model.category_ids
+    name = "chelsea_333x517.png"
+    expected = json.loads((CASCADE_FIXTURE / "expected.json").read_text())[name]
+    running = Running(create_app(model, score_threshold=0.0))
+    try:
+        response = httpx.post(f"{running.url}/predict", timeout=120,
+                              files={"file": (name, (CASCADE_FIXTURE / "images" / name).read_bytes(), "image/png")})
+    finally:
+        running.stop()
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["height"], body["width"]) == (expected["height"], expected["width"])
+    served = body["detections"]
+    assert len(served) == len(expected["boxes"]) == 100
+    assert all(d["category_id"] == coco_ids[d["label"] - 1] for d in served)
+    theirs = _detections(expected["boxes"], expected["scores"], [coco_ids[c] for c in expected["classes"]],
+                         expected["masks"])
+    mine = _detections([d["box"] for d in served], [d["score"] for d in served], [d["category_id"] for d in served],
+                       [d["mask"] for d in served])
+    assert detection_differences(theirs, mine, STRICT) == []
+
+
 @pytest.mark.skipif(not DC5_FIXTURE.is_dir(), reason=f"DC5 fixture not found at {DC5_FIXTURE}")
 def test_predict_cli_reproduces_detectron2_dc5(tmp_path):
     """Detectron2's R50-DC5 (thin): res5 dilated at stride 16, RPN and both RoI heads on that one map.
