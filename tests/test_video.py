@@ -84,3 +84,51 @@ def test_every_must_be_positive(checkpoint, tmp_path, capsys):
     write_clip(clip, frames=1)
     assert main(["predict", str(clip), "--weights", str(checkpoint), "--every", "0"]) == 2
     assert "--every 0 must be at least 1" in capsys.readouterr().err
+
+
+def write_lossless_clip(path, frames):
+    """Write `frames` (H x W x 3 uint8) as FFV1 in Matroska: lossless, so any decoder gives these arrays back."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("ffv1", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "bgr0"
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
+def test_each_processed_frame_gets_the_detections_of_that_frame(checkpoint, tmp_path):
+    """The frames are known without decoding anything (a lossless clip of arrays made here, each different:
+    a square moving over seeded noise): frames 0, 3 and 6 of 8 at --every 3, at 0.0, 0.3 and 0.6 s, and
+    each line holds what the model finds on that very array (every box, score, label, and the RLE mask
+    decoded by pycocotools). A dropped, repeated or misnumbered frame gives another frame's detections."""
+    from pycocotools import mask as mask_utils
+
+    frames = []
+    for i in range(8):
+        image = np.random.default_rng(i).integers(0, 60, (HEIGHT, WIDTH + 1, 3), dtype=np.uint8)
+        image[20:44, 5 + 7 * i : 29 + 7 * i] = (240, 200, 40)
+        frames.append(image)
+    clip = tmp_path / "clip.mkv"
+    write_lossless_clip(clip, frames)
+    out = tmp_path / "out"
+    assert main(["predict", str(clip), "--weights", str(checkpoint), "--out", str(out), "--every", "3",
+                 "--score-threshold", "0.0"]) == 0
+    lines = [json.loads(line) for line in (out / "clip.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in lines] == [0, 3, 6]
+    assert [r["time"] for r in lines] == pytest.approx([0.0, 0.3, 0.6], abs=1e-4)
+    model = load_model(None, weights=checkpoint)
+    for record in lines:
+        expected = model.predict(frames[record["frame"]], score_threshold=0.0)[0]
+        detections = record["detections"]
+        assert len(detections) == len(expected["boxes"]) > 0, record["frame"]
+        for det, box, score, label, mask in zip(detections, expected["boxes"], expected["scores"], expected["labels"],
+                                                expected["masks"]):
+            assert det["box"] == pytest.approx(box.tolist(), abs=0.01), record["frame"]
+            assert det["score"] == pytest.approx(float(score), abs=1e-5) and det["label"] == int(label)
+            decoded = mask_utils.decode({"size": det["mask"]["size"], "counts": det["mask"]["counts"].encode()})
+            assert np.array_equal(decoded.astype(bool), mask.numpy()), record["frame"]
+    written, rate = read_frames(out / "clip.mp4")
+    assert len(written) == 3 and rate == Fraction(FPS, 3)
