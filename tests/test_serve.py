@@ -531,3 +531,61 @@ def test_page_rle_decoder_matches_pycocotools():
     code = decoder + f"console.log(JSON.stringify({json.dumps(encode_masks(masks))}.map(r => Array.from(decodeRLE(r)))));"
     decoded = json.loads(subprocess.run(["node", "-e", code], capture_output=True, text=True, check=True).stdout)
     assert np.array_equal(np.array(decoded, dtype=bool).reshape(masks.shape), masks)
+
+
+class HandMadeModel:
+    """A stand-in for the model whose every answer is the same hand-made detections on a 40 x 50 image: a
+    disc, an L (not symmetric: a row-major or flipped RLE decodes to another shape), a bar reaching the
+    bottom-right corner (the RLE's last pixel), and one scoring under 0.5. No model code makes them."""
+
+    def __init__(self):
+        from maskrcnn.config import load_config
+
+        self.cfg = load_config("shapes", ["model.category_ids=[11,12,13]"])
+        self.class_names = ["square", "circle", "triangle"]
+        yy, xx = np.mgrid[:40, :50]
+        self.masks = np.stack([
+            (yy - 12) ** 2 + (xx - 15) ** 2 <= 36,  # disc: rows 6..18, columns 9..21
+            ((yy >= 20) & (yy < 35) & (xx >= 5) & (xx < 9)) | ((yy >= 31) & (yy < 35) & (xx >= 5) & (xx < 20)),
+            (yy >= 37) & (xx >= 30),  # reaches the bottom-right corner
+            (yy >= 2) & (yy < 5) & (xx >= 40) & (xx < 45),
+        ])
+        self.boxes = [[8.25, 5.5, 22.0, 19.75], [4.0, 19.0, 21.0, 36.0], [29.5, 36.5, 50.0, 40.0], [39.0, 1.0, 46.0, 6.0]]
+        self.scores, self.labels = [0.9, 0.8, 0.6, 0.3], [2, 1, 3, 1]
+
+    def predict(self, images, batch_size=1, score_threshold=None):
+        return [{"boxes": torch.tensor(self.boxes), "scores": torch.tensor(self.scores),
+                 "labels": torch.tensor(self.labels), "masks": torch.from_numpy(self.masks),
+                 "names": [self.class_names[label - 1] for label in self.labels]} for _ in images]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
+def test_served_detections_are_the_models_hand_made_ones():
+    """The answer, read back with pycocotools alone: each mask decodes to the hand-made mask, with the
+    pixel count and extent counted here by numpy; boxes, scores, category ids as made; the threshold applies."""
+    hand = HandMadeModel()
+    running = Running(create_app(hand, score_threshold=0.5))
+    try:
+        ready(running.url)
+        data = png_bytes(size=(40, 50), seed=3)
+        response = httpx.post(f"{running.url}/predict", files={"file": ("a.png", data, "image/png")})
+        everything = httpx.post(f"{running.url}/predict?score_threshold=0", content=data,
+                                headers={"content-type": "image/png"})
+    finally:
+        running.stop()
+    assert response.status_code == everything.status_code == 200, response.text
+    body = response.json()
+    assert (body["height"], body["width"]) == (40, 50)
+    served = body["detections"]
+    assert [d["score"] for d in served] == [0.9, 0.8, 0.6]  # 0.3 is under the server's 0.5
+    assert [d["label"] for d in served] == [2, 1, 3] and [d["category_id"] for d in served] == [12, 11, 13]
+    assert [d["name"] for d in served] == ["circle", "square", "triangle"]
+    assert [d["box"] for d in served] == hand.boxes[:3]
+    for d, mask in zip(served, hand.masks):
+        rle = {"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()}
+        assert d["mask"]["size"] == [40, 50]
+        assert np.array_equal(mask_utils.decode(rle).astype(bool), mask), d["label"]
+        ys, xs = np.nonzero(mask)
+        assert int(mask_utils.area(rle)) == int(mask.sum())
+        assert mask_utils.toBbox(rle).tolist() == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    assert [d["score"] for d in everything.json()["detections"]] == [0.9, 0.8, 0.6, 0.3]
