@@ -7,9 +7,10 @@ import argparse
 from maskrcnn.commands.options import (DEFAULT_MODEL_HELP, add_backend_option, add_device_option, add_model_options,
                                       add_overrides)
 from maskrcnn.errors import UserError
+from maskrcnn.serve import labeling
 
 HELP = ("Serve a model over HTTP: POST /predict (image → JSON or ?overlay=1 PNG), GET /health, GET /model, "
-        "OpenAPI docs at /docs, a web page at /")
+        "OpenAPI docs at /docs, a web page at /; pre-annotation for Label Studio (/label-studio) and CVAT (/cvat)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inferences run at once (default: 1; each already uses every core)")
     p.add_argument("--max-queue", type=int, default=8,
                    help="requests waiting beyond those running; more get 503 (default: 8)")
+    labeling.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_backend(args, list(args.overrides))
     app = create_app(model, max_upload=int(args.max_upload_mb * 2**20), max_concurrent=args.max_concurrent,
                      max_queue=args.max_queue, score_threshold=args.score_threshold, backend=args.backend,
-                     weights=args.weights)
+                     weights=args.weights, labeling=labeling.access_from_args(args))
     print(f"serving on http://{args.host}:{args.port}/ (API docs: /docs); Ctrl-C stops", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -121,8 +121,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
 
 def create_app(model: Any, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_concurrent: int = 1, max_queue: int = 8,
-               score_threshold: float = 0.5, backend: str = "pytorch", weights: str | None = None) -> FastAPI:
-    """Return the FastAPI app serving `model` (a MaskRCNN or an OnnxMaskRCNN: anything with `predict`)."""
+               score_threshold: float = 0.5, backend: str = "pytorch", weights: str | None = None,
+               labeling: Any = None) -> FastAPI:
+    """Return the FastAPI app serving `model` (a MaskRCNN or an OnnxMaskRCNN: anything with `predict`), with the
+    labelling tools' routes (maskrcnn.serve.labeling; `labeling`: how it reaches Label Studio's images)."""
     from maskrcnn.api import category_ids
     from maskrcnn.structures import detections_to_cpu
 
@@ -191,6 +193,15 @@ def create_app(model: Any, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_concurre
     def score_threshold_or(value: float | None) -> float:
         return score_threshold if value is None else value
 
+    async def infer(image: np.ndarray, threshold: float) -> dict[str, Any]:
+        """Run one image through the model (for the labelling tools' routes), sharing /predict's slots."""
+        async with gate.slots:
+            return await run_in_threadpool(lambda: detections_to_cpu(model.predict(image, score_threshold=threshold)[0]))
+
+    from maskrcnn.serve.labeling import labeling_router
+
+    app.include_router(labeling_router(model, infer, read_body, decode_image, score_threshold=score_threshold,
+                                       max_upload=max_upload, weights=weights, access=labeling))
     return app
 
 
