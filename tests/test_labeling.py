@@ -246,7 +246,8 @@ def test_label_studio_routes_report_bad_input(server):
     assert bad.status_code == 400 and "no <PolygonLabels>" in bad.json()["detail"]
     missing = httpx.post(f"{server.url}/label-studio/predict", timeout=60,
                          json={"tasks": [{"id": 7, "data": {"image": "/nowhere/a.png"}}], "label_config": config})
-    assert missing.status_code == 400 and "outside --local-files-root" in missing.json()["detail"]
+    assert missing.status_code == 400 and missing.json()["detail"].startswith("task 7: ")
+    assert "outside --local-files-root" in missing.json()["detail"]
     local = httpx.post(f"{server.url}/label-studio/predict", timeout=60,
                        json={"tasks": [{"id": 7, "data": {"image": str(server.root / "a.png")}}], "label_config": config})
     assert local.status_code == 200 and local.json()["results"][0]["result"]

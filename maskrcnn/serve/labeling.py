@@ -353,7 +353,6 @@ def model_version(weights: str | None, model: Any) -> str:
     return f"maskrcnn-{Path(weights).name if weights else 'untrained'}-{len(class_names(model))}classes"
 
 
-
 # ---- the routes -----------------------------------------------------------------------------------
 
 
@@ -372,11 +371,14 @@ def labeling_router(model: Any, infer: Infer, read_body: ReadBody, decode: Decod
     access = access or LabelStudioAccess()
     max_pixels = model.cfg.input.max_pixels
 
-    async def json_body(request: Request, limit: int) -> Any:
+    async def json_body(request: Request, limit: int) -> dict[str, Any]:
         try:
-            return json.loads(await read_body(request, limit))
+            body = json.loads(await read_body(request, limit))
         except ValueError:
-            raise HTTPException(400, "the request body is not JSON") from None
+            body = None
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the request body is not a JSON object")
+        return body
 
     async def detect(data: bytes, threshold: float) -> tuple[tuple[int, int], list[Instance]]:
         image = await run_in_threadpool(decode, data, max_pixels)
@@ -411,12 +413,16 @@ def labeling_router(model: Any, infer: Infer, read_body: ReadBody, decode: Decod
             target = parse_label_config(str(body.get("label_config", "")), names)
             results = []
             for task in tasks:
+                task_id = task.get("id") if isinstance(task, dict) else None
                 ref = (task.get("data") or {}).get(target.data_key) if isinstance(task, dict) else None
                 if not isinstance(ref, str):
-                    raise LabelingError(f"task {task.get('id') if isinstance(task, dict) else task!r} has no "
-                                        f"'{target.data_key}' image in its data")
-                data = await run_in_threadpool(fetch_task_image, ref, access, project, max_upload)
-                size, found = await detect(data, score_threshold)
+                    raise LabelingError(f"task {task_id}: no '{target.data_key}' image in its data")
+                try:
+                    data = await run_in_threadpool(fetch_task_image, ref, access, project, max_upload)
+                    size, found = await detect(data, score_threshold)
+                except (LabelingError, HTTPException) as e:  # name the task in the one-line answer
+                    raise HTTPException(getattr(e, "status_code", 400), f"task {task_id}: {getattr(e, 'detail', e)}") \
+                        from None
                 regions = await run_in_threadpool(label_studio_regions, found, target, size)
                 score = float(np.mean([r["score"] for r in regions])) if regions else 0.0
                 results.append({"result": regions, "score": round(score, 5), "model_version": version})
