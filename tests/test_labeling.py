@@ -135,7 +135,8 @@ def test_cvat_sdk_function_module_passes_the_sdks_validation(checkpoint):
     assert isinstance(function.spec, cvataa.DetectionFunctionSpec)
     data = png_bytes()
     want = expected(function.model, data)
-    task_labels = [models.Label(id=10 + i, name=name, type="any") for i, name in enumerate(function.names)]
+    task_labels = [models.Label(id=10 + i, name=name, type="any", attributes=[], sublabels=[])  # as a task lists them
+                   for i, name in enumerate(function.names)]
     for to_poly in (False, True):
         context = _DetectionFunctionContextImpl(frame_name="a.png", conf_threshold=0.5, conv_mask_to_poly=to_poly)
         shapes = function.detect(context, Image.open(io.BytesIO(data)))
