@@ -45,9 +45,11 @@ def run_project(client: LabelStudio, job: dict, spec: dict, bearer: str) -> dict
         reply.raise_for_status()
     if spec["tasks"]:
         client.projects.import_tasks(project.id, request=spec["tasks"])
-    backend = client.ml.create(project=project.id, url=job["backend"], title="maskrcnn", timeout=120)
+    patient = {"timeout_in_seconds": 1800}  # Label Studio waits for the backend's answers within these calls
+    backend = client.ml.create(project=project.id, url=job["backend"], title="maskrcnn", timeout=1800,
+                               request_options=patient)
     client.actions.create(id="retrieve_tasks_predictions", project=project.id,
-                          selected_items={"all": True, "excluded": []})
+                          selected_items={"all": True, "excluded": []}, request_options=patient)
     tasks = []
     for task in client.tasks.list(project=project.id, fields="all"):
         predictions = []
