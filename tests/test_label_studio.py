@@ -68,8 +68,9 @@ def label_studio(tmp_path_factory):
     port = free_port()
     log = open(data / "server.log", "w")
     # A backend on 127.0.0.1: Label Studio refuses local addresses for ML backends and their webhooks otherwise.
+    # ML_TIMEOUT_PREDICT: Label Studio gives a backend 100 s per /predict by default, short on a loaded CPU.
     env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data), "ML_BLOCK_LOCAL_IP": "false",
-           "SSRF_PROTECTION_ENABLED": "false"}
+           "SSRF_PROTECTION_ENABLED": "false", "ML_TIMEOUT_PREDICT": "1500"}
     process = subprocess.Popen(
         [str(LS_BIN / "label-studio"), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
          "--data-dir", str(data), "--database", str(data / "label_studio.sqlite3"),
