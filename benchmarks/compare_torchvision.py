@@ -28,19 +28,16 @@ from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
-from torchvision.models import resnet50
-from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.roi_heads import paste_masks_in_image
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from maskrcnn.config import load_config
-from maskrcnn.engine.benchmark import peak_rss_kib, random_targets
+from maskrcnn.engine.benchmark import alternate, peak_rss_kib, random_targets
+from maskrcnn.engine.benchmark import training_step as engine_training_step
 from maskrcnn.engine.compare import Tolerances, agreement_summary, detection_differences
-from maskrcnn.modeling import build_model, import_state_dict
+from maskrcnn.engine.torchvision_reference import fine_tuning_torchvision_model as torchvision_model
+from maskrcnn.engine.torchvision_reference import FAST_PATH, ours_with_weights
 from maskrcnn.structures import paste_masks
 
-FP32_TOLERANCES = Tolerances(box=0.05, score=1e-4, mask_iou=0.99)  # as tests/test_torchvision_parity.py
+FP32_TOLERANCES = FAST_PATH  # as tests/test_torchvision_parity.py
 # The parity tests ask 98 of 100 at 320 px. At 800 px these random weights also give sliver boxes
 # (0.2-0.4 px wide) whose box moves by up to ~0.06 px, score by ~2e-4 and mask by a pixel when the
 # convolutions sum in another order; 95 of 100 must agree, and the report names the others.
@@ -48,40 +45,13 @@ FP32_MIN_MATCHED = 0.95
 BF16_TOLERANCES = Tolerances(box=2.0, score=0.02, mask_iou=0.9)  # "the same detection", reported only
 
 
-def torchvision_model() -> torch.nn.Module:
-    """torchvision's maskrcnn_resnet50_fpn as fine-tuned from ImageNet: frozen BN, res3..res5 trainable."""
-    torch.manual_seed(0)
-    trunk = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
-    model = TorchvisionMaskRCNN(_resnet_fpn_extractor(trunk, trainable_layers=3), num_classes=91).eval()
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.weight.mul_(0.5)
-    return model
-
-
 def our_model(reference: torch.nn.Module, overrides: list[str] | None = None) -> torch.nn.Module:
     """Our `torchvision-r50-fpn` preset with the reference's weights."""
-    model = build_model(load_config("torchvision-r50-fpn", overrides or []))
-    result = model.load_state_dict(import_state_dict(model, reference.state_dict()), strict=False)
-    assert not result.missing_keys, result.missing_keys
-    return model.eval()
+    return ours_with_weights("torchvision-r50-fpn", reference.state_dict(), overrides or [])
 
 
 def autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def alternate(variants: dict[str, Callable[[], Any]], runs: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Time each variant `runs` times, interleaved, after `warmup` untimed calls each."""
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(runs):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def compare_inference(reference, ours, image: torch.Tensor, runs: int) -> dict[str, Any]:
@@ -117,18 +87,8 @@ def compare_inference(reference, ours, image: torch.Tensor, runs: int) -> dict[s
 
 
 def training_step(model, images: list[torch.Tensor], targets: list[dict], bf16: bool) -> Callable[[], None]:
-    """Return a function doing one SGD step of `model` on this batch (train mode only inside it)."""
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
-
-    def step() -> None:
-        model.train()
-        with autocast(bf16):
-            losses = model(images, [dict(t) for t in targets])
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
-        model.eval()
-    return step
+    """Return a function doing one SGD step of `model` on this batch, FP32 or BF16 autocast (train mode only inside it)."""
+    return engine_training_step(model, images, targets, torch.bfloat16 if bf16 else None, lr=1e-5)
 
 
 def compare_training(reference, ours, size: tuple[int, int], batch: int, runs: int) -> dict[str, Any]:

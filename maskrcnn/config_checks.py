@@ -90,6 +90,9 @@ def _validate_input(i: InputConfig) -> None:
     if i.min_size_train_sampling == "range" and (len(sizes) != 2 or sizes[0] > sizes[1]):
         raise ConfigError("config key 'input.min_size_train' needs [lo, hi] with lo <= hi when "
                           f"input.min_size_train_sampling=range, got {i.min_size_train}")
+    if not 0.0 <= i.scale <= 16.0:
+        raise ConfigError(f"config key 'input.scale' is a resize factor in (0, 16] (0 = resize the shorter side to "
+                          f"input.min_size_train/test), got {i.scale}")
     for key in ("horizontal_flip", "vertical_flip", "rotate90"):
         if not 0.0 <= getattr(i, key) <= 1.0:
             raise ConfigError(f"config key 'input.{key}' is a probability in 0..1, got {getattr(i, key)}")

@@ -239,6 +239,11 @@ class InputConfig:
     max_size_train: int = 1333
     min_size_test: int = 800
     max_size_test: int = 1333
+    # > 0: every image is resized by this one factor, in training and at test (capped by max_size_train /
+    # max_size_test), so an object keeps its size in pixels whatever the size of its image (microscopy,
+    # aerial or document images, where a pixel is a fixed length); min_size_train/min_size_test are then
+    # unused. 0: the shorter side goes to min_size (the COCO rule).
+    scale: float = 0.0
     horizontal_flip: float = 0.5  # probability
     vertical_flip: float = 0.0  # probability
     rotate90: float = 0.0  # probability of a quarter turn (90, 180 or 270 degrees, equally likely)
@@ -253,6 +258,11 @@ class InputConfig:
 @dataclass
 class DataConfig:
     """COCO-format datasets as `ANN.json:IMAGE_DIR` strings."""
+
+    # choose the input scale, training crop, anchor sizes and proposal/detection counts from the training
+    # set's object and image sizes when training starts (maskrcnn/engine/fit_to_data.py); the keys given
+    # as KEY=VALUE overrides keep their value. On in the `own-data` preset (`maskrcnn train` without --config).
+    fit_to_data: bool = False
 
     train: list[str] = field(default_factory=list)
     val: str = ""

@@ -103,6 +103,8 @@ class ExportableMaskRCNN(nn.Module):
         size64 = size.to(torch.float64)
         # 1-d constants: the exporter turns 0-d ones (and Python numbers) into float32 and casts to match.
         limits = size64.new_tensor([cfg.input.min_size_test, cfg.input.max_size_test])
+        if cfg.input.scale > 0:  # one factor for every image (input.scale), the longer side still capped
+            limits = torch.stack([size64.min() * cfg.input.scale, limits[1]])
         scale = (limits / torch.stack([size64.min(), size64.max()])).min()
         new_size = torch.floor(size64 * scale).to(torch.int64)
         image = (image - m.pixel_mean) / m.pixel_std
@@ -274,10 +276,12 @@ class OnnxMaskRCNN:
 
     `backend` names the runtime (maskrcnn.onnx_backends.BACKENDS); `precision` is fp32, or bf16 for OpenVINO;
     None (the default) runs the file as it is: fp32, or int8 for `maskrcnn quantize`'s IR (.xml, OpenVINO only).
+    `requests` > 1: OpenVINO runs that many images at once (`OpenVinoRunner`); calls from several threads are
+    safe with either runtime.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, backend: str = "onnxruntime",
-                 precision: str | None = None):
+                 precision: str | None = None, requests: int = 1):
         from maskrcnn.config import Config, merge_dict
         from maskrcnn.onnx_backends import open_runner
 
@@ -286,7 +290,7 @@ class OnnxMaskRCNN:
             kind, command = ("OpenVINO IR", "maskrcnn quantize") if path.suffix.lower() == ".xml" else \
                 ("ONNX file", "maskrcnn export --format onnx")
             raise UserError(f"{kind} '{path}' not found; write one with `{command}`")
-        self.runner = open_runner(backend, path, threads, precision)
+        self.runner = open_runner(backend, path, threads, precision, requests)
         config = self.runner.metadata("maskrcnn.config")
         if config is None:
             raise UserError(f"'{path}' was not written by `maskrcnn export` (no maskrcnn.config metadata)")
@@ -328,9 +332,10 @@ class OnnxMaskRCNN:
         from maskrcnn.structures import paste_masks, paste_masks_grid_sample
 
         paste = paste_masks_grid_sample if self.cfg.model.mask_head.paste == "detectron2" else paste_masks
+        arrays = self.runner.run_many([image.detach().cpu().float().contiguous().numpy() for image in images])
         results = []
-        for image in images:
-            raw = self.run(image)
+        for image, outputs in zip(images, arrays):
+            raw = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in zip(OUTPUT_NAMES, outputs)}
             h, w = image.shape[-2:]
             masks = paste(raw["mask_probs"], raw["boxes"], int(h), int(w), self.cfg.model.mask_head.threshold)
             results.append({"boxes": raw["boxes"], "scores": raw["scores"], "labels": raw["labels"], "masks": masks})
@@ -342,19 +347,22 @@ class OnnxMaskRCNN:
         """Return per image: `boxes` (xyxy px), `scores`, `labels` (1..K), `masks` (bool HxW), `names`.
 
         As `MaskRCNN.predict`, an image that the exported config's `test.tiling` tiles runs window by window.
+        The graph takes one image: `batch_size` images go to the runtime together, which OpenVINO with several
+        infer requests runs at once.
         """
         from maskrcnn.modeling.mask_rcnn import as_image_tensor
         from maskrcnn.tiling import run_model
 
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         results = []
-        for item in items:
-            out = run_model(self, [as_image_tensor(item, self.cfg.input.max_pixels)])[0]
-            if score_threshold is not None:
-                keep = out["scores"] >= score_threshold
-                out = {k: v[keep] for k, v in out.items()}
-            out["names"] = [self.label_name(int(i)) for i in out["labels"]]
-            results.append(out)
+        for start in range(0, len(items), batch_size):
+            chunk = [as_image_tensor(item, self.cfg.input.max_pixels) for item in items[start : start + batch_size]]
+            for out in run_model(self, chunk):
+                if score_threshold is not None:
+                    keep = out["scores"] >= score_threshold
+                    out = {k: v[keep] for k, v in out.items()}
+                out["names"] = [self.label_name(int(i)) for i in out["labels"]]
+                results.append(out)
         return results
 
 

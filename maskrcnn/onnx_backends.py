@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import queue
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import ModuleType
@@ -42,7 +44,8 @@ class OnnxRunner(ABC):
     package: ClassVar[str]  # the Python package it needs
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
 
-    def __init__(self, path: Path, threads: int | None = None, precision: str | None = None):
+    def __init__(self, path: Path, threads: int | None = None, precision: str | None = None, requests: int = 1):
+        self.requests = max(1, requests)
         if precision is not None and precision not in self.precisions:
             raise UserError(f"--backend {self.backend} runs the file in {' or '.join(self.precisions)}, "
                             f"not {precision}")
@@ -72,7 +75,13 @@ class OnnxRunner(ABC):
 
     @abstractmethod
     def run(self, image: np.ndarray) -> list[np.ndarray]:
-        """Return the outputs, in OUTPUT_NAMES order, for one contiguous float32 [3, H, W] image."""
+        """Return the outputs, in OUTPUT_NAMES order, for one contiguous float32 [3, H, W] image.
+
+        Safe to call from several threads at once."""
+
+    def run_many(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Return `run`'s outputs for each image (one after another; OpenVINO overlaps them on its streams)."""
+        return [self.run(image) for image in images]
 
 
 class OnnxRuntimeRunner(OnnxRunner):
@@ -98,13 +107,20 @@ class OnnxRuntimeRunner(OnnxRunner):
 
 
 class OpenVinoRunner(OnnxRunner):
-    """OpenVINO's CPU plugin: the .onnx file directly (no conversion step) in FP32 or BF16, or the int8 IR."""
+    """OpenVINO's CPU plugin: the .onnx file directly (no conversion step) in FP32 or BF16, or the int8 IR.
+
+    It keeps `requests` infer requests (what an `AsyncInferQueue` keeps): each call takes an idle one, so
+    several threads may run images at once (one request shared by two threads fails: "Infer Request is
+    busy"), and `run_many` starts several images asynchronously. More than one request compiles the model with
+    the THROUGHPUT hint (as many CPU streams as requests); one, with the LATENCY hint (one image at a time).
+    An error in an inference is raised in the calling thread.
+    """
 
     backend, name, package = "openvino", "OpenVINO", "openvino"
     precisions = PRECISIONS
 
     def _load(self, runtime: ModuleType, path: Path, threads: int | None, precision: str | None) -> str:
-        core = runtime.Core()
+        core = openvino_core()
         self.model = core.read_model(str(path))
         precision = file_precision(path, is_quantized(self.model), precision)
         if precision == "bf16":
@@ -112,11 +128,17 @@ class OpenVinoRunner(OnnxRunner):
         # The hint is always set: on a CPU with native bfloat16 OpenVINO otherwise picks bf16 by itself
         # (2026.4 does here), which would silently break parity with PyTorch's float32. An int8 file's
         # layers left unquantized (prediction layers, post-processing) run in float32 too.
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-                                  "PERFORMANCE_HINT": "LATENCY"}  # one image at a time
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        if self.requests > 1:  # several images at once, each on its own CPU stream
+            config.update(PERFORMANCE_HINT="THROUGHPUT", PERFORMANCE_HINT_NUM_REQUESTS=self.requests)
+        else:
+            config["PERFORMANCE_HINT"] = "LATENCY"  # one image at a time, on every core
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(self.model, "CPU", config)
+        self.idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(self.requests):
+            self.idle.put(self.compiled.create_infer_request())
         return precision
 
     def metadata(self, key: str) -> str | None:
@@ -126,8 +148,54 @@ class OpenVinoRunner(OnnxRunner):
         return self.model.get_rt_info(["framework", key]).astype(str)
 
     def run(self, image: np.ndarray) -> list[np.ndarray]:
-        outputs = self.compiled({"image": image})  # copies the results out of the request's buffers
-        return [outputs[name] for name in OUTPUT_NAMES]
+        return self.run_many([image])[0]
+
+    def run_many(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:
+        results: list[list[np.ndarray]] = []
+        while len(results) < len(images):
+            taken = [self.idle.get()]  # waits for one idle request; never holds one while waiting for another
+            while len(taken) < min(self.requests, len(images) - len(results)):
+                try:
+                    taken.append(self.idle.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                for request, image in zip(taken, images[len(results):]):
+                    request.start_async({"image": image})
+                for request in taken:
+                    request.wait()
+                    results.append([request.get_tensor(name).data.copy() for name in OUTPUT_NAMES])
+            finally:
+                for request in taken:
+                    request.wait()  # after an error the others may still run: let them finish first
+                    self.idle.put(request)
+        return results
+
+
+_core: Any = None
+_core_lock = threading.Lock()
+
+
+def openvino_core() -> Any:
+    """Return the process's one `openvino.Core`, made on first use with its CPU plugin loaded.
+
+    One Core, never destroyed, because every CPU-plugin instance (one per Core) gives the thread that makes
+    it a new alternate signal stack and, when destroyed, unmaps it but puts the previous one back only if
+    its own is still current. Cores destroyed in the order they were made (two models loaded and dropped)
+    left the main thread's alternate stack unmapped, and the next Python signal handler to run (SIGCHLD,
+    SIGINT: Python installs them with SA_ONSTACK) killed the process with SIGSEGV (tests/test_signal_stack.py).
+    The plugin is loaded at once, so that its stack is in place before any Core that NNCF makes for itself
+    (NNCF 3.4 takes no Core) and stays the bottom one.
+    """
+    global _core
+    with _core_lock:
+        if _core is None:
+            import openvino
+
+            core = openvino.Core()
+            core.get_property("CPU", "FULL_DEVICE_NAME")  # creates the CPU plugin instance
+            _core = core
+        return _core
 
 
 def is_quantized(model: Any) -> bool:
@@ -203,8 +271,10 @@ def choose_backend(weights: str | Path | None) -> str:
     return installed[0]
 
 
-def open_runner(backend: str, path: Path, threads: int | None = None, precision: str | None = None) -> OnnxRunner:
-    """Return `path` loaded by the runtime named `backend` (one of BACKENDS); `precision` None: the file's own."""
+def open_runner(backend: str, path: Path, threads: int | None = None, precision: str | None = None,
+                requests: int = 1) -> OnnxRunner:
+    """Return `path` loaded by the runtime named `backend` (one of BACKENDS); `precision` None: the file's own;
+    `requests`: images OpenVINO runs at once (ONNX Runtime's session runs any number of threads' calls)."""
     if backend not in RUNNERS:
         raise UserError(f"unknown ONNX backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-    return RUNNERS[backend](path, threads, precision)
+    return RUNNERS[backend](path, threads, precision, requests)

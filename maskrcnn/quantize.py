@@ -208,15 +208,13 @@ def _without_shared_constants(core: Any, model: Any) -> Any:
 
 def read_onnx(path: Path) -> Any:
     """Return the exported file as an OpenVINO model, or raise a UserError that names it."""
-    import openvino as ov
-
-    from maskrcnn.onnx_backends import first_line
+    from maskrcnn.onnx_backends import first_line, openvino_core
 
     if not path.is_file():
         raise UserError(f"ONNX file '{path}' not found; write one with `maskrcnn export --format onnx`")
     if path.suffix.lower() != ".onnx":
         raise UserError(f"--onnx '{path}' is not an .onnx file; give the file `maskrcnn export --format onnx` wrote")
-    core = ov.Core()
+    core = openvino_core()
     try:
         model = core.read_model(str(path))
     except Exception as e:  # OpenVINO raises its own classes for every kind of bad file

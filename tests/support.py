@@ -6,12 +6,18 @@ the torchvision parity set-up, a server in a thread, and a few file and image he
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import importlib.util
 import io
 import json
+import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
@@ -21,8 +27,10 @@ from pycocotools import mask as mask_utils
 from torch import nn
 
 from maskrcnn.config import load_config
-from maskrcnn.engine.compare import Tolerances
-from maskrcnn.modeling import build_model, import_state_dict
+from maskrcnn.engine.torchvision_reference import (  # noqa: F401  (the parity set-up, shared with benchmarks/)
+    FAST_PATH, FAST_PATH_MATCHED, PARITY_MAX_SIZE, PARITY_MIN_SIZE, decisive_torchvision_model, ours_with_weights,
+    parity_size_overrides)
+from maskrcnn.modeling import build_model
 
 # ---- tiny models and runs -------------------------------------------------------------------------
 
@@ -129,15 +137,51 @@ def decisive(model):
 def run_cli(*args: str) -> "subprocess.CompletedProcess[str]":
     """Run `maskrcnn ARGS...` in a fresh Python process; return it finished (stdout, stderr as text).
 
-    The int8 calibrations and the exported-model benchmark run this way, so NNCF and the runtimes' thread
-    pools stay out of the test process: a precaution taken while chasing a SIGSEGV that killed the test
-    process at a later, unrelated test (2026-12-03). It did not stop that crash (the Makefile's separate
-    runtime-test process did); its cause is unknown.
+    The int8 calibrations and the exported-model benchmark run this way, as a user runs them. That began as
+    a precaution while chasing a SIGSEGV that killed the test process at a later, unrelated test (2026-12-03);
+    it did not stop it. The cause, found later: OpenVINO Cores destroyed first-in first-out left the main
+    thread's alternate signal stack unmapped (tests/test_signal_stack.py); one process-wide Core fixed it.
     """
     import subprocess
     import sys
 
     return subprocess.run([sys.executable, "-m", "maskrcnn.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """Import benchmarks/NAME.py as the module `name` (the scripts are files, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass looks its module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+class SigaltstackT(ctypes.Structure):
+    """C's stack_t, as sigaltstack(2) reads and writes it."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+SS_DISABLE = 2  # stack_t.ss_flags: no alternate stack
+
+
+def alternate_stack() -> dict:
+    """Return this thread's alternate signal stack: its address, whether it is enabled, and whether all of it is
+    mapped (mincore(2) fails with ENOMEM on a range with an unmapped page)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    stack = SigaltstackT()
+    if libc.sigaltstack(None, ctypes.byref(stack)) != 0:
+        raise OSError(ctypes.get_errno(), "sigaltstack failed")
+    address, size = stack.ss_sp or 0, stack.ss_size
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = address - address % page
+    pages = (address + max(size, 1) - start + page - 1) // page
+    mapped = libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * page), (ctypes.c_ubyte * pages)()) == 0
+    if not mapped and ctypes.get_errno() != errno.ENOMEM:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return {"address": address, "enabled": not stack.ss_flags & SS_DISABLE, "mapped": mapped}
 
 
 def saved_checkpoint(model, path: Path) -> Path:
@@ -156,39 +200,11 @@ def tiny_model(extra: list[str] = ()):
 
 # ---- parity with torchvision ----------------------------------------------------------------------
 
-PARITY_MIN_SIZE, PARITY_MAX_SIZE = 320, 512  # smaller than the presets' 800 px, so parity tests stay quick
-# Channels-last convolutions and folded frozen BN sum in another order than torchvision's NCHW
-# convolutions: on random weights boxes move by up to ~0.03 px and scores by ~2e-5, and one
-# detection in a hundred may sit on an NMS near-tie that the last bit decides.
-FAST_PATH = Tolerances(box=0.05, score=1e-4, mask_iou=0.99)
-FAST_PATH_MATCHED = 0.98
-
-
-def decisive_torchvision_model(builder):
-    """Return a seeded torchvision Mask R-CNN (from `builder`) whose scores and masks are not near-ties."""
-    torch.manual_seed(0)
-    model = builder(weights=None, weights_backbone=None, num_classes=91).eval()
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.weight.mul_(0.5)  # scores spread over ~0.35..0.5
-        # Random mask logits saturate to exactly 0 or 1, and a bilinear sample halfway between the two
-        # lands exactly on the 0.5 threshold; softer logits, shifted off zero, avoid such coin flips.
-        model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.05)
-        model.roi_heads.mask_predictor.mask_fcn_logits.bias.add_(0.3)
-    model.transform.min_size = (PARITY_MIN_SIZE,)
-    model.transform.max_size = PARITY_MAX_SIZE
-    return model
-
-
 def ours_from_torchvision(reference: nn.Module, preset: str, folder: Path):
     """Return our model of `preset` loaded from `reference`'s weights saved as a file (every key used)."""
     path = folder / "torchvision.pth"
     torch.save(reference.state_dict(), path)
-    cfg = load_config(preset, [f"input.min_size_test={PARITY_MIN_SIZE}", f"input.max_size_test={PARITY_MAX_SIZE}"])
-    ours = build_model(cfg)
-    result = ours.load_state_dict(import_state_dict(ours, torch.load(path, weights_only=True)), strict=False)
-    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
-    assert not result.missing_keys and not unexpected
-    return ours
+    return ours_with_weights(preset, torch.load(path, weights_only=True), parity_size_overrides())
 
 
 def detect_both(reference: nn.Module, ours: nn.Module, images: list[torch.Tensor]) -> tuple[list[dict], list[dict]]:

@@ -5,7 +5,6 @@ No training here: benchmarks/ablations.py trains the variants; these tests pin w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from maskrcnn.modeling import build_model
 from maskrcnn.modeling.backbone import Backbone
 from maskrcnn.modeling.poolers import RoIPooler
 from maskrcnn.modeling.roi_heads import MaskHead, MLPMaskHead, mask_loss, mask_probabilities
+from support import benchmark_script
 
 STRIDE = 16
 
@@ -190,17 +190,8 @@ def test_inconsistent_ablation_configs_are_refused(overrides, message):
         load_config("shapes", overrides)
 
 
-def _ablations_script():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ablations.py"
-    spec = importlib.util.spec_from_file_location("ablations", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ablations"] = module  # its dataclass looks its module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_ablation_variant_builds_and_runs_a_training_step():
-    ablations = _ablations_script()
+    ablations = benchmark_script("ablations")
     image = [torch.rand(3, 64, 64) * 255]
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
     masks[0, 10:40, 12:44] = 1
@@ -236,7 +227,7 @@ def _fake_run(ablations, out: Path, variant: str, seed: int, mask_ap: float) -> 
 
 
 def test_report_table_gives_mean_and_spread_of_the_finished_seeds(tmp_path):
-    ablations = _ablations_script()
+    ablations = benchmark_script("ablations")
     _fake_run(ablations, tmp_path, "fpn/baseline", 0, 40.0)
     _fake_run(ablations, tmp_path, "fpn/baseline", 2, 44.0)
     _fake_run(ablations, tmp_path, "fpn/mlp", 0, 39.0)
@@ -264,7 +255,7 @@ def test_report_table_gives_mean_and_spread_of_the_finished_seeds(tmp_path):
 
 
 def test_cascade_table_compares_box_ap_and_reports_the_cost(tmp_path):
-    ablations = _ablations_script()
+    ablations = benchmark_script("ablations")
     for variant, box, step, image in (("cascade/plain", (50.0, 80.0, 55.0), 1.0, 0.05),
                                       ("cascade/cascade", (53.0, 80.5, 60.0), 1.5, 0.07)):
         for seed in (0, 1):
@@ -295,7 +286,7 @@ def test_cascade_table_compares_box_ap_and_reports_the_cost(tmp_path):
 
 
 def test_a_failing_run_is_reported_and_the_batch_goes_on(tmp_path, monkeypatch, capsys):
-    ablations = _ablations_script()
+    ablations = benchmark_script("ablations")
     data = f"{tmp_path}/missing.json:{tmp_path}"
     monkeypatch.setattr(sys, "argv", ["ablations.py", "--out", str(tmp_path), "--variants", "fpn/baseline",
                                       "fpn/softmax", "--seeds", "0", "--data", data, data, "--jobs", "2"])
@@ -308,7 +299,7 @@ def test_a_failing_run_is_reported_and_the_batch_goes_on(tmp_path, monkeypatch, 
 
 
 def test_an_override_after_variants_is_named_with_where_it_goes(monkeypatch, capsys):
-    ablations = _ablations_script()
+    ablations = benchmark_script("ablations")
     monkeypatch.setattr(sys, "argv", ["ablations.py", "--variants", "fpn/mlp", "solver.ims_per_batch=4"])
     with pytest.raises(SystemExit):
         ablations.main()

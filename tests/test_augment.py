@@ -200,10 +200,10 @@ def test_scale_jitter_range():
     cfg = load_config(None, ["input.min_size_train_sampling=range", "input.min_size_train=[96,100]"])
     model = SimpleNamespace(cfg=cfg, training=True)
     torch.manual_seed(0)
-    sizes = {MaskRCNN._target_size(model)[0] for _ in range(200)}
+    sizes = {MaskRCNN._target_size(model, 100, 100)[0] for _ in range(200)}
     assert sizes == {96, 97, 98, 99, 100}
     choice = SimpleNamespace(cfg=load_config(None, ["input.min_size_train=[96,100]"]), training=True)
-    assert {MaskRCNN._target_size(choice)[0] for _ in range(50)} == {96, 100}
+    assert {MaskRCNN._target_size(choice, 100, 100)[0] for _ in range(50)} == {96, 100}
 
 
 @pytest.mark.parametrize("override, message", [

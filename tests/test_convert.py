@@ -579,6 +579,8 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--from", "yolo-seg", str(tmp_path / "labels"), "--images", str(tmp_path)], "no data.yaml or classes.txt"),
         (["--from", "label-images", str(tmp_path / "empty")], "give --images DIR"),
         (["--from", "coco", str(tmp_path / "list.json"), "--to", "yolo-seg"], "is not a COCO instances file"),
+        (["--from", "mask-folders", str(tmp_path / "lm")], "holds no image folders with images/ and masks/"),
+        (["--from", "mask-folders", str(tmp_path / "bad.xml")], "is not a folder"),
         (["--from", "labelme", str(tmp_path / "lm"), "--split", "train"], "--split applies to --from voc-masks only"),
         (["--from", "labelme", str(tmp_path / "nowhere")], "does not exist"),
     ]
@@ -611,3 +613,91 @@ def test_traced_and_bridged_polygon_covers_exactly_the_mask():
             continue
         polygon = geometry.mask_polygon(mask)  # traced within the mask's box, shifted back
         assert (geometry.decode_rle(geometry.rle_from_polygons([polygon], h, w)) == mask).all()
+
+
+# ---- mask folders (the 2018 Data Science Bowl's layout) -------------------------------------------------
+
+DSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
+
+
+def _mask_folder(root: Path, name: str, photo: Path | None, masks: dict[str, np.ndarray]) -> Path:
+    """Write ROOT/NAME/images/NAME.png (a copy of `photo`, or a random one) and masks/KEY.png (0/255) per mask."""
+    folder = root / name
+    (folder / "images").mkdir(parents=True)
+    if photo is None:
+        _photo(folder / "images" / f"{name}.png")
+    else:
+        (folder / "images" / f"{name}.png").write_bytes(photo.read_bytes())
+    (folder / "masks").mkdir()
+    for key, m in masks.items():
+        Image.fromarray(m.astype(np.uint8) * 255).save(folder / "masks" / f"{key}.png")
+    return folder
+
+
+@pytest.mark.skipif(not (DSB / "train.json").is_file(), reason=f"DSB2018 data not found at {DSB}")
+def test_mask_folders_round_trip_dsb_pixel_for_pixel(tmp_path):
+    """DSB images' COCO masks written out in the original per-image layout convert back to the same pixels."""
+    coco = json.loads((DSB / "train.json").read_text())
+    by_size = sorted(coco["images"], key=lambda i: (i["width"] * i["height"], i["id"]))
+    chosen = by_size[:2] + [next(i for i in by_size if i["width"] != i["height"])]  # two 256x256, one not square
+    originals: dict[str, list[dict]] = {}
+    for img in chosen:
+        name = Path(img["file_name"]).stem
+        anns = [a for a in coco["annotations"] if a["image_id"] == img["id"]]
+        originals[name] = anns
+        _mask_folder(tmp_path / "stage1_train", name, DSB / "images" / img["file_name"],
+                     {str(a["id"]): _mask(a["segmentation"], img["height"], img["width"]) for a in anns})
+    data, image_dir = _convert("mask-folders", tmp_path / "stage1_train", class_name="nucleus")
+    assert image_dir == tmp_path / "stage1_train" and _names(data) == {1: "nucleus"}
+    assert [(i["file_name"], i["width"], i["height"]) for i in data["images"]] == [
+        (f"{Path(i['file_name']).stem}/images/{i['file_name']}", i["width"], i["height"])
+        for i in sorted(chosen, key=lambda i: i["file_name"])]  # folders in name order
+    for img in data["images"]:
+        name = img["file_name"].split("/")[0]
+        converted = [a for a in data["annotations"] if a["image_id"] == img["id"]]
+        assert len(converted) == len(originals[name]) > 5
+        decoded = [_mask(a["segmentation"], img["height"], img["width"]) for a in converted]
+        for original in originals[name]:
+            expected = _mask(original["segmentation"], img["height"], img["width"])
+            matches = [k for k, m in enumerate(decoded) if (m == expected).all()]
+            assert len(matches) == 1, f"nucleus {original['id']} of {name} did not survive"
+            ann = converted[matches[0]]
+            assert ann["area"] == original["area"] and ann["bbox"] == original["bbox"]
+    write_coco(data, tmp_path / "out.json")
+    assert [f for f in validate_dataset(tmp_path / "out.json", image_dir) if f.severity == "error"] == []
+
+
+def test_mask_folders_skip_bad_folders_and_masks_and_name_them(tmp_path, caplog, capsys):
+    root = tmp_path / "data"
+    box = np.zeros((H, W), bool)
+    box[2:8, 3:9] = True
+    other = np.zeros((H, W), bool)
+    other[5:12, 6:14] = True  # overlaps `box`
+    _mask_folder(root, "good", None, {"a": box, "b": other})
+    bad = _mask_folder(root, "bad", None, {"ok": box, "empty": np.zeros((H, W), bool), "small": box[:20]})
+    Image.fromarray((box * 255).astype(np.uint8) - other.astype(np.uint8) * 128).save(bad / "masks" / "grey.png")
+    (root / "no_images" / "masks").mkdir(parents=True)
+    _photo(root / "unlabelled" / "images" / "unlabelled.png")
+    with caplog.at_level(logging.WARNING, logger="maskrcnn.data.convert"):
+        data, _ = _convert("mask-folders", root)
+    assert _names(data) == {1: "object"}
+    assert [i["file_name"] for i in data["images"]] == ["bad/images/bad.png", "good/images/good.png"]
+    assert len(data["annotations"]) == 3
+    lines = _warnings(caplog)
+    assert len(lines) == 4, lines
+    assert lines[0].startswith(f"{bad}: skipped 3 of 4 masks (")
+    for detail in ("1 empty mask ('masks/empty.png')", f"mask size differs from the image ('masks/small.png: {W}x20, image {W}x{H}')",
+                   "non-binary mask (needs 0 and one other value) ('masks/grey.png: values 0, 127, 128, 255')"):
+        assert detail in lines[0]
+    assert lines[1] == f"{root / 'no_images'}: skipped 1 of 1 image (1 folder without images/ ('no_images'))"
+    assert lines[2] == f"{root / 'unlabelled'}: skipped 1 of 1 image (1 folder without masks/ ('unlabelled'))"
+    assert lines[3] == f"{root}: 1 image folder with overlapping masks ('good'), kept as they are"
+    # The command keeps going past the bad folders and says what it skipped.
+    assert main(["convert", "--from", "mask-folders", str(root), "--out", str(tmp_path / "out.json")]) == 0
+    assert "3 annotations, 1 category; skipped 3 masks and 2 images (warnings above)" in capsys.readouterr().out
+    # One image folder given directly; the photo found in --images where it was moved.
+    (tmp_path / "photos").mkdir()
+    (root / "good" / "images" / "good.png").rename(tmp_path / "photos" / "good.png")
+    data, image_dir = _convert("mask-folders", root / "good", images=tmp_path / "photos")
+    assert image_dir == tmp_path / "photos" and [i["file_name"] for i in data["images"]] == ["good.png"]
+    assert len(data["annotations"]) == 2

@@ -159,9 +159,13 @@ def test_equals_cocoeval_on_hand_made_set(files: tuple[Path, Path], tmp_path: Pa
         assert metrics["per_category"][iou_type]["unseen"] == 0.0
         # The set is built so that the numbers are informative, neither 0 nor 100.
         assert 0 < metrics[iou_type]["AP"] < 100
+        # AP90: the IoU 0.90 slice of the same precision array (all sizes, most detections).
+        p = ref.eval["precision"][list(np.round(ref.params.iouThrs, 2)).index(0.9), :, :, 0, -1]
+        assert abs(metrics[iou_type]["AP90"] - p[p > -1].mean() * 100) < 1e-9
+        assert list(metrics[iou_type])[:5] == ["AP", "AP50", "AP75", "AP90", "APs"]
     assert metrics["bbox"]["AP"] != metrics["segm"]["AP"]
     saved = json.loads((out / "metrics.json").read_text())
-    assert set(saved) == {"bbox", "segm", "per_category"}
+    assert set(saved) == {"bbox", "segm", "boundary", "per_category"}
     for colour in ("C0", "C1", "C2"):  # IoU .5, .75, .5:.95: each curve runs between precision 0.3 and 0.7, never 1
         assert drawn_in(out / "pr_curve.png", colour, rows=(0.25, 0.65)).sum() > 300
         assert not drawn_in(out / "pr_curve.png", colour, rows=(0.0, 0.2)).any()

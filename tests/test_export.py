@@ -60,6 +60,25 @@ def test_runtime_matches_pytorch(exported, runtimes, backend, size):
     assert_same(expected, actual)
 
 
+@pytest.mark.parametrize("requests", [1, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runtime_is_safe_from_several_threads(exported, backend, requests):
+    """Four threads predicting at once get what one thread gets alone (one shared OpenVINO infer request
+    raised "Infer Request is busy"); OpenVINO's batch of several images runs on its infer requests at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, path = exported
+    runtime = OnnxMaskRCNN(path, backend=backend, requests=requests)
+    images = [torch.rand(3, 120 + 16 * i, 160, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    alone = [runtime([image])[0] for image in images]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda image: runtime([image])[0], images))
+    batched = runtime(images)
+    for expected, a, b in zip(alone, together, batched):
+        assert_same(expected, a)
+        assert_same(expected, b)
+
+
 def test_traceable_path_is_the_model_in_eager_mode(exported):
     model, _ = exported
     image = torch.rand(3, 211, 307, generator=torch.Generator().manual_seed(3))
@@ -87,6 +106,13 @@ def test_detectron2_conventions(tmp_path):
     model = tiny_model(["model.input_format=BGR", "model.mask_head.paste=detectron2"])
     path = export_onnx(model, tmp_path / "m.onnx")
     assert_parity(model, path, [(240, 320), (150, 100)])
+
+
+def test_one_scale_for_every_image(tmp_path):
+    """input.scale: the graph resizes each image by the factor (capped by max_size_test), as the model does."""
+    model = tiny_model(["input.scale=0.75", "input.max_size_test=200"])
+    path = export_onnx(model, tmp_path / "m.onnx")
+    assert_parity(model, path, [(240, 320), (150, 100)])  # 320 x 0.75 = 240 > 200: the cap applies
 
 
 def test_no_detections_export_but_prove_nothing(tmp_path):

@@ -185,10 +185,10 @@ def test_multi_scale_training_draws_a_size_per_image_and_eval_uses_the_test_size
                              "input.max_size_train=500", "input.min_size_test=80", "input.max_size_test=500"])
     model = build_model(cfg).train()
     torch.manual_seed(0)
-    drawn = {model._target_size() for _ in range(50)}
+    drawn = {model._target_size(100, 100) for _ in range(50)}
     assert drawn == {(64, 500), (96, 500)}
     model.eval()
-    assert model._target_size() == (80, 500)
+    assert model._target_size(100, 100) == (80, 500)
 
 
 @pytest.mark.parametrize("cap", [0, 3])

@@ -19,6 +19,7 @@ from maskrcnn import quantize  # noqa: E402
 from maskrcnn.cli import main  # noqa: E402
 from maskrcnn.errors import UserError  # noqa: E402
 from maskrcnn.export import OnnxMaskRCNN, export_onnx  # noqa: E402
+from maskrcnn.onnx_backends import openvino_core  # noqa: E402
 
 # Random test images of several shapes, as the export tests use (the weights are random too).
 SIZES = [(240, 320), (150, 100), (333, 333), (480, 640), (200, 260)]
@@ -75,9 +76,7 @@ def biased_tiny_model():
 
 def int8_inputs(xml, pattern: str) -> int:
     """Return how many convolutions of the IR `xml` whose names match `pattern` read a FakeQuantize (run in int8)."""
-    import openvino
-
-    return sum(1 for op in quantize.model_ops(openvino.Core().read_model(str(xml)))
+    return sum(1 for op in quantize.model_ops(openvino_core().read_model(str(xml)))
                if op.get_type_name() == "Convolution" and re.fullmatch(pattern, op.get_friendly_name())
                and op.input_value(0).get_node().get_type_name() == "FakeQuantize")
 
@@ -134,7 +133,6 @@ def test_fpn_outputs_are_int8_when_biased(int8, tmp_path):
     assert total > 0 and kept >= MIN_KEPT * total, (kept, total)
 
 
-@pytest.mark.slow
 def test_wrong_calibration_input_fails_the_closeness_check(int8, fp32, tmp_path):
     """The check above is not vacuous: images calibrated as 0..255 (the graph takes 0..1) lose every detection."""
     onnx_path, _ = int8
@@ -203,7 +201,7 @@ def test_failed_save_leaves_the_old_files(int8, tmp_path, monkeypatch):
     import openvino
 
     _, xml = int8
-    model = openvino.Core().read_model(str(xml))
+    model = openvino_core().read_model(str(xml))
     out = tmp_path / "m.xml"
     out.write_text("old xml")
     out.with_suffix(".bin").write_text("old bin")

@@ -1,4 +1,4 @@
-"""`maskrcnn convert`: LabelMe, CVAT, VIA, YOLO, VOC masks or label images to COCO JSON; COCO to YOLO."""
+"""`maskrcnn convert`: LabelMe, CVAT, VIA, YOLO, VOC masks, label images or mask folders to COCO JSON; COCO to YOLO."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ HELP = ("convert annotations to COCO JSON: maskrcnn convert --from FORMAT INPUT 
         "(or COCO to YOLO segmentation: --from coco IN.json --to yolo-seg --out DIR)")
 
 # The same lists as maskrcnn.data.convert's, written out so --help imports no numpy (a test compares them).
-INPUT_FORMATS = ("coco", "labelme", "cvat-xml", "via", "yolo-seg", "voc-masks", "label-images")
+INPUT_FORMATS = ("coco", "labelme", "cvat-xml", "via", "yolo-seg", "voc-masks", "label-images", "mask-folders")
 OUTPUT_FORMATS = ("coco", "yolo-seg")
 
 EPILOG = """\
@@ -25,10 +25,13 @@ input formats (--from FORMAT INPUT):
   voc-masks     a Pascal VOC folder with SegmentationObject/, SegmentationClass/, JPEGImages/ (--split NAME)
   label-images  a folder of instance label PNG/TIFFs (0 = background) with --images DIR of the photos;
                 classes: --class NAME (default 'object'), --class-map VALUES, or --class-images DIR
+  mask-folders  a folder of per-image folders, ID/images/ID.png and one binary PNG per object in
+                ID/masks/ (2018 Data Science Bowl, matterport's nucleus sample); one class:
+                --class NAME (default 'object'); --images DIR where the photos were moved as ID.png
   coco          a COCO .json file (with --to yolo-seg)
 
-Polygon formats stay polygons (--rle stores masks instead); VOC masks and label images become RLE
-masks, exact to the pixel. Category ids: 1..N in sorted name order, or in the order of --class-map;
+Polygon formats stay polygons (--rle stores masks instead); VOC masks, label images and mask
+folders become RLE masks, exact to the pixel. Category ids: 1..N in sorted name order, or in the order of --class-map;
 YOLO and VOC keep their class numbers. What cannot be converted is counted in one warning line per
 input file. Check the result with: maskrcnn check-dataset OUT.json:IMAGE_DIR
 """

@@ -176,6 +176,6 @@ def run(args: argparse.Namespace) -> int:
     for name in written:
         if (out / name).exists():
             print(f"{name + ':':<18}{out / name}")
-    summary = "  ".join(f"{t} AP {metrics[t]['AP']:.1f}" for t in ("bbox", "segm", "keypoints") if t in metrics)
+    summary = "  ".join(f"{t} AP {metrics[t]['AP']:.1f}" for t in ("bbox", "segm", "boundary", "keypoints") if t in metrics)
     print(summary + "  (COCO AP@[.5:.95], percent)")
     return 0

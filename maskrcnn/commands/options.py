@@ -144,7 +144,8 @@ def cached_checkpoint_export(args: argparse.Namespace, overrides: list[str], run
     return path
 
 
-def exported_checkpoint(args: argparse.Namespace, overrides: list[str], backend: str, precision: str | None) -> Any:
+def exported_checkpoint(args: argparse.Namespace, overrides: list[str], backend: str, precision: str | None,
+                        requests: int = 1) -> Any:
     """Return the PyTorch model `--config`/`--weights`/overrides name, exported to ONNX and loaded by `backend`:
     through the cache (`cached_checkpoint_export`), or, for a config without weights, whose random weights
     differ every run, through a temporary file."""
@@ -153,11 +154,13 @@ def exported_checkpoint(args: argparse.Namespace, overrides: list[str], backend:
 
     runtime = RUNNERS[backend].name
     if args.weights or not args.config:
-        return OnnxMaskRCNN(cached_checkpoint_export(args, overrides, runtime), backend=backend, precision=precision)
+        return OnnxMaskRCNN(cached_checkpoint_export(args, overrides, runtime), backend=backend, precision=precision,
+                            requests=requests)
     model = load_pytorch_model(args, overrides, device="cpu")
     start = time.perf_counter()
     folder = tempfile.TemporaryDirectory(prefix="maskrcnn-export-")
-    exported = OnnxMaskRCNN(export_onnx(model, Path(folder.name) / "model.onnx"), backend=backend, precision=precision)
+    exported = OnnxMaskRCNN(export_onnx(model, Path(folder.name) / "model.onnx"), backend=backend, precision=precision,
+                            requests=requests)
     # OpenVINO may map the file rather than copy it: keep it for the model's lifetime (deleted with it).
     exported.temporary_folder = folder
     print(f"exported '{args.config}' for {runtime} in {time.perf_counter() - start:.1f} s (not cached: random "
@@ -165,8 +168,9 @@ def exported_checkpoint(args: argparse.Namespace, overrides: list[str], backend:
     return exported
 
 
-def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:
-    """Return the model to predict with: a PyTorch MaskRCNN, or an exported file run by ONNX Runtime or OpenVINO.
+def load_backend(args: argparse.Namespace, overrides: list[str], requests: int = 1) -> Any:
+    """Return the model to predict with: a PyTorch MaskRCNN, or an exported file run by ONNX Runtime or OpenVINO
+    (`requests`: images OpenVINO runs at once, see `maskrcnn.onnx_backends.OpenVinoRunner`).
 
     Given neither --weights nor --config, the default COCO model of the zoo is used (fetched once).
     """
@@ -186,7 +190,7 @@ def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:
     tiling = [item for item in overrides if _is_tiling(item)]
     if not is_exported_file(args.weights):
         graph = [item for item in overrides if not _is_tiling(item)]
-        model = exported_checkpoint(args, graph, backend, precision)
+        model = exported_checkpoint(args, graph, backend, precision, requests)
         apply_overrides(model.cfg, tiling)
         return model
     if backend != "openvino" and str(args.weights).lower().endswith(IR_SUFFIX):
@@ -195,7 +199,7 @@ def load_backend(args: argparse.Namespace, overrides: list[str]) -> Any:
         raise UserError(f"--backend {backend} uses the config stored in the .onnx file; "
                         "drop --config and KEY=VALUE overrides other than test.tiling.* "
                         "(export again to change the model)")
-    model = OnnxMaskRCNN(args.weights, backend=backend, precision=precision)
+    model = OnnxMaskRCNN(args.weights, backend=backend, precision=precision, requests=requests)
     if model.runner.precision == "int8":  # said once, as --backend auto says which runtime
         print(f"{model.runner.name} runs '{args.weights}' in int8 (quantized by `maskrcnn quantize`)", file=sys.stderr)
     apply_overrides(model.cfg, tiling)

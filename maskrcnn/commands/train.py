@@ -13,7 +13,7 @@ HELP = ("train a model: maskrcnn train --config C [--resume] [--weights FILE] [-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the train command's options."""
-    add_config_option(p, default="the --weights zoo model's, else the built-in defaults")
+    add_config_option(p, default="the --weights zoo model's; from scratch: own-data, fitted to the training data")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in the output dir")
     add_weights_option(p, help="initialise the whole model from a zoo model (`maskrcnn models`; its config is the "
                                "default and the classes come from the training data), a checkpoint or a state dict; "
@@ -61,10 +61,16 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).info("config: zoo model %s (%s), classes from the training data",
                                          entry.name, entry.config)
     else:
+        if not args.config and entry is None and not weights:
+            # Your own data, from scratch: the recipe fitted to it (not the COCO defaults, which need GPUs).
+            args.config = "own-data"
+            logging.getLogger(__name__).info("config: own-data (no --config given): the from-scratch CPU recipe, "
+                                             "fitted to your training data")
         cfg = load_config(args.config, list(args.overrides))
     if args.out:
         cfg.output_dir = args.out
-    out = train(cfg, resume=args.resume, weights=str(weights) if weights else None)
+    keep = [o.split("=", 1)[0].strip() for o in args.overrides]  # what the user set, fit_to_data keeps
+    out = train(cfg, resume=args.resume, weights=str(weights) if weights else None, keep=keep)
     if env_rank() == 0:
         print(f"outputs in {out}")
     return 0

@@ -129,6 +129,16 @@ class CocoDataset(Dataset):
     def __len__(self) -> int:
         return len(self._positions)
 
+    def object_boxes(self) -> list[np.ndarray]:
+        """Return, per image, the [N, 2] widths and heights of its non-crowd objects (image pixels)."""
+        t = self._table
+        out = []
+        for p in self._positions.tolist():
+            rows = slice(int(t.record_offsets[p]), int(t.record_offsets[p + 1]))
+            boxes = t.boxes[rows][t.iscrowd[rows] == 0]
+            out.append(boxes[:, 2:] - boxes[:, :2])
+        return out
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         info, records = self._image_records(index)
         path = self.image_dir / info["file_name"]
@@ -239,6 +249,10 @@ class ConcatCocoDataset(ConcatDataset):
         self.skeleton: list[list[int]] = list(datasets[0].skeleton)
         self.num_keypoints: int = datasets[0].num_keypoints
         self.keypoint_flip_map: list[int] = list(datasets[0].keypoint_flip_map)
+
+    def object_boxes(self) -> list[np.ndarray]:
+        """Return, per image of every dataset, the [N, 2] widths and heights of its non-crowd objects."""
+        return [b for d in self.datasets for b in d.object_boxes()]
 
 
 def concat_datasets(datasets: Sequence[CocoDataset]) -> CocoDataset | ConcatCocoDataset:

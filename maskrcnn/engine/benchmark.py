@@ -251,6 +251,55 @@ def random_targets(
     return targets
 
 
+def training_step(
+    model: torch.nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]], dtype: torch.dtype | None,
+    lr: float = 1e-4,
+) -> Callable[[], None]:
+    """Return a function doing one SGD step of `model` on this batch: forward under `dtype` autocast (None: FP32)
+    on the images' device, backward (loss-scaled by a GradScaler for float16), update.
+
+    Works for ours and torchvision's models alike; the model is in train mode only inside the step.
+    """
+    device = images[0].device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("the model has no trainable parameters (are all stages frozen?)")
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step() -> None:
+        model.train()
+        try:
+            with _autocast(device, dtype):
+                losses = model(images, [dict(t) for t in targets])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(sum(losses.values())).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        finally:
+            model.eval()
+    return step
+
+
+def alternate(
+    variants: dict[str, Callable[[], Any]], runs: int, warmup: int = 1, device: torch.device = torch.device("cpu")
+) -> dict[str, list[float]]:
+    """Time each variant `runs` times, interleaved so that machine noise hits all alike, after `warmup`
+    untimed calls each; return the seconds of each run by variant (CUDA is synchronised around each call)."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(runs):
+        for name, fn in variants.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def benchmark_training(model: MaskRCNN, opts: BenchmarkOptions, device: torch.device) -> dict[str, Any]:
     """Time training steps (forward, backward, SGD update) on a random batch of `opts.batch` images.
 
@@ -261,34 +310,9 @@ def benchmark_training(model: MaskRCNN, opts: BenchmarkOptions, device: torch.de
     images = [torch.rand(3, *opts.size, generator=generator).to(device) for _ in range(opts.batch)]
     targets = random_targets(opts.batch, opts.size, model.cfg.model.num_classes, generator)
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("the model has no trainable parameters (are all stages frozen?)")
-    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    model.train()
-
-    def step() -> None:
-        with _autocast(device, dtype):
-            losses = model(images, targets)
-        total = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
+    step = training_step(model, images, targets, dtype)
     before = _memory_start(device)
-    seconds: list[float] = []
-    try:
-        for i in range(opts.warmup + opts.runs):
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            if i >= opts.warmup:
-                seconds.append(time.perf_counter() - start)
-    finally:
-        model.eval()
+    seconds = alternate({"step": step}, opts.runs, opts.warmup, device)["step"]
     return {
         "batch": opts.batch,
         "seconds_per_step": summarize(seconds),

@@ -31,36 +31,54 @@ def mask_ious(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def agreeing_pairs(expected: dict[str, Tensor], actual: dict[str, Tensor], tol: Tolerances) -> tuple[Tensor, Tensor]:
+    """Return which (expected, actual) pairs agree within `tol` (same class, score, box, mask), an n×m boolean,
+    and the pairs' largest box coordinate difference (n×m). Masks are compared when both sides have them."""
+    if ("masks" in expected) != ("masks" in actual):
+        raise ValueError("masks on one side only: compare detections that both have masks, or neither")
+    box_diff = (expected["boxes"].float()[:, None] - actual["boxes"].float()[None]).abs().amax(-1)
+    agree = (
+        (expected["labels"][:, None] == actual["labels"][None])
+        & ((expected["scores"].float()[:, None] - actual["scores"].float()[None]).abs() <= tol.score)
+        & (box_diff <= tol.box)
+    )
+    if "masks" in expected:
+        expected_masks, actual_masks = binary_masks(expected["masks"]), binary_masks(actual["masks"])
+        for i, j in agree.nonzero().tolist():
+            agree[i, j] = float(mask_ious(expected_masks[i : i + 1], actual_masks[j : j + 1])) >= tol.mask_iou
+    return agree, box_diff
+
+
 def match_detections(expected: dict[str, Tensor], actual: dict[str, Tensor], tol: Tolerances) -> Tensor:
     """Return, per expected detection, the index of an actual detection that agrees with it within
     `tol` (same class, score, box, mask), or -1 when none does; each actual one is used at most once.
 
     Pairing by position alone is not enough: detections whose scores tie to ~1e-7 come in either order,
-    and a box at an NMS or top-k boundary can be kept by one run and not the other.
+    and a box at an NMS or top-k boundary can be kept by one run and not the other. The pairing pairs as
+    many as can be (augmenting paths), trying nearer boxes first: taking each one's nearest partner in
+    turn can leave a detection alone whose only partner another could have done without.
     """
     n, m = len(expected["boxes"]), len(actual["boxes"])
-    partner = torch.full((n,), -1, dtype=torch.long)
-    if n == 0 or m == 0:
-        return partner
-    box_diff = (expected["boxes"].float()[:, None] - actual["boxes"].float()[None]).abs().amax(-1)
-    close = (
-        (expected["labels"][:, None] == actual["labels"][None])
-        & ((expected["scores"].float()[:, None] - actual["scores"].float()[None]).abs() <= tol.score)
-        & (box_diff <= tol.box)
-    )
-    has_masks = "masks" in expected and "masks" in actual
-    if has_masks:
-        expected_masks, actual_masks = binary_masks(expected["masks"]), binary_masks(actual["masks"])
-    used = torch.zeros(m, dtype=torch.bool)
+    agree, box_diff = agreeing_pairs(expected, actual, tol)
+    candidates = [sorted(agree[i].nonzero().flatten().tolist(), key=lambda j: float(box_diff[i, j])) for i in range(n)]
+    owner = [-1] * m  # per actual detection, its expected partner
+
+    def pair(i: int, tried: set[int]) -> bool:
+        """Give expected detection i a partner, moving earlier pairs along if need be."""
+        for j in candidates[i]:
+            if j not in tried:
+                tried.add(j)
+                if owner[j] < 0 or pair(owner[j], tried):
+                    owner[j] = i
+                    return True
+        return False
+
     for i in range(n):
-        for j in sorted(close[i].nonzero().flatten().tolist(), key=lambda j: float(box_diff[i, j])):
-            if used[j]:
-                continue
-            if has_masks and float(mask_ious(expected_masks[i : i + 1], actual_masks[j : j + 1])) < tol.mask_iou:
-                continue
+        pair(i, set())
+    partner = torch.full((n,), -1, dtype=torch.long)
+    for j, i in enumerate(owner):
+        if i >= 0:
             partner[i] = j
-            used[j] = True
-            break
     return partner
 
 

@@ -1,9 +1,11 @@
 """COCO evaluation: model outputs to COCO results, box and mask AP with pycocotools, tables and plots.
 
 The numbers are pycocotools' own (`COCOeval.summarize()` stats), reported in percent as the model
-zoos quote them. A stat that pycocotools reports as -1 (nothing to measure, e.g. no small objects in
-the ground truth) becomes NaN here and `null` in metrics.json, so it can never be averaged or
-compared by mistake as if it were a real score.
+zoos quote them, plus AP90 (AP at IoU 0.90 alone, from the same precision array: how many detections
+are nearly exact) and, for masks, boundary AP (`boundary`: the same stats with min(mask IoU,
+boundary IoU) as the overlap; see maskrcnn.engine.boundary). A stat that pycocotools reports as -1
+(nothing to measure, e.g. no small objects in the ground truth) becomes NaN here and `null` in
+metrics.json, so it can never be averaged or compared by mistake as if it were a real score.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ STANDARD_MAX_DETS = 100
 RLE_MASKS_PER_CHUNK = 64
 # For keypoints (OKS instead of IoU, 20 detections per image, no small objects).
 KEYPOINT_STAT_NAMES = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
-IOU_TYPES = ("bbox", "segm", "keypoints")
+IOU_TYPES = ("bbox", "segm", "boundary", "keypoints")
+# Scored from the masks: segm (mask IoU) and boundary (min(mask IoU, boundary IoU)).
+MASK_IOU_TYPES = ("segm", "boundary")
+# The stricter AP reported beside COCO's stats: AP at this IoU threshold alone (AP90).
+STRICT_IOU = 0.9
 # Per-keypoint OKS sigmas for a keypoint count other than COCO's 17 (whose own sigmas pycocotools has):
 # one value for every keypoint, about the mean of COCO's.
 DEFAULT_OKS_SIGMA = 0.07
@@ -149,7 +155,7 @@ def load_results(path: str | os.PathLike) -> list[dict]:
 
 def _results_for(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
     """Build pycocotools' results object for one IoU type without mutating `results`."""
-    if iou_type == "segm":
+    if iou_type in MASK_IOU_TYPES:
         # Drop the box so loadRes takes each detection's area from its mask, as torchvision's and
         # Detectron2's evaluators do; otherwise APs/m/l for masks would bin by box area.
         anns = [{k: v for k, v in r.items() if k not in ("bbox", "keypoints")} for r in results]
@@ -195,6 +201,23 @@ def _precision_all_sizes(ev: COCOeval) -> np.ndarray:
     return ev.eval["precision"][:, :, :, area, len(ev.params.maxDets) - 1]  # eval["precision"]: [T, R, K, A, M]
 
 
+def _ap_at_iou(ev: COCOeval, iou: float) -> float:
+    """Return AP (all sizes, at maxDets[-1]) at one of COCOeval's IoU thresholds; -1 without ground truth."""
+    t = int(np.flatnonzero(np.isclose(ev.params.iouThrs, iou))[0])
+    p = _precision_all_sizes(ev)[t]
+    p = p[p > -1]
+    return float(np.mean(p)) if p.size else -1.0
+
+
+def _box_mask_stats(ev: COCOeval, max_dets: int) -> dict[str, float]:
+    """Return COCO's stats for boxes or masks in percent, with AP90 after AP75."""
+    stats = {name: _percent(v) for name, v in zip(stat_names(max_dets), ev.stats)}
+    strict = {f"AP{round(STRICT_IOU * 100)}": _percent(_ap_at_iou(ev, STRICT_IOU))}
+    names = list(stats)
+    at = names.index("AP75") + 1
+    return {**{n: stats[n] for n in names[:at]}, **strict, **{n: stats[n] for n in names[at:]}}
+
+
 def _per_category_ap(ev: COCOeval, coco_gt: COCO) -> dict[str, float]:
     """AP@[.5:.95] per category (all sizes, at maxDets), in percent; NaN without ground truth."""
     precision = _precision_all_sizes(ev)
@@ -224,7 +247,12 @@ def _prepare_keypoint_gt(coco_gt: COCO) -> None:
 def _run_cocoeval(coco_gt: COCO, coco_dt: COCO, iou_type: str, image_ids: list[int] | None,
                   kpt_oks_sigmas: list[float] | None = None, max_dets: int = STANDARD_MAX_DETS) -> COCOeval:
     """Run COCOeval; boxes and masks count up to `max_dets` (>= 100) detections per image, keypoints COCO's 20."""
-    ev = COCOeval(coco_gt, coco_dt, iou_type)
+    if iou_type == "boundary":
+        from maskrcnn.engine.boundary import BoundaryCOCOeval
+
+        ev = BoundaryCOCOeval(coco_gt, coco_dt)
+    else:
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
     if iou_type != "keypoints":
         ev.params.maxDets = [1, 10, max_dets]
     else:
@@ -263,8 +291,10 @@ def evaluate_results(
     `image_ids` restricts evaluation to the images that were actually run (e.g. with --max-images).
     Box and mask AP count up to max(100, `max_dets`) detections per image (pycocotools' maxDets
     [1, 10, that]; pass the model's `detections_per_image`), and the AR100 stat is named for that count.
-    Keypoint AP (OKS) is scored when the results carry `keypoints` and the ground truth has keypoint
-    categories; `kpt_oks_sigmas` defaults to COCO's for 17 keypoints, else DEFAULT_OKS_SIGMA each.
+    Masks are scored twice: `segm` (mask IoU) and `boundary` (boundary AP, maskrcnn.engine.boundary);
+    boxes and masks also get AP90. Keypoint AP (OKS) is scored when the results carry `keypoints` and
+    the ground truth has keypoint categories; `kpt_oks_sigmas` defaults to COCO's for 17 keypoints,
+    else DEFAULT_OKS_SIGMA each.
     """
     if not isinstance(coco_gt, COCO):
         coco_gt = load_coco_gt(coco_gt)
@@ -279,7 +309,7 @@ def evaluate_results(
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
             raise ValueError(f"unsupported iou type {iou_type!r}; expected one of {IOU_TYPES}")
-        if iou_type == "segm" and results and not has_masks:
+        if iou_type in MASK_IOU_TYPES and results and not has_masks:
             continue  # a box-only detector: nothing to score for masks
         if iou_type == "keypoints":
             if not has_keypoints:
@@ -287,8 +317,10 @@ def evaluate_results(
             _prepare_keypoint_gt(coco_gt)
         ev = _run_cocoeval(coco_gt, _results_for(coco_gt, results, iou_type), iou_type, image_ids, kpt_oks_sigmas,
                            max_dets)
-        names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else stat_names(max_dets)
-        metrics[iou_type] = {name: _percent(v) for name, v in zip(names, ev.stats)}
+        if iou_type == "keypoints":
+            metrics[iou_type] = {name: _percent(v) for name, v in zip(KEYPOINT_STAT_NAMES, ev.stats)}
+        else:
+            metrics[iou_type] = _box_mask_stats(ev, max_dets)
         per_category[iou_type] = _per_category_ap(ev, coco_gt)
         evals[iou_type] = ev
     metrics["per_category"] = per_category
@@ -341,7 +373,8 @@ def plot_pr_curves(evals: dict[str, COCOeval], out_png: Path) -> None:
                   ("IoU=0.50:0.95", mean_iou)]
         for label, prec in curves:
             ax.plot(rec, prec, label=label)
-        ax.set_title({"bbox": "boxes", "segm": "masks", "keypoints": "keypoints (OKS)"}[iou_type])
+        ax.set_title({"bbox": "boxes", "segm": "masks", "boundary": "mask boundaries (boundary AP)",
+                      "keypoints": "keypoints (OKS)"}[iou_type])
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
         ax.set_xlim(0, 1)
@@ -366,7 +399,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     types = [t for t in IOU_TYPES if t in metrics]
     if not types:
         return "(no metrics)"
-    col = 14 if "keypoints" in types else 9  # room for "keypoints AP"
+    col = max(9, max(len(t) for t in types) + 5)  # room for "keypoints AP", "boundary AP"
     header = f"{'':<8}" + "".join(f"{t:>{col}}" for t in types)
     lines = [header]
     box_names = next((list(metrics[t]) for t in types if t != "keypoints"), STAT_NAMES)  # AR100 may be AR<N>

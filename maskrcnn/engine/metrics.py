@@ -16,6 +16,9 @@ from maskrcnn.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+# The stats an evaluation's log line shows for each IoU type.
+LOGGED_APS = ("AP", "AP50", "AP75", "AP90")
+
 
 class MetricsWriter:
     """metrics.jsonl plus TensorBoard scalars; on resume, drops records past the resumed iteration."""
@@ -58,8 +61,10 @@ class MetricsWriter:
         """Record an evaluation's metrics at `iteration` and log its AP numbers in one line."""
         numbers = flatten_numbers(result)
         self.write({"iter": iteration, "eval": result}, {f"val/{k}": v for k, v in numbers.items()})
-        summary = ", ".join(f"{k} {v:.1f}" for k, v in numbers.items() if k.count("/") <= 1 and "AP" in k)
-        log.info("eval at iteration %d: %s", iteration, summary[:300] or "done")
+        # Per IoU type (bbox, segm, boundary, keypoints) the headline APs; the rest is in metrics.jsonl.
+        summary = ", ".join(f"{k} {v:.1f}" for k, v in numbers.items()
+                            if k.count("/") == 1 and k.split("/")[1] in LOGGED_APS)
+        log.info("eval at iteration %d: %s", iteration, summary or "done")
 
     def write_window(self, iteration: int, schedule: WarmupSchedule, window: list[dict[str, float]],
                      sec_per_iter: float, eta: float, say: bool) -> None:

@@ -62,6 +62,16 @@ def build_train_dataset(cfg: Config) -> Any:
     )
 
 
+def set_augmentation(dataset: Any, input_cfg: Any) -> None:
+    """Give each dataset (of a concatenation) the augmentation `input_cfg` now describes (after fit_to_data)."""
+    from dataclasses import replace
+
+    from maskrcnn.data.augment import Augmenter
+
+    for d in getattr(dataset, "datasets", [dataset]):
+        d.augment = replace(Augmenter.from_config(input_cfg), flip_map=d.keypoint_flip_map)
+
+
 def sync_classes(cfg: Config, class_names: list[str], category_ids: list[int]) -> None:
     """Fill the model's classes (names, count, dataset category ids) from the data, or raise if they disagree."""
     names = list(class_names)

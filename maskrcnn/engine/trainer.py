@@ -28,7 +28,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from maskrcnn.checkpoint import load_weights
 from maskrcnn.config import Config
 from maskrcnn.engine.budget import TimeBudget
 from maskrcnn.engine.checkpointing import RunCheckpoints, load_training_state
+from maskrcnn.engine.fit_to_data import fit_to_data
 from maskrcnn.engine.metrics import MetricsWriter, format_seconds, plot_loss_curve, progress_postfix
 from maskrcnn.engine.nonfinite import NonFinitePolicy, check_buffers, first_nonfinite_grad
 from maskrcnn.engine.precision import amp_dtype, resolve_device
@@ -47,6 +48,7 @@ from maskrcnn.engine.solver import WarmupSchedule, build_lr_scheduler, build_opt
 from maskrcnn.engine.train_setup import (
     apply_reference_world_size,
     build_train_dataset,
+    set_augmentation,
     convert_sync_bn,
     load_trunk_weights,
     sync_classes,
@@ -59,7 +61,8 @@ log = logging.getLogger(__name__)
 class Trainer:
     """One training run; `run()` trains from scratch or from the latest checkpoint to the end."""
 
-    def __init__(self, cfg: Config, resume: bool = False, weights: str | None = None) -> None:
+    def __init__(self, cfg: Config, resume: bool = False, weights: str | None = None,
+                 keep: Iterable[str] = ()) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.checkpoints = RunCheckpoints(self.out)
@@ -79,6 +82,9 @@ class Trainer:
         seed_all(cfg.solver.seed)
         self.dataset = build_train_dataset(cfg)
         sync_classes(cfg, self.dataset.class_names, self.dataset.category_ids)
+        if cfg.data.fit_to_data:  # scale, crop, anchors and counts from the data, before the model is built
+            fit_to_data(cfg, self.dataset, keep)
+            set_augmentation(self.dataset, cfg.input)
 
         from maskrcnn.modeling import build_model
 
@@ -384,17 +390,18 @@ class Trainer:
         ))
 
 
-def train(cfg: Config, resume: bool = False, weights: str | None = None) -> Path:
+def train(cfg: Config, resume: bool = False, weights: str | None = None, keep: Iterable[str] = ()) -> Path:
     """Train the model described by `cfg`; return the output directory.
 
     `resume` continues from the newest valid checkpoint in `cfg.output_dir/checkpoints`;
     `weights` initialises the whole model from a zoo model name, a checkpoint or a state dict for
     fine-tuning (class-dependent layers are re-initialised when the number of classes differs).
+    `keep`: config keys the user set (KEY=VALUE overrides) that `data.fit_to_data` must not change.
     """
     s = cfg.solver
     # Under torchrun: join the process group, and make a failure here end the other ranks too.
     with du.session(resolve_device(cfg.device), s.dist_timeout_minutes, s.dist_heartbeat_timeout):
-        return Trainer(cfg, resume=resume, weights=weights).run()
+        return Trainer(cfg, resume=resume, weights=weights, keep=keep).run()
 
 
 def to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:

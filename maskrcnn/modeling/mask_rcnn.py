@@ -161,13 +161,13 @@ class MaskRCNN(nn.Module):
                 image = image.flip(0)
             h, w = image.shape[-2:]
             if self.cfg.input.resize == "pil":  # Detectron2: resize the uint8 image, then normalise
-                new_h, new_w = resized_shape_rounded(h, w, *self._target_size())
+                new_h, new_w = resized_shape_rounded(h, w, *self._target_size(h, w))
                 mean, std = ([v * 255 for v in values] for values in (self.cfg.model.pixel_mean, self.cfg.model.pixel_std))
                 image = resize_uint8_pil(image, (new_h, new_w))
                 image = (image - image.new_tensor(mean)[:, None, None]) / image.new_tensor(std)[:, None, None]
             else:
                 image = (image - self.pixel_mean) / self.pixel_std
-                new_h, new_w, _ = resized_shape(h, w, *self._target_size())
+                new_h, new_w, _ = resized_shape(h, w, *self._target_size(h, w))
                 image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
             resized.append(image)
             sizes.append((new_h, new_w))
@@ -181,9 +181,12 @@ class MaskRCNN(nn.Module):
             slot[:, : image.shape[1], : image.shape[2]].copy_(image)
         return batch, sizes, (new_targets if targets is not None else None)
 
-    def _target_size(self) -> tuple[int, int]:
-        """Return (shorter side, longer-side cap): in training one drawn per image (multi-scale)."""
+    def _target_size(self, height: int, width: int) -> tuple[float, int]:
+        """Return (shorter side, longer-side cap) for an image: in training one drawn per image (multi-scale);
+        with `input.scale`, the image's own shorter side times the scale."""
         cfg = self.cfg.input
+        if cfg.scale > 0:
+            return cfg.scale * min(height, width), cfg.max_size_train if self.training else cfg.max_size_test
         if not self.training:
             return cfg.min_size_test, cfg.max_size_test
         if cfg.min_size_train_sampling == "range":  # scale jitter: any whole size in [lo, hi]

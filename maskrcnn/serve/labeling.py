@@ -30,8 +30,9 @@ from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 import numpy as np
 
-# infer(image HxWx3 uint8, score threshold) -> one image's detections on the CPU (the model's predict output).
-Infer = Callable[[np.ndarray, float], Awaitable[dict[str, Any]]]
+# infer(request, image HxWx3 uint8, score threshold) -> one image's detections on the CPU scoring at least the
+# threshold (the model's predict output), run by the server's scheduler as /predict's images are.
+Infer = Callable[[Any, np.ndarray, float], Awaitable[dict[str, Any]]]
 # read_body(request, limit) -> the body's bytes (413 past the limit); decode(bytes, max pixels) -> HxWx3 uint8 RGB.
 ReadBody = Callable[[Any, int], Awaitable[bytes]]
 Decode = Callable[[bytes, int], np.ndarray]
@@ -160,7 +161,8 @@ def nuclio_function(names: Sequence[str], server_url: str) -> dict[str, Any]:
             "eventTimeout": "120s",
             "env": [{"name": "MASKRCNN_URL", "value": server_url}],
             "build": {"image": "cvat.maskrcnn", "baseImage": "python:3.11-slim"},
-            "triggers": {"myHttpTrigger": {"kind": "http", "maxWorkers": 2, "workerAvailabilityTimeoutMilliseconds": 10000,
+            "triggers": {"myHttpTrigger": {"kind": "http", "maxWorkers": 2,
+                                           "workerAvailabilityTimeoutMilliseconds": 10000,
                                            "attributes": {"maxRequestBodySize": 33554432}}},
             "platform": {"attributes": {"restartPolicy": {"name": "always", "maximumRetryCount": 3},
                                         "mountMode": "volume"}},
@@ -380,9 +382,9 @@ def labeling_router(model: Any, infer: Infer, read_body: ReadBody, decode: Decod
             raise HTTPException(400, "the request body is not a JSON object")
         return body
 
-    async def detect(data: bytes, threshold: float) -> tuple[tuple[int, int], list[Instance]]:
+    async def detect(request: Request, data: bytes, threshold: float) -> tuple[tuple[int, int], list[Instance]]:
         image = await run_in_threadpool(decode, data, max_pixels)
-        output = await infer(image, threshold)
+        output = await infer(request, image, threshold)
         return image.shape[:2], await run_in_threadpool(lambda: list(instances(output, names)))
 
     @router.get("/label-studio/health", tags=["Label Studio"])
@@ -419,7 +421,7 @@ def labeling_router(model: Any, infer: Infer, read_body: ReadBody, decode: Decod
                     raise LabelingError(f"task {task_id}: no '{target.data_key}' image in its data")
                 try:
                     data = await run_in_threadpool(fetch_task_image, ref, access, project, max_upload)
-                    size, found = await detect(data, score_threshold)
+                    size, found = await detect(request, data, score_threshold)
                 except (LabelingError, HTTPException) as e:  # name the task in the one-line answer
                     raise HTTPException(getattr(e, "status_code", 400), f"task {task_id}: {getattr(e, 'detail', e)}") \
                         from None
@@ -447,32 +449,17 @@ def labeling_router(model: Any, infer: Infer, read_body: ReadBody, decode: Decod
         body = await json_body(request, max_upload * 4 // 3 + 4096)  # base64 is 4/3 the image
         try:
             data, threshold = decode_cvat_body(body)
-            _, found = await detect(data, score_threshold if threshold is None else threshold)
+            _, found = await detect(request, data, score_threshold if threshold is None else threshold)
         except LabelingError as e:
             raise HTTPException(400, str(e)) from None
         return await run_in_threadpool(cvat_detections, found, shape)
 
     @router.get("/cvat/function.yaml", tags=["CVAT"], response_class=PlainTextResponse)
     async def cvat_function_yaml(request: Request) -> str:
-        """The nuclio function.yaml of a CVAT detector forwarding to this server (deploy/cvat/main.py is its handler)."""
+        """The nuclio function.yaml of a CVAT detector forwarding to this server (deploy/cvat/main.py: its handler)."""
         return yaml.safe_dump(nuclio_function(names, str(request.base_url).rstrip("/")), sort_keys=False)
 
     return router
-
-
-def add_arguments(p: Any) -> None:
-    """Add `maskrcnn serve`'s options for reaching Label Studio's task images."""
-    group = p.add_argument_group("labelling tools (Label Studio at /label-studio, CVAT at /cvat)")
-    group.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
-                       help="Label Studio's address, for task images under /data/... (default: $LABEL_STUDIO_URL, "
-                            "else the address Label Studio sends when a project connects)")
-    group.add_argument("--label-studio-token", default=os.environ.get("LABEL_STUDIO_API_KEY"),
-                       help="Label Studio API token for those images (default: $LABEL_STUDIO_API_KEY, else the one "
-                            "Label Studio sends when a project connects)")
-    group.add_argument("--local-files-root", type=Path,
-                       default=os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"),
-                       help="folder of task images given as local paths or /data/local-files/?d=... (default: "
-                            "$LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; without it local paths are refused)")
 
 
 def access_from_args(args: Any) -> LabelStudioAccess:

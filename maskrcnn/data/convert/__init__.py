@@ -4,7 +4,8 @@
 relative to; `write_coco` and `yolo.write` store it. One module per format, each citing the format's
 documentation: labelme, cvat (CVAT for images 1.1 XML), via (VGG Image Annotator 2.x), yolo
 (Ultralytics segmentation .txt), voc (Pascal VOC SegmentationObject/SegmentationClass PNGs),
-label_images (instance label PNG/TIFF). Polygon formats stay polygons (`Options.rle` rasterises
+label_images (instance label PNG/TIFF), mask_folders (DSB2018's
+per-image folders of binary masks). Polygon formats stay polygons (`Options.rle` rasterises
 them); mask formats become RLEs, exact to the pixel. Objects that cannot be converted are counted
 and named in one warning line per input file; input that cannot be read raises `UserError`.
 
@@ -22,7 +23,7 @@ from maskrcnn.data.convert.common import CocoBuilder, Options, load_json
 from maskrcnn.errors import UserError
 
 # Kept in step with maskrcnn.commands.convert (which must not import this package for --help).
-INPUT_FORMATS = ("coco", "labelme", "cvat-xml", "via", "yolo-seg", "voc-masks", "label-images")
+INPUT_FORMATS = ("coco", "labelme", "cvat-xml", "via", "yolo-seg", "voc-masks", "label-images", "mask-folders")
 OUTPUT_FORMATS = ("coco", "yolo-seg")
 
 __all__ = ["INPUT_FORMATS", "OUTPUT_FORMATS", "Options", "read_annotations", "read_coco", "write_coco"]
@@ -42,6 +43,8 @@ def _reader(fmt: str) -> Callable[[Path, Options], tuple[CocoBuilder, Path]]:
         from maskrcnn.data.convert.voc import read
     elif fmt == "label-images":
         from maskrcnn.data.convert.label_images import read
+    elif fmt == "mask-folders":
+        from maskrcnn.data.convert.mask_folders import read
     else:
         raise UserError(f"unknown input format '{fmt}'; choose one of {', '.join(INPUT_FORMATS)}")
     return read

@@ -288,7 +288,8 @@ class FileReport:
             n = sum(self.skipped_images.values())
             lost = (f"; {_count(self.lost_objects, self.noun)} on {'it' if n == 1 else 'them'}"
                     if self.lost_objects else "")
-            parts.append(f"{n} of {_count(self.images, 'images')} ({self.describe(self.skipped_images)}{lost})")
+            # Images skipped before their file was looked at (an unreadable label image) count too.
+            parts.append(f"{n} of {_count(max(self.images, n), 'images')} ({self.describe(self.skipped_images)}{lost})")
         if self.skipped_objects:
             parts.append(f"{sum(self.skipped_objects.values())} of {_count(self.objects, self.noun)} "
                          f"({self.describe(self.skipped_objects)})")
