@@ -1,10 +1,11 @@
 """Pre-annotation in Label Studio end to end, with Label Studio itself as the client of our ML backend.
 
-Label Studio (its own virtual environment, .venv-label-studio, made by `make install`) runs on 127.0.0.1
-with a SQLite database in a temporary folder; tests/label_studio_client.py creates projects through
-label-studio-sdk, uploads images, imports a task with a local path, connects `maskrcnn serve`'s
-/label-studio backend and has Label Studio retrieve predictions, then reads them back. Label Studio's first
-start (database migrations) takes over a minute on 2 cores: `slow`.
+Label Studio (its own virtual environment, .venv-label-studio, made by `make label-studio`; `make test-slow`
+makes it too) runs on 127.0.0.1 with a SQLite database in a temporary folder; tests/label_studio_client.py
+creates projects through label-studio-sdk, uploads images, imports a task with a local path, connects
+`maskrcnn serve`'s /label-studio backend and has Label Studio retrieve predictions, then reads them back.
+Label Studio's first start (database migrations) takes minutes on 2 cores: `slow`. The brush RLE test beside
+it is quick but needs .venv-label-studio (label-studio-sdk's decoder), which make test does not install.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from PIL import Image
 
 from maskrcnn.api import load_model
 from maskrcnn.serve import create_app
-from maskrcnn.serve.labeling import LabelStudioAccess, class_names, instances, model_version, polygon
+from maskrcnn.serve.labeling import LabelStudioAccess, brush_rle, class_names, instances, model_version, polygon
 from maskrcnn.structures import detections_to_cpu
-from support import Running, png_bytes
+from support import Running, masks_to_test, png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +64,7 @@ def personal_access_token(url: str) -> str:
 def label_studio(tmp_path_factory):
     """Label Studio on a free port of 127.0.0.1, its data and SQLite database in a temporary folder."""
     if not (LS_BIN / "label-studio").exists():
-        pytest.fail("no .venv-label-studio: run `make install`")
+        pytest.fail("no .venv-label-studio: run `make label-studio`")
     data = tmp_path_factory.mktemp("label-studio")
     port = free_port()
     log = open(data / "server.log", "w")
@@ -164,3 +165,18 @@ def test_label_studio_preannotates_with_our_backend(label_studio, checkpoint, tm
                     assert np.array_equal(decoded, instance.mask)
                 regions_seen += 1
     assert regions_seen > 0
+
+
+def test_brush_rle_is_what_label_studio_decodes():
+    """label-studio-sdk's brush decoder (a port of the editor's) reads our RLE back to the same RGBA pixels."""
+    if not (LS_BIN / "python").exists():
+        pytest.fail("no .venv-label-studio: run `make label-studio`")
+    masks = masks_to_test()
+    script = ("import json, sys, numpy as np\nfrom label_studio_sdk.converter.brush import decode_rle\n"
+              "print(json.dumps([decode_rle(r).tolist() for r in json.load(sys.stdin)]))")
+    done = subprocess.run([str(LS_BIN / "python"), "-c", script], input=json.dumps([brush_rle(m) for m in masks]),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for mask, decoded in zip(masks, json.loads(done.stdout)):
+        assert np.array_equal(np.array(decoded, np.uint8).reshape(*mask.shape, 4),
+                              np.repeat(mask[..., None] * 255, 4, axis=2))

@@ -1,7 +1,7 @@
 """Pre-annotation for the labelling tools (maskrcnn/serve/labeling.py), checked with the tools' own code:
-CVAT's SDK (its mask decoder and encoder, its auto-annotation driver's validation, cvat-cli's function
-loader), nuclio's SDK for the function handler, and label-studio-sdk's brush decoder (in Label Studio's
-own environment). Label Studio itself as the client: tests/test_label_studio.py (slow)."""
+CVAT's SDK (its models, mask decoder and encoder, its auto-annotation driver's validation, cvat-cli's function
+loader) and nuclio's SDK for the function handler; the routes share /predict's scheduler. Label Studio's
+brush decoder and Label Studio itself as the client: tests/test_label_studio.py (slow, .venv-label-studio)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import importlib.util
 import io
 import json
 import logging
-import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -21,13 +21,12 @@ from PIL import Image
 
 from maskrcnn.api import load_model
 from maskrcnn.serve import create_app
-from maskrcnn.serve.labeling import (LabelingError, LabelStudioAccess, brush_rle, class_names, cvat_mask,
-                                     fetch_task_image, instances, parse_label_config, polygon)
+from maskrcnn.serve.labeling import (LabelingError, LabelStudioAccess, class_names, cvat_mask, fetch_task_image,
+                                     instances, parse_label_config, polygon)
 from maskrcnn.structures import detections_to_cpu
-from support import Running, png_bytes
+from support import GatedModel, Running, masks_to_test, metric, png_bytes, ready, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-LS_PYTHON = ROOT / ".venv-label-studio" / "bin" / "python"
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +47,6 @@ def server(model, tmp_path_factory):
 def expected(model, data: bytes, threshold: float = 0.5):
     image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     return list(instances(detections_to_cpu(model.predict(image, score_threshold=threshold)[0]), class_names(model)))
-
-
-def masks_to_test() -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    ring = np.zeros((40, 50), bool)
-    ring[5:30, 8:40] = True
-    ring[12:20, 15:30] = False
-    return [rng.random((23, 31)) > 0.5, ring, np.ones((300, 250), bool),  # a run past the 65536-value class
-            np.zeros((7, 9), bool), np.eye(12, 17, dtype=bool)]
 
 
 # ---- CVAT -----------------------------------------------------------------------------------------
@@ -99,7 +89,7 @@ def test_cvat_detect_route_answers_as_a_nuclio_detector(server, model):
         assert entry["label"] == instance.name and entry["type"] == "mask"
         assert entry["confidence"] == pytest.approx(instance.score, abs=1e-5)
         points = cvat_server_points(entry["mask"])
-        shape = models.LabeledShapeRequest(type="mask", points=points, label_id=1, frame=0)  # the SDK's model accepts it
+        shape = models.LabeledShapeRequest(type="mask", points=points, label_id=1, frame=0)  # the SDK's model takes it
         assert np.array_equal(decode_mask(shape.points, image_width=128, image_height=96), instance.mask)
         assert np.allclose(np.reshape(entry["points"], (-1, 2)), polygon(instance.mask))
         models.LabeledShapeRequest(type="polygon", points=entry["points"], label_id=1, frame=0)
@@ -187,21 +177,6 @@ def test_nuclio_handler_forwards_to_the_server(server):
 # ---- Label Studio ---------------------------------------------------------------------------------
 
 
-def test_brush_rle_is_what_label_studio_decodes():
-    """label-studio-sdk's brush decoder (a port of the editor's) reads our RLE back to the same RGBA pixels."""
-    if not LS_PYTHON.exists():
-        pytest.fail("no .venv-label-studio: run `make install`")
-    masks = masks_to_test()
-    script = ("import json, sys, numpy as np\nfrom label_studio_sdk.converter.brush import decode_rle\n"
-              "print(json.dumps([decode_rle(r).tolist() for r in json.load(sys.stdin)]))")
-    done = subprocess.run([str(LS_PYTHON), "-c", script], input=json.dumps([brush_rle(m) for m in masks]),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for mask, decoded in zip(masks, json.loads(done.stdout)):
-        assert np.array_equal(np.array(decoded, np.uint8).reshape(*mask.shape, 4),
-                              np.repeat(mask[..., None] * 255, 4, axis=2))
-
-
 def test_label_config_is_matched_to_the_classes_by_name():
     names = ["square", "circle", "triangle"]
     target = parse_label_config("""<View><Image name="i" value="$img"/><BrushLabels name="b" toName="i">
@@ -249,6 +224,50 @@ def test_label_studio_routes_report_bad_input(server):
                          json={"tasks": [{"id": 7, "data": {"image": "/nowhere/a.png"}}], "label_config": config})
     assert missing.status_code == 400 and missing.json()["detail"].startswith("task 7: ")
     assert "outside --local-files-root" in missing.json()["detail"]
-    local = httpx.post(f"{server.url}/label-studio/predict", timeout=60,
-                       json={"tasks": [{"id": 7, "data": {"image": str(server.root / "a.png")}}], "label_config": config})
+    task = {"id": 7, "data": {"image": str(server.root / "a.png")}}
+    local = httpx.post(f"{server.url}/label-studio/predict", timeout=60, json={"tasks": [task], "label_config": config})
     assert local.status_code == 200 and local.json()["results"][0]["result"]
+
+
+def test_labeling_routes_share_the_predict_scheduler(model, tmp_path):
+    """CVAT's and Label Studio's images wait in /predict's queue and run in its batches: while one /predict image
+    runs, a CVAT and a Label Studio image queue and then go to the model as one batch of two; a third finds the
+    queue full and gets /predict's 503 with Retry-After."""
+    (tmp_path / "a.png").write_bytes(png_bytes(seed=3))
+    gated = GatedModel(model)
+    running = Running(create_app(gated, score_threshold=0.5, max_batch=2, max_queue=2,
+                                 labeling=LabelStudioAccess(local_root=tmp_path)))
+    config = ('<View><Image name="i" value="$image"/><PolygonLabels name="p" toName="i"><Label value="square"/>'
+              '<Label value="circle"/><Label value="triangle"/></PolygonLabels></View>')
+    cvat_body = {"image": base64.b64encode(png_bytes()).decode(), "threshold": 0.5}
+    ls_body = {"tasks": [{"id": 1, "data": {"image": str(tmp_path / "a.png")}}], "label_config": config}
+    try:
+        ready(running.url)
+        gated.batches.clear()
+        gated.hold()
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(httpx.post, f"{running.url}/predict", timeout=60,
+                                files={"file": ("a.png", png_bytes(seed=5), "image/png")})
+            wait_for(lambda: gated.batches == [1], "the /predict image in the model")
+            cvat = pool.submit(httpx.post, f"{running.url}/cvat/detect", json=cvat_body, timeout=60)
+            label_studio = pool.submit(httpx.post, f"{running.url}/label-studio/predict", json=ls_body, timeout=60)
+            wait_for(lambda: httpx.get(f"{running.url}/health").json()["queued"] == 2, "2 queued images")
+            full = httpx.post(f"{running.url}/cvat/detect", json=cvat_body, timeout=60)
+            assert full.status_code == 503 and int(full.headers["retry-after"]) >= 1, full.text
+            gated.release()
+            answers = [first.result(), cvat.result(), label_studio.result()]
+        assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+        assert gated.batches == [1, 2]
+        want = expected(model, png_bytes())
+        assert [(d["label"], round(d["confidence"], 4)) for d in answers[1].json()] == \
+               [(i.name, round(i.score, 4)) for i in want]
+        regions = answers[2].json()["results"][0]["result"]
+        assert len(want) > 0 and len(regions) > 0
+        assert [r["score"] for r in regions] == pytest.approx([i.score for i in expected(model, png_bytes(seed=3))],
+                                                               abs=1e-5)
+        assert metric(running.url, "maskrcnn_batch_size_sum") == 3
+        assert metric(running.url, 'maskrcnn_rejected_total{reason="queue_count"}') == 1
+        assert httpx.get(f"{running.url}/health").json()["served"] == 3
+    finally:
+        gated.release()
+        running.stop()
