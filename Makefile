@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MINUTES ?= 8.5
 DEMO_OUT ?= runs/demo
 
-.PHONY: install test test-slow test-all demo clean
+.PHONY: install test test-slow test-all test-label-studio demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ test-slow: $(STAMP) $(LS_STAMP)
 
 test-all: $(STAMP) $(LS_STAMP)
 	$(BIN)/python -m pytest -q -m ''
+
+# Only the Label Studio tests (slow: Label Studio's first start migrates a new database; about 8 minutes on 2 cores).
+test-label-studio: $(STAMP) $(LS_STAMP)
+	$(BIN)/python -m pytest -q -m slow tests/test_label_studio.py
 
 demo: $(STAMP)
 	$(BIN)/maskrcnn demo --out $(DEMO_OUT) --minutes $(DEMO_MINUTES)

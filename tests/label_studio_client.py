@@ -62,7 +62,8 @@ def run_project(client: LabelStudio, job: dict, spec: dict, bearer: str) -> dict
                                 "model_version": prediction.model_version})
         tasks.append({"id": task.id, "data": task.data, "predictions": predictions})
     state = client.ml.get(backend.id)
-    return {"id": project.id, "backend_state": str(state.state), "backend_error": state.error_message,
+    return {"id": project.id, "backend_state": str(getattr(state.state, "value", state.state)),
+            "backend_error": state.error_message or None,
             "tasks": tasks}
 
 
