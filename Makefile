@@ -55,7 +55,7 @@ test-slow: $(STAMP) $(LS_STAMP)
 test-all: $(STAMP) $(LS_STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
-# Only the Label Studio tests (slow: Label Studio's first start migrates a new database; about 8 minutes on 2 cores).
+# Only the Label Studio tests (slow: Label Studio's first start migrates a new database; 1.5-8 minutes on 2 cores).
 test-label-studio: $(STAMP) $(LS_STAMP)
 	$(BIN)/python -m pytest -q -m slow tests/test_label_studio.py
 
