@@ -278,6 +278,65 @@ class Running:
         self.thread.join(timeout=10)
 
 
+class GatedModel:
+    """The tiny model, but while the test holds the gate (`hold()`) each predict call waits for `release()`;
+    `batches` records how many images each call got."""
+
+    def __init__(self, model):
+        self.model, self.gate, self.batches = model, threading.Event(), []
+        self.gate.set()
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def hold(self):
+        self.gate.clear()
+
+    def release(self):
+        self.gate.set()
+
+    def predict(self, images, *args, **kwargs):
+        self.batches.append(len(images) if isinstance(images, list) else 1)
+        assert self.gate.wait(timeout=30)
+        return self.model.predict(images, *args, **kwargs)
+
+
+def wait_for(condition, what: str, seconds: float = 20):
+    """Poll `condition()` until it is true; fail naming `what` after `seconds`."""
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def ready(url: str) -> None:
+    """Wait until the server at `url` has warmed up (/health/ready answers 200)."""
+    import httpx
+
+    wait_for(lambda: httpx.get(f"{url}/health/ready").status_code == 200, "/health/ready")
+
+
+def metric(url: str, line_start: str) -> float:
+    """Return the value of the /metrics sample whose line starts with `line_start`, 0 when there is none."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def masks_to_test() -> list[np.ndarray]:
+    """Masks for the labelling tools' encodings: noise, a ring, a full one (a run past the brush RLE's 65536-value
+    class), an empty one, a diagonal."""
+    rng = np.random.default_rng(0)
+    ring = np.zeros((40, 50), bool)
+    ring[5:30, 8:40] = True
+    ring[12:20, 15:30] = False
+    return [rng.random((23, 31)) > 0.5, ring, np.ones((300, 250), bool), np.zeros((7, 9), bool),
+            np.eye(12, 17, dtype=bool)]
+
+
 def png_bytes(size=(96, 128), seed=0) -> bytes:
     """Return a PNG file's bytes: random RGB noise of `size` (H, W)."""
     from PIL import Image

@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,50 +23,7 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.api import load_model
 from maskrcnn.serve import create_app
-from support import Running, png_bytes
-
-
-class GatedModel:
-    """The tiny model, but while the test holds the gate (`hold()`) each predict call waits for `release()`;
-    `batches` records how many images each call got."""
-
-    def __init__(self, model):
-        self.model, self.gate, self.batches = model, threading.Event(), []
-        self.gate.set()
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def hold(self):
-        self.gate.clear()
-
-    def release(self):
-        self.gate.set()
-
-    def predict(self, images, *args, **kwargs):
-        self.batches.append(len(images) if isinstance(images, list) else 1)
-        assert self.gate.wait(timeout=30)
-        return self.model.predict(images, *args, **kwargs)
-
-
-def wait_for(condition, what: str, seconds: float = 20):
-    """Poll `condition()` until it is true; fail naming `what` after `seconds`."""
-    deadline = time.time() + seconds
-    while not condition():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def ready(url: str) -> None:
-    wait_for(lambda: httpx.get(f"{url}/health/ready").status_code == 200, "/health/ready")
-
-
-def metric(url: str, line_start: str) -> float:
-    """Return the value of the /metrics sample whose line starts with `line_start`, 0 when there is none."""
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+from support import GatedModel, Running, metric, png_bytes, ready, wait_for
 
 
 def gated_server(model, **limits) -> tuple[GatedModel, Running]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from maskrcnn.commands.options import (DEFAULT_MODEL_HELP, add_backend_option, add_device_option, add_model_options,
                                       add_overrides)
@@ -10,7 +12,7 @@ from maskrcnn.errors import UserError
 
 HELP = ("Serve a model over HTTP: POST /predict (image → JSON or ?overlay=1 PNG), GET /health/live, "
         "/health/ready, /metrics, /model, "
-        "OpenAPI docs at /docs, a web page at /")
+        "OpenAPI docs at /docs, a web page at /; pre-annotation for Label Studio (/label-studio) and CVAT (/cvat)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +46,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="uploads read at once, each up to --max-upload-mb in memory; more get 503 (default: 64)")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="one JSON line per request on stderr (default: on)")
+    add_labeling_arguments(p)
+
+
+def add_labeling_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options for reaching Label Studio's task images (maskrcnn/serve/labeling.py; kept here, where
+    `maskrcnn serve --help` imports nothing heavy)."""
+    group = p.add_argument_group("labelling tools (Label Studio at /label-studio, CVAT at /cvat)")
+    group.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
+                       help="Label Studio's address, for task images under /data/... (default: $LABEL_STUDIO_URL, "
+                            "else the address Label Studio sends when a project connects)")
+    group.add_argument("--label-studio-token", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+                       help="Label Studio API token for those images (default: $LABEL_STUDIO_API_KEY, else the one "
+                            "Label Studio sends when a project connects)")
+    group.add_argument("--local-files-root", type=Path,
+                       default=os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"),
+                       help="folder of task images given as local paths or /data/local-files/?d=... (default: "
+                            "$LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; without it local paths are refused)")
 
 
 def check_limits(args: argparse.Namespace) -> None:
@@ -66,15 +85,18 @@ def run(args: argparse.Namespace) -> int:
 
     from maskrcnn.commands.options import load_backend
     from maskrcnn.serve import create_app
+    from maskrcnn.serve.labeling import access_from_args
 
     check_limits(args)
+    labeling_access = access_from_args(args)  # a bad --local-files-root fails before the model loads
     # OpenVINO: an infer request (and a CPU stream) for every image that may run at once.
     model = load_backend(args, list(args.overrides), requests=args.max_concurrent * args.max_batch)
     app = create_app(model, max_upload=int(args.max_upload_mb * 2**20), max_concurrent=args.max_concurrent,
                      max_queue=args.max_queue, score_threshold=args.score_threshold, backend=args.backend,
                      weights=args.weights, max_batch=args.max_batch, max_delay=args.max_delay_ms / 1000,
                      max_queue_bytes=int(args.max_queue_mb * 2**20), timeout=args.timeout,
-                     read_timeout=args.read_timeout, max_uploads=args.max_uploads)
+                     read_timeout=args.read_timeout, max_uploads=args.max_uploads,
+                     labeling=labeling_access)
     access = logging.getLogger("maskrcnn.serve.access")
     access.setLevel(logging.INFO if args.access_log else logging.WARNING)
     access.addHandler(logging.StreamHandler())

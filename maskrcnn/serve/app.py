@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -38,6 +38,7 @@ DEFAULT_MAX_UPLOAD = 20 * 2**20
 MULTIPART_OVERHEAD = 64 * 1024
 ACCEPTED_TYPES = ("image/", "application/octet-stream")
 LOG = logging.getLogger("maskrcnn.serve")
+T = TypeVar("T")
 
 UPLOAD_SCHEMA = {
     "required": True,
@@ -87,8 +88,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 def create_app(model: Any, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_concurrent: int = 1, max_queue: int = 8,
                score_threshold: float = 0.5, backend: str = "pytorch", weights: str | None = None,
                max_batch: int = 1, max_delay: float = 0.0, max_queue_bytes: int = 256 * 2**20,
-               timeout: float = 60.0, read_timeout: float = 30.0, max_uploads: int = 64) -> FastAPI:
-    """Return the FastAPI app serving `model` (a MaskRCNN or an OnnxMaskRCNN: anything with `predict`).
+               timeout: float = 60.0, read_timeout: float = 30.0, max_uploads: int = 64,
+               labeling: Any = None) -> FastAPI:
+    """Return the FastAPI app serving `model` (a MaskRCNN or an OnnxMaskRCNN: anything with `predict`), with the
+    labelling tools' routes (maskrcnn.serve.labeling; `labeling`: how it reaches Label Studio's images).
 
     `max_concurrent` batches of up to `max_batch` images run at once (a batch gathers for up to `max_delay`
     s); `max_queue` images (and `max_queue_bytes` of decoded images) wait; a request has `timeout` s from
@@ -126,6 +129,7 @@ def create_app(model: Any, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_concurre
                   description="Mask R-CNN instance segmentation: upload an image, get boxes, classes, scores "
                               "and masks (COCO RLE), or an overlay PNG.")
     app.add_middleware(AccessLog, metrics=metrics)
+    app.add_exception_handler(NoResult, lambda request, e: e.response)
     app.state.scheduler, app.state.metrics = scheduler, metrics
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -181,37 +185,9 @@ def create_app(model: Any, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_concurre
         """Detect objects in one uploaded image (multipart field `file`, or the raw image as the body)."""
         arrived = time.monotonic()
         deadline = arrived + timeout
-        if state["reading"] >= max_uploads:
-            metrics.rejected.labels("uploads").inc()
-            return busy(f"{max_uploads} uploads are being read", 1)
-        state["reading"] += 1
-        metrics.uploads.inc()
-        try:
-            data, _ = await upload_bytes(request, max_upload, min(arrived + read_timeout, deadline))
-        finally:
-            state["reading"] -= 1
-            metrics.uploads.dec()
+        data, _ = await counted_read(lambda: upload_bytes(request, max_upload, min(arrived + read_timeout, deadline)))
         image = await run_in_threadpool(decode_image, data, model.cfg.input.max_pixels)
-        job = Job(image, deadline)
-        try:
-            scheduler.submit(job)
-        except QueueFull as e:
-            return busy(f"{len(scheduler.queue)} images queued ({e.reason.replace('_', ' ')} limit)", e.retry_after)
-        watcher = asyncio.create_task(withdraw_on_disconnect(request, scheduler, job))
-        try:
-            output = await scheduler.result(job)
-        except Dropped as e:
-            if e.reason == "disconnected":
-                return Response(status_code=CLIENT_CLOSED)
-            if e.reason == "shutdown":
-                return busy("the server is shutting down", 5)
-            return JSONResponse({"detail": f"no answer within the {timeout:g} s deadline"}, status_code=504)
-        except Exception as e:  # the model failed on this batch
-            LOG.exception("inference failed")
-            return JSONResponse({"detail": f"inference failed: {type(e).__name__}: {e}"}, status_code=500)
-        finally:
-            watcher.cancel()
-        state["served"] += 1
+        output, job = await run_model(request, image, deadline)
         assert job.started is not None
         elapsed = time.monotonic() - job.started
         request.state.access.update(bytes_in=len(data), queue_ms=round((job.started - job.enqueued) * 1000, 1),
@@ -224,7 +200,71 @@ def create_app(model: Any, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_concurre
     def score_threshold_or(value: float | None) -> float:
         return score_threshold if value is None else value
 
+    async def counted_read(read: Callable[[], Awaitable[T]]) -> T:
+        """Return `read()`'s result, counted among the bodies being read (at most `max_uploads`; NoResult 503)."""
+        if state["reading"] >= max_uploads:
+            metrics.rejected.labels("uploads").inc()
+            raise NoResult(busy(f"{max_uploads} uploads are being read", 1))
+        state["reading"] += 1
+        metrics.uploads.inc()
+        try:
+            return await read()
+        finally:
+            state["reading"] -= 1
+            metrics.uploads.dec()
+
+    async def run_model(request: Request, image: np.ndarray, deadline: float) -> tuple[dict[str, Any], Job]:
+        """Queue one decoded image with the scheduler and return its output and job, or raise NoResult with the
+        answer: 503 (queue full, shutting down), 504 (deadline), 499 (the client left), 500 (the model failed)."""
+        job = Job(image, deadline)
+        try:
+            scheduler.submit(job)
+        except QueueFull as e:
+            raise NoResult(busy(f"{len(scheduler.queue)} images queued ({e.reason.replace('_', ' ')} limit)",
+                                e.retry_after)) from None
+        watcher = asyncio.create_task(withdraw_on_disconnect(request, scheduler, job))
+        try:
+            output = await scheduler.result(job)
+        except Dropped as e:
+            if e.reason == "disconnected":
+                raise NoResult(Response(status_code=CLIENT_CLOSED)) from None
+            if e.reason == "shutdown":
+                raise NoResult(busy("the server is shutting down", 5)) from None
+            raise NoResult(JSONResponse({"detail": f"no answer within the {timeout:g} s deadline"},
+                                        status_code=504)) from None
+        except Exception as e:  # the model failed on this batch
+            LOG.exception("inference failed")
+            raise NoResult(JSONResponse({"detail": f"inference failed: {type(e).__name__}: {e}"},
+                                        status_code=500)) from None
+        finally:
+            watcher.cancel()
+        state["served"] += 1
+        return output, job
+
+    async def read_tool_body(request: Request, limit: int) -> bytes:
+        """Read a labelling tool's request body as /predict reads an upload (counted, within --read-timeout)."""
+        until = time.monotonic() + min(read_timeout, timeout)
+        return await counted_read(lambda: read_body(request, limit, until))
+
+    async def infer(request: Request, image: np.ndarray, threshold: float) -> dict[str, Any]:
+        """Run one image of a labelling tool's request through the scheduler, as /predict does (its own --timeout
+        deadline from now); return its detections scoring at least `threshold`, on the CPU."""
+        output, _ = await run_model(request, image, time.monotonic() + timeout)
+        return await run_in_threadpool(above, output, threshold)
+
+    from maskrcnn.serve.labeling import labeling_router
+
+    app.include_router(labeling_router(model, infer, read_tool_body, decode_image, score_threshold=score_threshold,
+                                       max_upload=max_upload, weights=weights, access=labeling))
     return app
+
+
+class NoResult(Exception):
+    """A request that gets no detections: `response` is its answer (503, 504, 499, 500)."""
+
+    def __init__(self, response: Response):
+        super().__init__(response.status_code)
+        self.response = response
 
 
 def busy(why: str, retry_after: int) -> JSONResponse:
