@@ -308,11 +308,17 @@ def test_request_ids_access_log_and_metrics(server, caplog):
         mine = post(server.url, png_bytes(), **{"X-Request-ID": "client-id.42"})
         theirs = post(server.url, png_bytes(), **{"X-Request-ID": "not a plain token\t!"})
         refused = httpx.post(f"{server.url}/predict", files={"file": ("n.txt", b"hello", "text/plain")})
+        ids = {"client-id.42", theirs.headers["x-request-id"], refused.headers["x-request-id"]}
+        deadline = time.monotonic() + 10
+        while True:  # the server logs a request once its response is sent, so the client may see it first
+            lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "maskrcnn.serve.access"]
+            by_id = {line["id"]: line for line in lines}
+            if ids <= by_id.keys() or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     assert mine.headers["x-request-id"] == "client-id.42"
     assert re.fullmatch(r"queue;dur=[0-9.]+, inference;dur=[0-9.]+", mine.headers["server-timing"])
     assert len(theirs.headers["x-request-id"]) == 16 and theirs.headers["x-request-id"] != refused.headers["x-request-id"]
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "maskrcnn.serve.access"]
-    by_id = {line["id"]: line for line in lines}
     line = by_id["client-id.42"]
     assert (line["method"], line["path"], line["status"]) == ("POST", "/predict", 200)
     assert line["bytes_in"] == len(png_bytes()) and line["batch"] == 1 and line["queue_ms"] >= 0 and line["ms"] > 0
