@@ -224,36 +224,7 @@ def paste_masks_grid_sample(
     return out
 
 
-# ---- image-sized masks as RLE (tiled inference) -------------------------------------------------
-
-
-def rle_from_crop(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> dict:
-    """Return the COCO RLE (counts as str) of a `height` x `width` mask that is `crop` at (y0, x0), zero elsewhere.
-
-    Built from the crop's columns alone: COCO's RLE runs down the columns of the whole image, so the
-    columns left and right of the crop are one run of zeros each, and the crop's columns need only a
-    full-height strip (height x crop width), never the image-sized array.
-    """
-    from pycocotools import mask as mask_util
-
-    h, w = crop.shape
-    strip = np.zeros((height, w), dtype=bool)
-    strip[y0 : y0 + h] = crop
-    flat = strip.ravel(order="F")
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate(([0], changes, [flat.size])))
-    if flat.size and flat[0]:
-        runs = np.concatenate(([0], runs))  # RLE counts start with a run of zeros, maybe empty
-    if runs.size == 0:
-        runs = np.zeros(1, dtype=np.int64)
-    runs[0] += x0 * height  # the all-zero columns left of the crop
-    after = (width - x0 - w) * height  # and right of it
-    if runs.size % 2:  # the last run is zeros: extend it
-        runs[-1] += after
-    elif after:
-        runs = np.concatenate((runs, [after]))
-    rle = mask_util.frPyObjects({"counts": [int(v) for v in runs], "size": [height, width]}, height, width)
-    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+# ---- image-sized masks as RLE (tiled inference; the encoding is maskrcnn.rle) ----------------------
 
 
 class RLEMasks:
@@ -278,9 +249,9 @@ class RLEMasks:
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
-            from pycocotools import mask as mask_util
+            from maskrcnn.rle import decode_rle
 
-            return mask_util.decode(self.rles[index]).astype(bool)
+            return decode_rle(self.rles[index])
         if isinstance(index, slice):
             return RLEMasks(self.rles[index], self.height, self.width)
         index = np.asarray(index.cpu() if isinstance(index, Tensor) else index)
