@@ -134,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
     from maskrcnn.api import category_ids
     from maskrcnn.data.image_io import read_image
+    from maskrcnn.engine.coco_results import predictions_to_coco
     from maskrcnn.engine.detections_log import DetectionsLog, write_results_json
-    from maskrcnn.engine.evaluator import predictions_to_coco
     from maskrcnn.video import VIDEO_SUFFIXES
 
     items, overrides = split_overrides(args.inputs)
