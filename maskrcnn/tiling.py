@@ -42,7 +42,7 @@ from torch import Tensor
 
 from maskrcnn.config_schema import Config, TilingConfig
 from maskrcnn.rle import rle_from_crop
-from maskrcnn.structures import RLEMasks
+from maskrcnn.structures.detections import RLEMasks
 
 # A box within this many pixels of an inner window border counts as cut by it: a box regressed for an
 # object that ends at the border lands on it only to within a pixel or two.

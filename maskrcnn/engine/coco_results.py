@@ -16,7 +16,7 @@ import torch
 from maskrcnn.errors import UserError
 from maskrcnn.fileio import atomic_write_text
 from maskrcnn.rle import encode_masks as rle_encode_masks
-from maskrcnn.structures import RLEMasks
+from maskrcnn.structures.detections import RLEMasks
 
 # Masks turned into RLE at a time (see encode_masks).
 RLE_MASKS_PER_CHUNK = 64

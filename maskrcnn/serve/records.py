@@ -10,7 +10,7 @@ import numpy as np
 def detection_records(output: dict[str, Any], ids: list[int]) -> list[dict[str, Any]]:
     """Return one record per detection: box (xyxy px), label (1..K), category_id, name, score, mask (RLE)."""
     from maskrcnn.rle import encode_mask
-    from maskrcnn.structures import RLEMasks
+    from maskrcnn.structures.detections import RLEMasks
 
     masks = output.get("masks")
     if isinstance(masks, RLEMasks):  # tiled inference: RLE already
