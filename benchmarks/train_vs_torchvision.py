@@ -191,7 +191,8 @@ def score(model: Any, val: str, out_json: Path) -> dict[str, Any]:
     import torch
 
     from maskrcnn.data.coco import CocoDataset
-    from maskrcnn.engine.evaluator import evaluate_results, predictions_to_coco
+    from maskrcnn.engine.coco_results import predictions_to_coco
+    from maskrcnn.engine.evaluator import evaluate_results
 
     ann, images = parse_spec(val)
     dataset = CocoDataset(ann, images, filter_empty=False, train=False)

@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from maskrcnn.config_schema import Config, TilingConfig
-from maskrcnn.structures import RLEMasks, rle_from_crop
+from maskrcnn.rle import rle_from_crop
+from maskrcnn.structures.detections import RLEMasks
 
 # A box within this many pixels of an inner window border counts as cut by it: a box regressed for an
 # object that ends at the border lands on it only to within a pixel or two.

@@ -52,7 +52,7 @@ def predict_video(model: Any, path: Path, out_dir: Path, score_threshold: float,
     import av
     from tqdm import tqdm
 
-    from maskrcnn.structures import detections_to_cpu
+    from maskrcnn.structures.detections import detections_to_cpu
     from maskrcnn.visualize import draw_instances
 
     if every < 1:

@@ -42,7 +42,7 @@ def _kept_masks(masks: Any, keep: np.ndarray) -> Any:
     """Return the masks of the detections at `keep`: a bool [N,H,W] array, or an `RLEMasks` / `InstanceMasks`
     (ground truth) decoded one at a time."""
     from maskrcnn.instance_masks import InstanceMasks
-    from maskrcnn.structures import RLEMasks
+    from maskrcnn.structures.detections import RLEMasks
 
     if masks is None or isinstance(masks, (RLEMasks, InstanceMasks)):  # never all decoded at once
         return None if masks is None else masks[keep]

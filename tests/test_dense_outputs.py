@@ -21,7 +21,8 @@ from pycocotools.cocoeval import COCOeval
 from support import TINY
 from maskrcnn.cli import main
 from maskrcnn.config import load_config
-from maskrcnn.engine.evaluator import encode_masks, evaluate_results, format_metrics, stat_names
+from maskrcnn.engine.coco_results import encode_masks
+from maskrcnn.engine.evaluator import evaluate_results, format_metrics, stat_names
 from maskrcnn.modeling import build_model
 from maskrcnn.modeling import roi_heads as roi_heads_module
 from maskrcnn.structures import paste_masks, paste_masks_grid_sample

@@ -16,12 +16,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from support import drawn_in
+from maskrcnn.engine.coco_results import predictions_to_coco
 from maskrcnn.engine.evaluator import (
     STAT_NAMES,
     evaluate,
     evaluate_results,
     format_metrics,
-    predictions_to_coco,
 )
 from maskrcnn.errors import UserError
 

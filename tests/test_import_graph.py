@@ -33,7 +33,7 @@ BOTTOM = ("maskrcnn.errors", "maskrcnn.fileio", "maskrcnn.renaming")
 LAYERS = [
     ["maskrcnn", "maskrcnn.errors", "maskrcnn.fileio", "maskrcnn.renaming"],
     ["maskrcnn.config_schema", "maskrcnn.config_checks", "maskrcnn.config_merge"],
-    ["maskrcnn.structures", "maskrcnn.visualize"],
+    ["maskrcnn.structures", "maskrcnn.rle", "maskrcnn.visualize"],
     ["maskrcnn.data"],
     ["maskrcnn.modeling", "maskrcnn.tiling"],
     # maskrcnn.config (load_config) reads our YAML files and Detectron2's: above both readers.

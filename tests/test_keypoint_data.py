@@ -11,7 +11,8 @@ import torch
 from maskrcnn.cli import main as cli_main
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.figures import KEYPOINT_NAMES, make_figures
-from maskrcnn.engine.evaluator import evaluate_results, format_metrics, predictions_to_coco
+from maskrcnn.engine.coco_results import predictions_to_coco
+from maskrcnn.engine.evaluator import evaluate_results, format_metrics
 from maskrcnn.visualize import draw_instances
 
 

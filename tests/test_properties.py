@@ -18,10 +18,10 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.data.coco import CocoDataset, _decode_masks
 from maskrcnn.data.coco_checks import prepare_segmentation
-from maskrcnn.data.rle import rle_counts
 from maskrcnn.data.transforms import hflip
-from maskrcnn.engine.evaluator import predictions_to_coco
+from maskrcnn.engine.coco_results import predictions_to_coco
 from maskrcnn.errors import UserError
+from maskrcnn.rle import rle_counts
 from maskrcnn.structures import BoxCoder, box_area, pairwise_iou
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools under NumPy 2

@@ -481,7 +481,7 @@ def test_web_page_in_a_browser(spread_server, artifacts):
 def test_page_rle_decoder_matches_pycocotools():
     import json
 
-    from maskrcnn.serve.records import encode_masks
+    from maskrcnn.rle import encode_masks
     from maskrcnn.serve.page import INDEX_HTML
 
     script = INDEX_HTML.split("<script>")[1].split("</script>")[0]

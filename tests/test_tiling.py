@@ -14,8 +14,9 @@ from maskrcnn.api import load_model
 from maskrcnn.cli import main
 from maskrcnn.config import ConfigError, load_config
 from maskrcnn.data.image_io import read_image
+from maskrcnn.rle import rle_from_crop
 from maskrcnn.serve.records import detection_records
-from maskrcnn.structures import RLEMasks, rle_from_crop
+from maskrcnn.structures import RLEMasks
 from maskrcnn.tiling import (Detections, merge_detections, should_tile, tile_windows, window_detections,
                              window_starts)
 from maskrcnn.visualize import draw_instances

@@ -83,7 +83,7 @@ def predict_and_draw(model: Any, image: np.ndarray, overlay: Path, score_thresho
     """Return the model's detections of one HxWx3 image (tensors on the CPU); write their overlay PNG to `overlay`."""
     from maskrcnn.data.image_io import image_to_tensor
     from maskrcnn.fileio import atomic_path
-    from maskrcnn.structures import detections_to_cpu
+    from maskrcnn.structures.detections import detections_to_cpu
     from maskrcnn.visualize import draw_instances
 
     output = detections_to_cpu(model.predict(image_to_tensor(image), score_threshold=score_threshold)[0])
@@ -134,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
     from maskrcnn.api import category_ids
     from maskrcnn.data.image_io import read_image
+    from maskrcnn.engine.coco_results import predictions_to_coco
     from maskrcnn.engine.detections_log import DetectionsLog, write_results_json
-    from maskrcnn.engine.evaluator import predictions_to_coco
     from maskrcnn.video import VIDEO_SUFFIXES
 
     items, overrides = split_overrides(args.inputs)

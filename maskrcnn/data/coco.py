@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import ConcatDataset, Dataset
 
@@ -25,10 +24,10 @@ from maskrcnn.data.augment import Augmenter
 from maskrcnn.data.coco_checks import check_schema, load_annotation_file
 from maskrcnn.data.coco_table import load_table
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS, image_to_tensor, read_image
-from maskrcnn.data.rle import rle_counts
 from maskrcnn.data.transforms import keypoint_flip_map
 from maskrcnn.errors import UserError
 from maskrcnn.instance_masks import InstanceMasks
+from maskrcnn.rle import rle_crop, rle_from_polygons
 
 logger = logging.getLogger(__name__)
 
@@ -194,35 +193,11 @@ def _decode_masks(segmentations: list[Any], h: int, w: int) -> InstanceMasks:
     """
     crops, origins = [], []
     for seg in segmentations:
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else seg
-        counts = rle["counts"]
-        crop, origin = _rle_crop(rle_counts(counts.encode("ascii") if isinstance(counts, str) else counts), h)
+        rle = rle_from_polygons(seg, h, w) if isinstance(seg, list) else seg
+        crop, origin = rle_crop(rle["counts"], h)
         crops.append(crop)
         origins.append(origin)
     return InstanceMasks.from_crops(crops, origins, h, w)
-
-
-def _rle_crop(runs: list[int], h: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Return (uint8 crop, (top, left)) of the set pixels of column-major RLE `runs` of an h-row mask.
-
-    Runs alternate background and foreground, starting with background. Only the band of columns the
-    foreground runs touch is expanded (columns x h bytes), then trimmed to the rows that hold pixels.
-    """
-    ends = np.cumsum(np.asarray(runs, dtype=np.int64))
-    starts, ends = (ends - np.asarray(runs, dtype=np.int64))[1::2], ends[1::2]  # foreground runs
-    nonempty = ends > starts
-    starts, ends = starts[nonempty], ends[nonempty]
-    if len(starts) == 0:
-        return np.zeros((0, 0), dtype=np.uint8), (0, 0)
-    left, right = int(starts[0]) // h, (int(ends[-1]) - 1) // h + 1
-    first = left * h
-    n = (right - left) * h
-    # +1 where a run starts, -1 where it ends; the running sum is 1 inside runs.
-    edges = np.bincount(starts - first, minlength=n + 1) - np.bincount(ends - first, minlength=n + 1)
-    band = (np.cumsum(edges[:n]) > 0).reshape(right - left, h).T  # [h, columns]
-    rows = np.flatnonzero(band.any(axis=1))
-    top, bottom = int(rows[0]), int(rows[-1]) + 1
-    return band[top:bottom].astype(np.uint8), (top, left)
 
 
 def _make_coco(data: dict[str, Any]) -> COCO:

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS
 from maskrcnn.data.jsonfile import load_json
 from maskrcnn.data.polygons import clip_to_rectangle, collinear
-from maskrcnn.data.rle import RleCoverageError, RleError, rle_from_counts
 from maskrcnn.errors import UserError
+from maskrcnn.rle import RleCoverageError, RleError, rle_area_and_box, rle_from_counts
 
 # Why an annotation was skipped, as shown in the one-line summary per dataset.
 ZERO_AREA_BOX = "zero-area box"
@@ -79,10 +78,9 @@ def prepare_segmentation(seg: Any, h: int, w: int) -> tuple[Any, list[float], st
             return None, [], BAD_RLE
         except RleError:
             return None, [], BAD_SEGMENTATION
-        area = int(mask_utils.area(rle))
+        area, (x, y, bw, bh) = rle_area_and_box(rle)
         if area == 0:
             return None, [], EMPTY_MASK
-        x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
         return rle, [x, y, x + bw, y + bh], None
     return None, [], BAD_SEGMENTATION
 

@@ -29,10 +29,10 @@ from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from maskrcnn.errors import UserError
 from maskrcnn.fileio import atomic_write_text
+from maskrcnn.rle import encode_mask, rle_area_and_box
 
 CATEGORIES = [
     {"id": 1, "name": "square", "supercategory": "shape"},
@@ -154,12 +154,13 @@ def write_dataset(
 
 def mask_annotation(mask: np.ndarray, category_id: int, **extra: Any) -> dict[str, Any]:
     """Return a COCO annotation (no ids) with a compressed-RLE mask, and bbox and area from that mask."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle = encode_mask(mask)
+    area, box = rle_area_and_box(rle)
     return {
         "category_id": category_id,
-        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-        "area": float(mask_utils.area(rle)),
+        "segmentation": rle,
+        "bbox": box,
+        "area": float(area),
         "iscrowd": 0,
         **extra,
     }

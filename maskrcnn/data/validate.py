@@ -24,14 +24,13 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from maskrcnn.data.coco_checks import is_int
 from maskrcnn.data.jsonfile import load_json
 from maskrcnn.data.polygons import collinear, distinct_vertices, polygon_self_intersects
-from maskrcnn.data.rle import RleError, rle_from_counts
 from maskrcnn.data.image_io import DEFAULT_MAX_PIXELS, _check_size, read_image
 from maskrcnn.errors import ImageReadError, UserError
+from maskrcnn.rle import RleError, rle_area, rle_from_counts
 
 ERROR, WARNING = "error", "warning"
 
@@ -460,7 +459,7 @@ class _Checker:
         except RleError as e:
             self.add("bad-rle", f"{name} has {e}", **where)
             return
-        area = int(mask_utils.area(rle))
+        area = rle_area(rle)
         if area == 0:
             self.add("empty-mask", f"{name} has an RLE mask with no foreground pixel", **where)
 

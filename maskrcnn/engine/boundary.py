@@ -27,8 +27,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from pycocotools import mask as mask_util
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn.data.convert.geometry import rle_from_positions
-from maskrcnn.data.rle import rle_counts
+from maskrcnn.rle import rle_from_positions, rle_positions
 
 # The band's width as a fraction of the image diagonal (the paper's default).
 DILATION_RATIO = 0.02
@@ -69,16 +68,6 @@ def boundary_iou(a: np.ndarray, b: np.ndarray, ratio: float = DILATION_RATIO) ->
     return np.count_nonzero(band_a & band_b) / union if union else 1.0
 
 
-def _rle_positions(counts: str | bytes) -> np.ndarray:
-    """Return the sorted column-major positions (x * height + y) of a compressed COCO RLE's pixels."""
-    runs = np.asarray(rle_counts(counts.encode("ascii") if isinstance(counts, str) else counts), dtype=np.int64)
-    starts = np.cumsum(runs) - runs
-    fg_starts, fg_lengths = starts[1::2], runs[1::2]  # runs alternate background, foreground
-    first = np.cumsum(fg_lengths) - fg_lengths  # each run's first index among all foreground pixels
-    offsets = np.arange(int(fg_lengths.sum())) - np.repeat(first, fg_lengths)
-    return np.repeat(fg_starts, fg_lengths) + offsets
-
-
 def boundary_rle(rle: dict[str, Any], ratio: float = DILATION_RATIO) -> dict[str, Any]:
     """Return the COCO RLE (counts as text) of the boundary band of a compressed COCO RLE mask.
 
@@ -86,7 +75,7 @@ def boundary_rle(rle: dict[str, Any], ratio: float = DILATION_RATIO) -> dict[str
     hundreds of small nuclei, and decoding each to the full image cost more than scoring them.
     """
     height, width = rle["size"]
-    positions = _rle_positions(rle["counts"])
+    positions = rle_positions(rle["counts"])
     if positions.size == 0:
         return rle_from_positions(positions, height, width)
     xs, ys = positions // height, positions % height

@@ -1,4 +1,4 @@
-"""COCO evaluation: model outputs to COCO results, box and mask AP with pycocotools, tables and plots.
+"""COCO evaluation: box, mask and keypoint AP with pycocotools (results format: `coco_results`), tables and plots.
 
 The numbers are pycocotools' own (`COCOeval.summarize()` stats), reported in percent as the model
 zoos quote them, plus AP90 (AP at IoU 0.90 alone, from the same precision array: how many detections
@@ -23,22 +23,19 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn.engine.coco_results import load_results, predictions_to_coco, write_predictions
 from maskrcnn.engine.detections_log import DetectionsLog
 from maskrcnn.errors import UserError
 from maskrcnn.fileio import atomic_path, atomic_write_text
-from maskrcnn.structures import RLEMasks
 
 # Order and names of COCOeval.stats for boxes and masks at COCO's standard 100 detections per image
 # (`stat_names` gives them for another count).
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 # COCO counts at most 100 detections per image; a model that keeps more (dense scenes) is scored at its own count.
 STANDARD_MAX_DETS = 100
-# Masks turned into RLE at a time (see encode_masks).
-RLE_MASKS_PER_CHUNK = 64
 # For keypoints (OKS instead of IoU, 20 detections per image, no small objects).
 KEYPOINT_STAT_NAMES = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
 IOU_TYPES = ("bbox", "segm", "boundary", "keypoints")
@@ -49,77 +46,6 @@ STRICT_IOU = 0.9
 # Per-keypoint OKS sigmas for a keypoint count other than COCO's 17 (whose own sigmas pycocotools has):
 # one value for every keypoint, about the mean of COCO's.
 DEFAULT_OKS_SIGMA = 0.07
-
-
-# ---- model output -> COCO results -----------------------------------------------------------------
-
-
-def _masks_to_numpy(masks: torch.Tensor) -> np.ndarray:
-    """Return [D,H,W] uint8 0/1, accepting [D,1,H,W] and soft (float) masks as torchvision emits."""
-    if masks.dim() == 4:
-        masks = masks[:, 0]
-    if masks.is_floating_point():
-        masks = masks >= 0.5
-    return masks.to(torch.uint8).cpu().numpy()
-
-
-def encode_masks(masks: torch.Tensor, chunk: int = RLE_MASKS_PER_CHUNK) -> list[dict]:
-    """Return one COCO RLE (counts as str) per mask of [D,H,W] or [D,1,H,W], `chunk` masks at a time.
-
-    Chunks bound the copies encoding needs (uint8, then Fortran order: two D x H x W arrays at once
-    otherwise), which matters with thousands of detections on a large image.
-    """
-    rles: list[dict] = []
-    for start in range(0, masks.shape[0], chunk):
-        m = _masks_to_numpy(masks[start : start + chunk])
-        # One encode call per chunk: pycocotools wants an HxWxD Fortran-ordered array.
-        rles += mask_util.encode(np.asfortranarray(m.transpose(1, 2, 0)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON-serialisable
-    return rles
-
-
-def predictions_to_coco(output: dict, image_id: int, category_ids: list[int]) -> list[dict]:
-    """Convert one image's model output (xyxy boxes, labels 1..K, masks) into COCO result dicts."""
-    boxes = output["boxes"].detach().float().cpu()
-    if boxes.numel() == 0:
-        return []
-    scores = output["scores"].detach().float().cpu().tolist()
-    labels = output["labels"].detach().cpu().tolist()
-    bad = [lab for lab in labels if not 1 <= lab <= len(category_ids)]
-    if bad:
-        raise ValueError(f"label {bad[0]} is outside 1..{len(category_ids)} (the dataset's categories)")
-    xywh = boxes.clone()
-    xywh[:, 2:] -= xywh[:, :2]
-    xywh = xywh.tolist()
-
-    masks = output.get("masks")
-    if isinstance(masks, RLEMasks):  # tiled inference: already RLE, never a [D,H,W] array
-        rles = [dict(rle) for rle in masks.rles]
-    else:
-        rles = encode_masks(masks.detach()) if masks is not None else None
-
-    keypoints = None
-    if output.get("keypoints") is not None:
-        # COCO keypoints are integer pixel indices, ours continuous coordinates (a pixel's centre at
-        # i + 0.5): subtract the 0.5 the dataset added (as Detectron2 does). The third value is each
-        # keypoint's score, as Detectron2 writes it (COCOeval reads only x and y of detections), or 1.
-        kp = output["keypoints"].detach().float().cpu().clone()
-        kp[..., :2] -= 0.5
-        kp_scores = output.get("keypoint_scores")
-        kp[..., 2] = kp_scores.detach().float().cpu() if kp_scores is not None else 1.0
-        keypoints = kp.flatten(1).tolist()
-
-    results = []
-    for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
-        r = {"image_id": int(image_id), "category_id": int(category_ids[label - 1]), "bbox": box,
-             "score": float(score)}
-        if rles is not None:
-            r["segmentation"] = rles[i]
-        if keypoints is not None:
-            r["keypoints"] = keypoints[i]
-        results.append(r)
-    return results
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -137,20 +63,6 @@ def load_coco_gt(ann_file: str | os.PathLike) -> COCO:
         raise UserError(f"annotation file '{path}' is not valid JSON ({e})") from None
     except (KeyError, TypeError, AssertionError) as e:
         raise UserError(f"annotation file '{path}' is not COCO format (problem with {e!r})") from None
-
-
-def load_results(path: str | os.PathLike) -> list[dict]:
-    """Read a COCO results file (a JSON list of detections)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"predictions file '{path}' does not exist")
-    try:
-        results = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"predictions file '{path}' is not valid JSON ({e})") from None
-    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-        raise UserError(f"predictions file '{path}' must be a JSON list of COCO detections")
-    return results
 
 
 def _results_for(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
@@ -343,11 +255,6 @@ def _nan_to_none(x: Any) -> Any:
 def write_metrics(metrics: dict, path: Path) -> None:
     """Write metrics as strict JSON (NaN as null), atomically."""
     atomic_write_text(path, json.dumps(_nan_to_none(metrics), indent=2) + "\n")
-
-
-def write_predictions(results: list[dict], path: Path) -> None:
-    """Write COCO results JSON atomically."""
-    atomic_write_text(path, json.dumps(results))
 
 
 def plot_pr_curves(evals: dict[str, COCOeval], out_png: Path) -> None:

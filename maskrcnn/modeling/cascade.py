@@ -26,7 +26,7 @@ from maskrcnn.config_schema import BoxHeadConfig
 from maskrcnn.modeling.matcher import Matcher
 from maskrcnn.modeling.roi_heads import (BoxPredictor, RoIHeads, SampledRoIs, StageRunner, box_losses,
                                          build_box_head)
-from maskrcnn.structures import BoxCoder, clip_boxes
+from maskrcnn.structures.boxes import BoxCoder, clip_boxes
 
 
 class _ScaleGradient(torch.autograd.Function):

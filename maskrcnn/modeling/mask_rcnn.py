@@ -19,7 +19,8 @@ from maskrcnn.modeling.backbone import Backbone
 from maskrcnn.modeling.cascade import CascadeRoIHeads
 from maskrcnn.modeling.roi_heads import RoIHeads
 from maskrcnn.modeling.rpn import RPN
-from maskrcnn.structures import nonempty_boxes, paste_masks, paste_masks_grid_sample, scale_boxes
+from maskrcnn.structures.boxes import nonempty_boxes, scale_boxes
+from maskrcnn.structures.paste import paste_masks, paste_masks_grid_sample
 
 ImageLike = str | Path | Tensor | np.ndarray | Any  # Any: a PIL image
 

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from maskrcnn.structures import pairwise_iou
+from maskrcnn.structures.boxes import pairwise_iou
 
 BACKGROUND = -1  # best IoU below the low threshold
 IGNORE = -2  # best IoU between the thresholds (or inside a crowd region)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
 
 from maskrcnn.config_schema import PoolerConfig
-from maskrcnn.structures import box_area
+from maskrcnn.structures.boxes import box_area
 
 
 def assign_levels(boxes: Tensor, min_level: int, max_level: int, canonical_size: int, canonical_level: int) -> Tensor:

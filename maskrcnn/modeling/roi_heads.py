@@ -22,7 +22,7 @@ from maskrcnn.modeling.keypoint_head import KeypointHead, heatmaps_to_keypoints,
 from maskrcnn.modeling.matcher import Matcher, sample_balanced
 from maskrcnn.modeling.poolers import RoIPooler, boxes_to_rois
 from maskrcnn.modeling.rpn import label_with_crowd, non_crowd, smooth_l1, target_crowd
-from maskrcnn.structures import BoxCoder, clip_boxes, nonempty_boxes
+from maskrcnn.structures.boxes import BoxCoder, clip_boxes, nonempty_boxes
 
 
 @dataclass

@@ -10,7 +10,7 @@ from torchvision.ops import batched_nms
 from maskrcnn.config_schema import RPNConfig
 from maskrcnn.modeling.backbone import ConvNorm, norm_factory
 from maskrcnn.modeling.matcher import BACKGROUND, IGNORE, IOU_BLOCK_ELEMENTS, Matcher, sample_balanced
-from maskrcnn.structures import BoxCoder, clip_boxes, nonempty_boxes, pairwise_ioa
+from maskrcnn.structures.boxes import BoxCoder, clip_boxes, nonempty_boxes, pairwise_ioa
 
 # A non-positive anchor (or proposal) covering this much of a crowd region is ignored, not negative.
 CROWD_IOA_THRESH = 0.5

@@ -25,6 +25,7 @@ from maskrcnn.data.convert import geometry
 from maskrcnn.data.jsonfile import load_json  # noqa: F401 - the readers' JSON loader, shared with the COCO loader
 from maskrcnn.data.validate import upright_header_size
 from maskrcnn.errors import UserError
+from maskrcnn.rle import decode_rle, rle_area, rle_from_polygons, rle_from_positions
 
 logger = logging.getLogger("maskrcnn.data.convert")
 
@@ -459,8 +460,8 @@ class CocoBuilder:
             self.skip(reason)
         if not kept:
             return False
-        rle = geometry.rle_from_polygons(kept, h, w)
-        area, _ = geometry.rle_area_and_box(rle)
+        rle = rle_from_polygons(kept, h, w)
+        area = rle_area(rle)
         if area == 0:  # thinner than pycocotools' sampling: the loader would find an empty mask
             self.skip(ZERO_AREA, count=len(kept))
             return False
@@ -478,7 +479,7 @@ class CocoBuilder:
         if len(positions) == 0:
             self.skip(EMPTY_MASK)
             return False
-        rle = geometry.rle_from_positions(positions, h, w)
+        rle = rle_from_positions(positions, h, w)
         xs, ys = positions // h, positions % h
         box = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
         self._add(image_id, category, rle, int(len(positions)), box)
@@ -504,7 +505,7 @@ class CocoBuilder:
             else:
                 self.skip(p if isinstance(p, str) else SHORT_POLYGON if isinstance(p, np.ndarray) else BAD_COORDINATES)
         if good:
-            raster = geometry.decode_rle(geometry.rle_from_polygons(good, h, w))
+            raster = decode_rle(rle_from_polygons(good, h, w))
             positions.append(np.flatnonzero(raster.ravel(order="F")))
         if not positions:
             return False

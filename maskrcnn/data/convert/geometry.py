@@ -1,4 +1,4 @@
-"""Shapes to polygons, pixel sets to COCO RLE, and binary masks back to polygons (contour tracing).
+"""Shapes to polygons, and binary masks back to polygons (contour tracing); COCO RLE is `maskrcnn.rle`.
 
 Coordinates are COCO's continuous pixel coordinates: pixel (row y, column x) covers the square
 [x, x+1) x [y, y+1). A polygon that follows pixel edges therefore rasterises (pycocotools) to exactly
@@ -8,11 +8,8 @@ the pixels it encloses, which is why the tracer below walks pixel edges rather t
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from maskrcnn.data import polygons
 from maskrcnn.data.polygons import clip_to_rectangle
@@ -74,65 +71,6 @@ def clip_polygon(points: np.ndarray, width: float, height: float) -> np.ndarray:
     points are put exactly on the border (`snap`), so a clipped vertex never lands a hair outside.
     """
     return clip_to_rectangle(points, (0.0, 0.0), (width, height), snap=True)
-
-
-# ---- RLE ------------------------------------------------------------------------------------------
-
-
-def rle_from_positions(positions: np.ndarray, height: int, width: int) -> dict[str, Any]:
-    """Return the compressed COCO RLE (counts as text) of the pixels at sorted column-major `positions`.
-
-    COCO's RLE runs down columns (index = x * height + y), alternating background and foreground
-    runs from a background run. Working from the positions of one object's pixels costs time in the
-    object's size, not the image's, which matters for label images with hundreds of objects.
-    """
-    total = height * width
-    pos = np.asarray(positions, dtype=np.int64)
-    if len(pos) == 0:
-        counts = [total]
-    else:
-        breaks = np.flatnonzero(np.diff(pos) != 1)
-        starts = np.concatenate([pos[:1], pos[breaks + 1]])
-        ends = np.concatenate([pos[breaks], pos[-1:]]) + 1
-        runs = np.empty(2 * len(starts) + 1, dtype=np.int64)
-        runs[0] = starts[0]
-        runs[1:-1:2] = ends - starts  # foreground runs
-        runs[2:-1:2] = starts[1:] - ends[:-1]  # background runs between them
-        runs[-1] = total - ends[-1]
-        counts = runs.tolist()
-    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
-    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
-
-
-def rle_from_mask(mask: np.ndarray) -> dict[str, Any]:
-    """Return the compressed COCO RLE (counts as text) of a boolean [H,W] mask."""
-    h, w = mask.shape
-    return rle_from_positions(np.flatnonzero(mask.ravel(order="F")), h, w)
-
-
-def rle_from_polygons(polygons: list[np.ndarray], height: int, width: int) -> dict[str, Any]:
-    """Return the compressed COCO RLE (counts as text) of the union of polygons, as pycocotools rasterises them."""
-    rle = mask_utils.merge(mask_utils.frPyObjects([p.reshape(-1).tolist() for p in polygons], height, width))
-    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
-
-
-def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """Return the boolean [H,W] mask of a COCO RLE (counts as text or bytes)."""
-    counts = rle["counts"]
-    h, w = rle["size"]
-    if isinstance(counts, list):
-        rle = mask_utils.frPyObjects(rle, h, w)
-    elif isinstance(counts, str):
-        rle = {"size": [h, w], "counts": counts.encode("ascii")}
-    with warnings.catch_warnings():  # pycocotools' decode trips a NumPy 2 DeprecationWarning (harmless)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return mask_utils.decode(rle).astype(bool)
-
-
-def rle_area_and_box(rle: dict[str, Any]) -> tuple[int, list[float]]:
-    """Return (pixel count, [x, y, width, height]) of a COCO RLE (counts as text)."""
-    coded = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    return int(mask_utils.area(coded)), [float(v) for v in mask_utils.toBbox(coded)]
 
 
 # ---- contour tracing ------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from maskrcnn.data.convert.common import (
     box_polygon, number, read_class_file, values_to_names,
 )
 from maskrcnn.errors import UserError
+from maskrcnn.rle import decode_rle, rle_area, rle_from_polygons
 
 logger = logging.getLogger("maskrcnn.data.convert")
 
@@ -264,16 +265,16 @@ def object_polygon(seg: Any, w: int, h: int) -> np.ndarray | str:
             return BAD_SEGMENTATION
         if len(polys) == 1:
             return polys[0]
-        union = geometry.rle_from_polygons(polys, h, w)
-        each = sum(geometry.rle_area_and_box(geometry.rle_from_polygons([p], h, w))[0] for p in polys)
-        if each == geometry.rle_area_and_box(union)[0]:
+        union = rle_from_polygons(polys, h, w)
+        each = sum(rle_area(rle_from_polygons([p], h, w)) for p in polys)
+        if each == rle_area(union):
             return geometry.join_rings(polys)
-        mask = geometry.decode_rle(union)
+        mask = decode_rle(union)
     elif isinstance(seg, dict) and isinstance(seg.get("size"), list) and isinstance(seg.get("counts"), (str, list)):
         if list(seg["size"]) != [h, w]:
             return BAD_SEGMENTATION
         try:
-            mask = geometry.decode_rle(seg)
+            mask = decode_rle(seg)
         except Exception:  # noqa: BLE001 - pycocotools rejects malformed counts in many ways
             return BAD_SEGMENTATION
     else:
