@@ -130,7 +130,7 @@ def cached_checkpoint_export(args: argparse.Namespace, overrides: list[str], run
     The export goes into the cache's `exports/` folder (beside the zoo's weights), named by a digest of the
     weights, config and code, so a later run with the same model reuses the file and any change exports anew.
     """
-    from maskrcnn.export import cached_export
+    from maskrcnn.export_cache import cached_export
     from maskrcnn.zoo.download import cache_dir
 
     model = load_pytorch_model(args, overrides, default_model=True, device="cpu")
@@ -149,7 +149,8 @@ def exported_checkpoint(args: argparse.Namespace, overrides: list[str], backend:
     """Return the PyTorch model `--config`/`--weights`/overrides name, exported to ONNX and loaded by `backend`:
     through the cache (`cached_checkpoint_export`), or, for a config without weights, whose random weights
     differ every run, through a temporary file."""
-    from maskrcnn.export import OnnxMaskRCNN, export_onnx
+    from maskrcnn.export import export_onnx
+    from maskrcnn.onnx_model import OnnxMaskRCNN
     from maskrcnn.onnx_backends import RUNNERS
 
     runtime = RUNNERS[backend].name
@@ -181,7 +182,7 @@ def load_backend(args: argparse.Namespace, overrides: list[str], requests: int =
     if backend not in BACKENDS:
         return load_pytorch_model(args, overrides, default_model=True)
     from maskrcnn.config import apply_overrides
-    from maskrcnn.export import OnnxMaskRCNN
+    from maskrcnn.onnx_model import OnnxMaskRCNN
 
     if args.device != "cpu":
         raise UserError(f"--backend {backend} runs on the CPU only; drop --device")
