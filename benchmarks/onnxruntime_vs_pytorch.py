@@ -37,7 +37,8 @@ import torch
 
 from maskrcnn.config import load_config
 from maskrcnn.engine.compare import Tolerances, agreement_summary
-from maskrcnn.export import PARITY_TOLERANCES, OnnxMaskRCNN, export_onnx
+from maskrcnn.export import PARITY_TOLERANCES, export_onnx
+from maskrcnn.onnx_model import OnnxMaskRCNN
 from maskrcnn.engine.precision import native_bf16
 from maskrcnn.modeling import build_model
 

@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from onnxruntime_vs_pytorch import SIZES, model_pair  # noqa: E402
 
-from maskrcnn.export import OnnxMaskRCNN, export_onnx  # noqa: E402
+from maskrcnn.export import export_onnx  # noqa: E402
+from maskrcnn.onnx_model import OnnxMaskRCNN  # noqa: E402
 from maskrcnn.structures import paste_masks  # noqa: E402
 
 # Part name -> our modules (PyTorch) and the exported graph's name prefixes / OpenVINO layer types.

@@ -29,5 +29,13 @@ class CheckpointError(UserError):
         self.saved_config = saved_config
 
 
+class DataError(UserError):
+    """The training data cannot be loaded any further (too many bad images or worker deaths).
+
+    (Defined here so that the train stream, `maskrcnn.data.loader`, and its worker supervision,
+    `maskrcnn.data.workers`, raise the same class; `maskrcnn.data.loader.DataError` is this class.)
+    """
+
+
 class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); the message says where and what to try."""

@@ -1,5 +1,5 @@
-"""ONNX export of a whole Mask R-CNN (resize, backbone, RPN, RoI heads, NMS, top-k, mask selection) and
-a model that runs the file in ONNX Runtime or OpenVINO with the same `predict` as `MaskRCNN`.
+"""ONNX export of a whole Mask R-CNN (resize, backbone, RPN, RoI heads, NMS, top-k, mask selection), and the
+check that the exported file gives PyTorch's detections (`check_parity`).
 
 The exported graph takes one image, float32 [3, H, W] RGB in 0..1 of any size, and returns, in that
 image's pixels, `boxes` [D, 4] (xyxy), `scores` [D], `labels` [D] (int64, 1..K) and `mask_probs`
@@ -11,19 +11,20 @@ uses (`maskrcnn.structures.paste_masks`), so the file's outputs stay small.
 graph value: image sizes, the resized size, the padding, the per-level top-k and the number of RoIs
 per pyramid level are computed with tensor operations (never Python numbers), and no branch depends
 on data. It reuses the model's modules and parameters, so the exported file holds the same weights.
+
+The model that runs the file is `maskrcnn.onnx_model.OnnxMaskRCNN`; the export cache (one export per
+model, reused) is `maskrcnn.export_cache`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -243,129 +244,6 @@ def export_onnx(model: MaskRCNN, out: str | os.PathLike, example_size: tuple[int
     return out
 
 
-def export_key(model: MaskRCNN) -> str:
-    """Return a digest of everything an export of `model` depends on: its weights, config and class names
-    (the file's metadata), the package's source code and torch's version (they make the graph)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    for key, value in sorted(model_metadata(model).items()):
-        digest.update(f"{key}={value}".encode())
-    package = Path(__file__).parent
-    for source in sorted(package.rglob("*.py")):
-        digest.update(str(source.relative_to(package)).encode())
-        digest.update(source.read_bytes())
-    digest.update(f"torch {torch.__version__}, opset {OPSET}".encode())
-    return digest.hexdigest()[:24]
-
-
-def cached_export(model: MaskRCNN, directory: str | os.PathLike) -> tuple[Path, bool]:
-    """Return the ONNX export of `model` in `directory` (written there on first use, named by `export_key`)
-    and whether it was there already. Raises ExportError if the model has a part the graph cannot hold."""
-    check_exportable(model)  # before the digest: it hashes every weight
-    path = Path(directory) / f"maskrcnn-{export_key(model)}.onnx"
-    if path.is_file():
-        return path, True
-    return export_onnx(model, path), False
-
-
-class OnnxMaskRCNN:
-    """An exported model run on the CPU by ONNX Runtime or OpenVINO, with `MaskRCNN.predict`'s inputs and outputs.
-
-    `backend` names the runtime (maskrcnn.onnx_backends.BACKENDS); `precision` is fp32, or bf16 for OpenVINO;
-    None (the default) runs the file as it is: fp32, or int8 for `maskrcnn quantize`'s IR (.xml, OpenVINO only).
-    `requests` > 1: OpenVINO runs that many images at once (`OpenVinoRunner`); calls from several threads are
-    safe with either runtime.
-    """
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, backend: str = "onnxruntime",
-                 precision: str | None = None, requests: int = 1):
-        from maskrcnn.config import Config, merge_dict
-        from maskrcnn.onnx_backends import open_runner
-
-        path = Path(path)
-        if not path.is_file():
-            kind, command = ("OpenVINO IR", "maskrcnn quantize") if path.suffix.lower() == ".xml" else \
-                ("ONNX file", "maskrcnn export --format onnx")
-            raise UserError(f"{kind} '{path}' not found; write one with `{command}`")
-        self.runner = open_runner(backend, path, threads, precision, requests)
-        config = self.runner.metadata("maskrcnn.config")
-        if config is None:
-            raise UserError(f"'{path}' was not written by `maskrcnn export` (no maskrcnn.config metadata)")
-        self.cfg = Config()
-        merge_dict(self.cfg, json.loads(config))
-        self.class_names = json.loads(self.runner.metadata("maskrcnn.class_names") or "[]")
-        self.path = path
-        self.device = torch.device("cpu")
-
-    training = False  # always in inference mode; what the evaluator reads and restores
-
-    def eval(self) -> "OnnxMaskRCNN":
-        """Return self (an ONNX model is always in inference mode)."""
-        return self
-
-    def train(self, mode: bool = True) -> "OnnxMaskRCNN":
-        """An exported model cannot train; `train(False)` is accepted, as `eval()`."""
-        if mode:
-            raise UserError("an ONNX model cannot be trained; train the PyTorch checkpoint instead")
-        return self
-
-    def parameters(self) -> Iterator[Tensor]:
-        """No PyTorch parameters: the weights live in the ONNX file."""
-        return iter(())
-
-    def label_name(self, label: int) -> str:
-        """Return the class name of a contiguous label (1..K), or 'class N' when names are unknown."""
-        if 1 <= label <= len(self.class_names):
-            return self.class_names[label - 1]
-        return f"class {label}"
-
-    def run(self, image: Tensor) -> dict[str, Tensor]:
-        """Return the raw graph outputs for one [3,H,W] float image as tensors."""
-        arrays = self.runner.run(image.detach().cpu().float().contiguous().numpy())
-        return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in zip(OUTPUT_NAMES, arrays)}
-
-    def __call__(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """Return per image `boxes`, `scores`, `labels` and bool `masks` pasted at the input size."""
-        from maskrcnn.structures import paste_masks, paste_masks_grid_sample
-
-        paste = paste_masks_grid_sample if self.cfg.model.mask_head.paste == "detectron2" else paste_masks
-        arrays = self.runner.run_many([image.detach().cpu().float().contiguous().numpy() for image in images])
-        results = []
-        for image, outputs in zip(images, arrays):
-            raw = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in zip(OUTPUT_NAMES, outputs)}
-            h, w = image.shape[-2:]
-            masks = paste(raw["mask_probs"], raw["boxes"], int(h), int(w), self.cfg.model.mask_head.threshold)
-            results.append({"boxes": raw["boxes"], "scores": raw["scores"], "labels": raw["labels"], "masks": masks})
-        return results
-
-    @torch.no_grad()
-    def predict(self, images: Any | Sequence[Any], score_threshold: float | None = None,
-                batch_size: int = 1) -> list[dict[str, Any]]:
-        """Return per image: `boxes` (xyxy px), `scores`, `labels` (1..K), `masks` (bool HxW), `names`.
-
-        As `MaskRCNN.predict`, an image that the exported config's `test.tiling` tiles runs window by window.
-        The graph takes one image: `batch_size` images go to the runtime together, which OpenVINO with several
-        infer requests runs at once.
-        """
-        from maskrcnn.modeling.mask_rcnn import as_image_tensor
-        from maskrcnn.tiling import run_model
-
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
-        results = []
-        for start in range(0, len(items), batch_size):
-            chunk = [as_image_tensor(item, self.cfg.input.max_pixels) for item in items[start : start + batch_size]]
-            for out in run_model(self, chunk):
-                if score_threshold is not None:
-                    keep = out["scores"] >= score_threshold
-                    out = {k: v[keep] for k, v in out.items()}
-                out["names"] = [self.label_name(int(i)) for i in out["labels"]]
-                results.append(out)
-        return results
-
-
 # The torchvision-parity tolerances (tests/test_torchvision_parity.py): boxes within 0.05 px, scores
 # within 1e-4, mask IoU >= 0.99, and 98 of 100 detections paired (a near-tie at NMS may go either way).
 PARITY_TOLERANCES = {"box": 0.05, "score": 1e-4, "mask_iou": 0.99}
@@ -403,6 +281,7 @@ def check_parity(model: MaskRCNN, onnx_path: str | os.PathLike, sizes: Sequence[
     """Compare PyTorch and the `backend` runtime (FP32) on random images of `sizes`; return what was compared and
     what differs."""
     from maskrcnn.engine.compare import Tolerances, detection_differences
+    from maskrcnn.onnx_model import OnnxMaskRCNN
 
     onnx_model = OnnxMaskRCNN(onnx_path, backend=backend)
     generator = torch.Generator().manual_seed(seed)

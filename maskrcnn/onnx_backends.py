@@ -1,7 +1,7 @@
 """Runtimes that execute the file `maskrcnn export --format onnx` writes: ONNX Runtime and OpenVINO.
 
 Both read the same .onnx file; OpenVINO also runs the int8 IR (.xml) that `maskrcnn quantize` makes of it. A runner only loads it and maps one image array to the graph's output
-arrays; everything else (checks, metadata, mask pasting, `predict`) is `maskrcnn.export.OnnxMaskRCNN`'s,
+arrays; everything else (checks, metadata, mask pasting, `predict`) is `maskrcnn.onnx_model.OnnxMaskRCNN`'s,
 shared by every runtime. This module imports nothing heavy at the top, so the command line can list
 the backends without loading numpy or a runtime.
 """

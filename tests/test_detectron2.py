@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from maskrcnn.checkpoint import CheckpointError, load_weights
-from maskrcnn.config import BackboneConfig, ConfigError, load_config
+from maskrcnn.config import PRESET_DIR, BackboneConfig, ConfigError, load_config
 from maskrcnn.detectron2 import convert_detectron2_state_dict, read_detectron2_weights
 from maskrcnn.detectron2.weights import rename_detectron2_key
 from maskrcnn.modeling import build_model
@@ -19,10 +19,11 @@ from maskrcnn.modeling.backbone import build_trunk
 from maskrcnn.modeling.deform import DeformConv2d
 from support import our_name_to_detectron2
 
-DATA = Path(__file__).parent / "data" / "detectron2"
-ZOO = DATA / "COCO-InstanceSegmentation"
-MISC = DATA / "Misc"
-KEYPOINTS = DATA / "COCO-Keypoints"
+DATA = Path(__file__).parent / "data" / "detectron2"  # test-only: Detectron2's resolved dump of the R18 fixture
+DETECTRON2_CONFIGS = PRESET_DIR / "detectron2"  # Detectron2's model-zoo configs, as the package ships them
+ZOO = DETECTRON2_CONFIGS / "COCO-InstanceSegmentation"
+MISC = DETECTRON2_CONFIGS / "Misc"
+KEYPOINTS = DETECTRON2_CONFIGS / "COCO-Keypoints"
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "detectron2-r18-fpn"
 CASCADE_FIXTURE = FIXTURE.parent / "detectron2-cascade-r50thin-fpn"
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"parity fixture not found at {FIXTURE}")
@@ -82,8 +83,22 @@ def test_cascade_model_zoo_configs_translate_to_three_stages(schedule, steps):
     assert len(heads.box_head) == 3 and all(p.box_deltas.out_features == 4 for p in heads.box_predictor)
 
 
-def test_class_agnostic_model_zoo_config_loads_as_a_plain_model_with_four_box_outputs():
-    cfg = load_config(str(MISC / "mask_rcnn_R_50_FPN_1x_cls_agnostic.yaml"))
+def test_class_agnostic_model_zoo_config_loads_as_a_plain_model_with_four_box_outputs(tmp_path):
+    # The values of Detectron2's Misc/mask_rcnn_R_50_FPN_1x_cls_agnostic.yaml (a config the package does not
+    # ship), on the package's Base-RCNN-FPN.yaml.
+    path = tmp_path / "mask_rcnn_R_50_FPN_1x_cls_agnostic.yaml"
+    path.write_text(f"""_BASE_: "{DETECTRON2_CONFIGS / 'Base-RCNN-FPN.yaml'}"
+MODEL:
+  WEIGHTS: "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+  MASK_ON: True
+  RESNETS:
+    DEPTH: 50
+  ROI_BOX_HEAD:
+    CLS_AGNOSTIC_BBOX_REG: True
+  ROI_MASK_HEAD:
+    CLS_AGNOSTIC_MASK: True
+""")
+    cfg = load_config(str(path))
     assert cfg.model.box_head.class_agnostic and cfg.model.mask_head.class_agnostic
     assert not cfg.model.box_head.cascade.enabled
     heads = build_model(cfg).roi_heads

@@ -15,10 +15,10 @@ from maskrcnn.cli import main
 from maskrcnn.config import load_config
 from maskrcnn.errors import UserError
 from maskrcnn.engine.compare import Tolerances, detection_differences
-from maskrcnn.export import (PARITY_TOLERANCES, ExportError, ExportableMaskRCNN, OnnxMaskRCNN,
-                             check_parity, export_onnx)
+from maskrcnn.export import PARITY_TOLERANCES, ExportError, ExportableMaskRCNN, check_parity, export_onnx
 from maskrcnn.modeling import build_model
 from maskrcnn.onnx_backends import BACKENDS
+from maskrcnn.onnx_model import OnnxMaskRCNN
 
 # Several aspect ratios: upscaled, downscaled, square, and one where the longer-side cap decides.
 SIZES = [(480, 640), (257, 199), (100, 170), (333, 333), (600, 90)]

@@ -39,8 +39,8 @@ LAYERS = [
     # maskrcnn.config (load_config) reads our YAML files and Detectron2's: above both readers.
     ["maskrcnn.modeling.torchvision_import", "maskrcnn.detectron2", "maskrcnn.config"],
     ["maskrcnn.checkpoint", "maskrcnn.zoo"],
-    ["maskrcnn.engine", "maskrcnn.distributed", "maskrcnn.export", "maskrcnn.onnx_backends", "maskrcnn.quantize",
-     "maskrcnn.api"],
+    ["maskrcnn.engine", "maskrcnn.distributed", "maskrcnn.export", "maskrcnn.export_cache", "maskrcnn.onnx_backends",
+     "maskrcnn.onnx_model", "maskrcnn.quantize", "maskrcnn.api", "maskrcnn.loading"],
     ["maskrcnn.commands", "maskrcnn.cli", "maskrcnn.serve", "maskrcnn.video"],
 ]
 # Imports that point up a layer, each with why.

@@ -18,7 +18,8 @@ pytest.importorskip("nncf", reason="quantize needs nncf (the deploy extra), not 
 from maskrcnn import quantize  # noqa: E402
 from maskrcnn.cli import main  # noqa: E402
 from maskrcnn.errors import UserError  # noqa: E402
-from maskrcnn.export import OnnxMaskRCNN, export_onnx  # noqa: E402
+from maskrcnn.export import export_onnx  # noqa: E402
+from maskrcnn.onnx_model import OnnxMaskRCNN  # noqa: E402
 from maskrcnn.onnx_backends import openvino_core  # noqa: E402
 
 # Random test images of several shapes, as the export tests use (the weights are random too).

@@ -11,7 +11,7 @@ pytest.importorskip("openvino", reason="quantize needs openvino (the deploy extr
 pytest.importorskip("nncf", reason="quantize needs nncf (the deploy extra), not installed")
 
 from maskrcnn.cli import main  # noqa: E402
-from maskrcnn.export import OnnxMaskRCNN  # noqa: E402
+from maskrcnn.onnx_model import OnnxMaskRCNN  # noqa: E402
 
 
 def test_quantize_a_checkpoint_through_the_cached_export(tmp_path, capsys, monkeypatch):

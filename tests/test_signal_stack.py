@@ -38,7 +38,7 @@ def probe(onnx_path: str) -> None:
     (JSON) after each; then have child processes exit while a Python SIGCHLD handler is installed, which
     kills this process if that stack is unmapped. (NNCF's calibration runs in the test process: the
     `alternate_stack_stays_mapped` fixture of conftest.py checks it there.)"""
-    from maskrcnn.export import OnnxMaskRCNN
+    from maskrcnn.onnx_model import OnnxMaskRCNN
 
     def report(step: str) -> None:
         print(json.dumps({"step": step, **alternate_stack()}), flush=True)

@@ -56,11 +56,11 @@ def exported_model(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Build the model, measure, print a table and optionally write JSON."""
-    from maskrcnn.commands.options import load_pytorch_model
     from maskrcnn.engine.benchmark import (BenchmarkOptions, find_max_batch, format_report, parse_size,
                                            run_benchmark, run_exported_benchmark)
     from maskrcnn.engine.precision import resolve_device
     from maskrcnn.fileio import atomic_write_text
+    from maskrcnn.loading import load_pytorch_model
 
     if args.config is None and args.weights is None:
         raise UserError("benchmark needs --config (a preset or YAML file) or --weights (a zoo model name "
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                   "mode": "train", "environment": environment(device), **opts.extra,
                   "max_memory": find_max_batch(argv, args.max_memory)}
     else:
-        model = load_pytorch_model(args, args.overrides, device=str(device))
+        model = load_pytorch_model(args.config, args.weights, args.overrides, device=str(device))
         report = run_benchmark(model, opts, device)
     if not args.quiet:
         print(format_report(report))

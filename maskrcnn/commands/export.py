@@ -26,12 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, export it, optionally check parity, print where the file is."""
-    from maskrcnn.commands.options import load_pytorch_model
     from maskrcnn.export import export_onnx
+    from maskrcnn.loading import load_pytorch_model
 
     if args.opset < 17:
         raise UserError(f"--opset {args.opset} is too old: the export needs opset 17 or newer")
-    model = load_pytorch_model(args, list(args.overrides), device="cpu")
+    model = load_pytorch_model(args.config, args.weights, list(args.overrides), device="cpu")
     start = time.perf_counter()
     try:
         path = export_onnx(model, args.out, opset=args.opset)

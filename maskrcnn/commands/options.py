@@ -1,8 +1,9 @@
 """The options that several commands share, defined once: one name and one help text each.
 
 `--config`, `--weights`, `--device`, the KEY=VALUE overrides and `--backend`/`--precision` are added here,
-and `load_backend` turns them into the model a command runs. Older spellings (`-c`, `--preset`) are still
-accepted as hidden aliases, so that scripts written for them keep working without listing them in `--help`.
+and `load_backend` hands them to `maskrcnn.loading`, which loads the model a command runs. Older spellings
+(`-c`, `--preset`) are still accepted as hidden aliases, so that scripts written for them keep working without
+listing them in `--help`.
 
 Nothing heavy is imported at module level: `maskrcnn COMMAND --help` must stay fast (tests/test_cli_help.py).
 """
@@ -11,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 from maskrcnn.errors import UserError
@@ -101,106 +99,21 @@ def backend_precision(args: argparse.Namespace) -> str | None:
     return precision
 
 
-def load_pytorch_model(args: argparse.Namespace, overrides: list[str], *, default_model: bool = False,
-                       device: str | None = None) -> Any:
-    """Return the PyTorch model that `--config`/`--weights` name, in eval mode on `device` (default: --device).
-
-    With `default_model` and neither option, the zoo's default COCO model is used (fetched once).
-    A config without weights gets a one-line note: its detections mean nothing.
-    """
-    from maskrcnn.api import load_model, random_weights_note
-
-    if default_model and not args.weights and not args.config:
-        from maskrcnn.zoo import DEFAULT_MODEL
-
-        print(f"no --weights or --config: using the default COCO model '{DEFAULT_MODEL}' "
-              "(`maskrcnn models` lists the others)", file=sys.stderr)
-        args.weights = DEFAULT_MODEL
-    random_weights_note(args.config, args.weights)
-    return load_model(args.config, args.weights, overrides, device=device or getattr(args, "device", None) or "cpu")
-
-
-def _is_tiling(override: str) -> bool:
-    return override.split("=", 1)[0].strip().startswith("test.tiling.")
-
-
-def cached_checkpoint_export(args: argparse.Namespace, overrides: list[str], runtime: str) -> Path:
-    """Return the ONNX export of the checkpoint (or zoo model) `--weights`/`--config`/overrides name, for `runtime`.
-
-    The export goes into the cache's `exports/` folder (beside the zoo's weights), named by a digest of the
-    weights, config and code, so a later run with the same model reuses the file and any change exports anew.
-    """
-    from maskrcnn.export import cached_export
-    from maskrcnn.zoo.download import cache_dir
-
-    model = load_pytorch_model(args, overrides, default_model=True, device="cpu")
-    source, start = args.weights, time.perf_counter()
-    path, reused = cached_export(model, cache_dir() / "exports")
-    if reused:
-        print(f"running the export of '{source}' cached in {path}", file=sys.stderr)
-    else:
-        print(f"exported '{source}' for {runtime} in {time.perf_counter() - start:.1f} s to {path} (reused while "
-              "the model is unchanged)", file=sys.stderr)
-    return path
-
-
-def exported_checkpoint(args: argparse.Namespace, overrides: list[str], backend: str, precision: str | None,
-                        requests: int = 1) -> Any:
-    """Return the PyTorch model `--config`/`--weights`/overrides name, exported to ONNX and loaded by `backend`:
-    through the cache (`cached_checkpoint_export`), or, for a config without weights, whose random weights
-    differ every run, through a temporary file."""
-    from maskrcnn.export import OnnxMaskRCNN, export_onnx
-    from maskrcnn.onnx_backends import RUNNERS
-
-    runtime = RUNNERS[backend].name
-    if args.weights or not args.config:
-        return OnnxMaskRCNN(cached_checkpoint_export(args, overrides, runtime), backend=backend, precision=precision,
-                            requests=requests)
-    model = load_pytorch_model(args, overrides, device="cpu")
-    start = time.perf_counter()
-    folder = tempfile.TemporaryDirectory(prefix="maskrcnn-export-")
-    exported = OnnxMaskRCNN(export_onnx(model, Path(folder.name) / "model.onnx"), backend=backend, precision=precision,
-                            requests=requests)
-    # OpenVINO may map the file rather than copy it: keep it for the model's lifetime (deleted with it).
-    exported.temporary_folder = folder
-    print(f"exported '{args.config}' for {runtime} in {time.perf_counter() - start:.1f} s (not cached: random "
-          "weights)", file=sys.stderr)
-    return exported
-
-
 def load_backend(args: argparse.Namespace, overrides: list[str], requests: int = 1) -> Any:
-    """Return the model to predict with: a PyTorch MaskRCNN, or an exported file run by ONNX Runtime or OpenVINO
-    (`requests`: images OpenVINO runs at once, see `maskrcnn.onnx_backends.OpenVinoRunner`).
+    """Return the model to predict with that `--config`/`--weights`/`--backend`/`--precision`/`--device` name:
+    `maskrcnn.loading.load_backend` (`requests`: images OpenVINO runs at once, see
+    `maskrcnn.onnx_backends.OpenVinoRunner`).
 
-    Given neither --weights nor --config, the default COCO model of the zoo is used (fetched once).
+    Given neither --weights nor --config, the default COCO model of the zoo is used (fetched once), and
+    `args.weights` names it afterwards.
     """
-    from maskrcnn.onnx_backends import BACKENDS, IR_SUFFIX, is_exported_file
+    from maskrcnn.loading import load_backend as load
 
     precision = backend_precision(args)
-    backend = args.backend
-    if backend not in BACKENDS:
-        return load_pytorch_model(args, overrides, default_model=True)
-    from maskrcnn.config import apply_overrides
-    from maskrcnn.export import OnnxMaskRCNN
+    model = load(args.config, args.weights, overrides, args.backend, precision, getattr(args, "device", None),
+                 requests)
+    if not args.weights and not args.config:
+        from maskrcnn.zoo import DEFAULT_MODEL
 
-    if args.device != "cpu":
-        raise UserError(f"--backend {backend} runs on the CPU only; drop --device")
-    # Tiling happens outside the graph (windows in, detections merged): its keys apply to any exported model
-    # and are no part of the export (a checkpoint's cached export does not change with them).
-    tiling = [item for item in overrides if _is_tiling(item)]
-    if not is_exported_file(args.weights):
-        graph = [item for item in overrides if not _is_tiling(item)]
-        model = exported_checkpoint(args, graph, backend, precision, requests)
-        apply_overrides(model.cfg, tiling)
-        return model
-    if backend != "openvino" and str(args.weights).lower().endswith(IR_SUFFIX):
-        raise UserError(f"'{args.weights}' is an OpenVINO IR (from `maskrcnn quantize`); run it with --backend openvino")
-    if args.config or len(tiling) < len(overrides):
-        raise UserError(f"--backend {backend} uses the config stored in the .onnx file; "
-                        "drop --config and KEY=VALUE overrides other than test.tiling.* "
-                        "(export again to change the model)")
-    model = OnnxMaskRCNN(args.weights, backend=backend, precision=precision, requests=requests)
-    if model.runner.precision == "int8":  # said once, as --backend auto says which runtime
-        print(f"{model.runner.name} runs '{args.weights}' in int8 (quantized by `maskrcnn quantize`)", file=sys.stderr)
-    apply_overrides(model.cfg, tiling)
+        args.weights = DEFAULT_MODEL  # the model loaded: the command may report it (`maskrcnn serve` does)
     return model

@@ -42,13 +42,13 @@ def _require_nncf() -> None:
 
 def _exported(args: argparse.Namespace) -> Path:
     """Return the cached ONNX export of the checkpoint `--weights` (and `--config`, overrides) name."""
-    from maskrcnn.commands.options import cached_checkpoint_export
+    from maskrcnn.loading import cached_checkpoint_export
     from maskrcnn.onnx_backends import RUNNERS
 
     if not args.weights:
         raise UserError("maskrcnn quantize needs --onnx MODEL.onnx or --weights CHECKPOINT (a trained model: "
                         "random weights have nothing to calibrate)")
-    return cached_checkpoint_export(args, args.overrides, RUNNERS["openvino"].name)
+    return cached_checkpoint_export(args.config, args.weights, args.overrides, RUNNERS["openvino"].name)
 
 
 def run(args: argparse.Namespace) -> int:

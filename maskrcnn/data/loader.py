@@ -16,34 +16,26 @@ exactly the images and augmentations that one process with the whole batch would
 The train stream survives two kinds of data faults without stopping the run: an image that cannot
 be read (it is reported once, and a replacement drawn from the item's own seed takes its place, so
 batches keep their size and stay deterministic) and a worker process that dies (the loader is
-rebuilt at the batch it was about to deliver). Past `max_bad_images` distinct unreadable images or
-`max_worker_restarts` restarts it raises `DataError`.
+rebuilt at the batch it was about to deliver: `maskrcnn.data.workers`). Past `max_bad_images` distinct
+unreadable images or `max_worker_restarts` restarts it raises `DataError`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import signal
-import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from maskrcnn.errors import UserError
+from maskrcnn.data.workers import SupervisedWorkers, ignore_sigint
+from maskrcnn.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 MAX_REPLACEMENTS = 10  # draws per batch slot before an unreadable image's slot is left empty
-# What torch says when a worker process vanished (as opposed to a worker re-raising an exception).
-_WORKER_DIED = re.compile(r"DataLoader worker \(pid")
-
-
-class DataError(UserError):
-    """The training data cannot be loaded any further (too many bad images or worker deaths)."""
 
 
 def collate_lists(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> Batch:
@@ -152,16 +144,12 @@ def _collate_train(batch: Sequence[tuple[Any, Any, list[tuple[int, str]]]]) -> t
     return [i[0] for i in kept], [i[1] for i in kept], [f for item in batch for f in item[2]]
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    """Worker init: Ctrl-C reaches the whole process group; only the main process should act on it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class TrainStream:
     """The infinite train batch stream, resumable at `iteration`, that survives bad images and dead workers.
 
     Iterating gives `(images, targets)` exactly as `build_train_loader` documents. `bad_images`
-    maps dataset indices that failed to load to their message; `worker_restarts` counts rebuilds.
+    maps dataset indices that failed to load to their message; `worker_restarts` counts rebuilds
+    of the loader after a worker died (`maskrcnn.data.workers.SupervisedWorkers`).
     """
 
     def __init__(
@@ -171,87 +159,19 @@ class TrainStream:
         max_bad_images: int,
         max_worker_restarts: int,
     ) -> None:
-        self._make_loader = make_loader
         self.iteration = start_iter  # the index of the next batch this stream yields
         self.max_bad_images = max_bad_images
-        self.max_worker_restarts = max_worker_restarts
         self.bad_images: dict[int, str] = {}
-        self.worker_restarts = 0
-        self._it: Iterator | None = None
-        self._sigchld: Any = None  # the handler (torch's) deferred while the caller computes
-        self._child_exited = False
-        self._open()
+        self._workers = SupervisedWorkers(make_loader, start_iter, max_worker_restarts)
 
-    # -- worker processes --
-
-    def _open(self) -> None:
-        loader = self._make_loader(self.iteration)
-        self._num_workers = loader.num_workers
-        self._it = iter(loader)
-        if loader.num_workers > 0 and threading.current_thread() is threading.main_thread():
-            # torch's SIGCHLD handler raises "worker exited unexpectedly" wherever the main thread
-            # happens to be, e.g. half-way through an optimizer step. Hold it back while the caller
-            # computes and run it inside __next__, where a dead worker can be dealt with.
-            current = signal.getsignal(signal.SIGCHLD)
-            if getattr(current, "__func__", None) is TrainStream._note_child_exit:
-                current = current.__self__._sigchld  # another stream holds it back already
-            if callable(current):
-                self._sigchld = current
-            if self._sigchld is not None:
-                signal.signal(signal.SIGCHLD, self._note_child_exit)
-
-    def _note_child_exit(self, _signum: int, _frame: Any) -> None:
-        self._child_exited = True
-
-    def _shutdown(self) -> None:
-        it, self._it = self._it, None
-        shutdown = getattr(it, "_shutdown_workers", None)  # joins workers now rather than at GC time
-        if shutdown is not None:
-            shutdown()
+    @property
+    def worker_restarts(self) -> int:
+        """How many times the loader was rebuilt because a worker process died."""
+        return self._workers.restarts
 
     def close(self) -> None:
         """Stop the worker processes and give SIGCHLD back to its previous handler."""
-        self._shutdown()
-        if self._sigchld is not None and threading.current_thread() is threading.main_thread():
-            if signal.getsignal(signal.SIGCHLD) == self._note_child_exit:
-                signal.signal(signal.SIGCHLD, self._sigchld)
-            self._sigchld = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-    def _fetch(self) -> tuple[list, list, list]:
-        """Return the next raw batch, with torch's worker-death check active while waiting for it."""
-        assert self._it is not None
-        if self._sigchld is None:
-            return next(self._it)
-        signal.signal(signal.SIGCHLD, self._sigchld)
-        try:
-            if self._child_exited:
-                self._child_exited = False
-                self._sigchld(signal.SIGCHLD, None)  # raises now if one of the workers died meanwhile
-            return next(self._it)
-        finally:
-            signal.signal(signal.SIGCHLD, self._note_child_exit)
-
-    def _restart(self, error: str) -> None:
-        self.worker_restarts += 1
-        reason = error.strip().splitlines()[0].split(". ")[0]  # drop torch's advice to rerun
-        self._shutdown()
-        if self.worker_restarts > self.max_worker_restarts:
-            raise DataError(
-                f"data-loader workers died {self.worker_restarts} times (more than "
-                f"data.max_worker_restarts={self.max_worker_restarts}; the last: {reason}) while loading "
-                f"the batch of iteration {self.iteration + 1}; check the memory available to workers, "
-                "or set data.num_workers=0 to load images in the main process"
-            ) from None
-        log.warning("data-loader worker died (%s); restarting the loader at iteration %d (%d of at most "
-                    "data.max_worker_restarts=%d)", reason, self.iteration + 1, self.worker_restarts,
-                    self.max_worker_restarts)
-        self._open()
+        self._workers.close()
 
     # -- iteration --
 
@@ -259,19 +179,7 @@ class TrainStream:
         return self
 
     def __next__(self) -> Batch:
-        while True:
-            try:
-                images, targets, failures = self._fetch()
-                break
-            except RuntimeError as e:
-                if not _WORKER_DIED.search(str(e)):
-                    raise
-                self._restart(str(e))
-            except (ConnectionError, EOFError) as e:
-                # A worker that dies while handing over a batch breaks the transfer itself.
-                if self._num_workers == 0:
-                    raise
-                self._restart(f"lost the connection to a worker ({type(e).__name__}: {e})")
+        images, targets, failures = self._workers.next_batch(self.iteration)
         self.iteration += 1
         for index, message in failures:
             self._report_bad_image(index, message)
@@ -328,7 +236,7 @@ def build_train_loader(
                                               world_size=world_size),
             num_workers=num_workers,
             collate_fn=_collate_train,
-            worker_init_fn=_ignore_sigint if num_workers > 0 else None,
+            worker_init_fn=ignore_sigint if num_workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # DataLoader's worker seed, not the global RNG
         )
 

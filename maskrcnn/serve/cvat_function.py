@@ -34,7 +34,7 @@ class MaskRCNNFunction:
         import cvat_sdk.auto_annotation as cvataa
         from cvat_sdk.masks import encode_mask
 
-        from maskrcnn.structures import detections_to_cpu
+        from maskrcnn.structures.detections import detections_to_cpu
 
         threshold = self.score_threshold if context.conf_threshold is None else context.conf_threshold
         pixels = np.asarray(image.convert("RGB"))
