@@ -431,3 +431,18 @@ def write_coco_dataset(root: Path, **overrides) -> tuple[Path, Path]:
     ann_file = root / "ann.json"
     ann_file.write_text(json.dumps(data))
     return ann_file, image_dir
+
+
+def label_studio_token(url: str, email: str, password: str) -> str:
+    """Log in to the Label Studio at `url` and create a personal access token, as its Account page does
+    (tests/test_label_studio.py and docs/images/label_studio_preannotation.py)."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as session:
+        session.get("/user/login/")
+        session.post("/user/login/", data={"email": email, "password": password,
+                                           "csrfmiddlewaretoken": session.cookies["csrftoken"]},
+                     headers={"Referer": f"{url}/user/login/"})
+        reply = session.post("/api/token/", headers={"X-CSRFToken": session.cookies["csrftoken"], "Referer": url})
+        reply.raise_for_status()
+        return reply.json()["token"]

@@ -27,7 +27,7 @@ from maskrcnn.api import load_model
 from maskrcnn.serve import create_app
 from maskrcnn.serve.labeling import LabelStudioAccess, brush_rle, class_names, instances, model_version, polygon
 from maskrcnn.structures import detections_to_cpu
-from support import Running, masks_to_test, png_bytes
+from support import Running, label_studio_token, masks_to_test, png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -46,18 +46,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def personal_access_token(url: str) -> str:
-    """Log in as the user Label Studio was started with and create a personal access token, as in its UI."""
-    with httpx.Client(base_url=url, timeout=60) as session:
-        session.get("/user/login/")
-        session.post("/user/login/", data={"email": EMAIL, "password": PASSWORD,
-                                           "csrfmiddlewaretoken": session.cookies["csrftoken"]},
-                     headers={"Referer": f"{url}/user/login/"})
-        reply = session.post("/api/token/", headers={"X-CSRFToken": session.cookies["csrftoken"], "Referer": url})
-        reply.raise_for_status()
-        return reply.json()["token"]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +81,7 @@ def label_studio(tmp_path_factory):
         time.sleep(1)
     print(f"Label Studio started in {time.time() - started:.0f} s")
     try:
-        yield url, personal_access_token(url)
+        yield url, label_studio_token(url, EMAIL, PASSWORD)
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from support import label_studio_token  # noqa: E402  (the tests' login, one copy)
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 
 
@@ -34,18 +36,6 @@ def label_config(names: list[str]) -> str:
                      for i, name in enumerate(names))
     return (f'<View><Image name="image" value="$image" zoom="true"/><PolygonLabels name="label" toName="image" '
             f'strokeWidth="2" opacity="0.3">{labels}</PolygonLabels></View>')
-
-
-def personal_access_token(url: str, email: str, password: str) -> str:
-    """Log in and create a personal access token, as Label Studio's Account & Settings page does."""
-    with httpx.Client(base_url=url, timeout=60) as session:
-        session.get("/user/login/")
-        session.post("/user/login/", data={"email": email, "password": password,
-                                           "csrfmiddlewaretoken": session.cookies["csrftoken"]},
-                     headers={"Referer": f"{url}/user/login/"})
-        reply = session.post("/api/token/", headers={"X-CSRFToken": session.cookies["csrftoken"], "Referer": url})
-        reply.raise_for_status()
-        return reply.json()["token"]
 
 
 def serve(weights: str, token: str, threshold: float) -> tuple[subprocess.Popen, str]:
@@ -80,7 +70,7 @@ def main() -> None:
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
 
-    token = args.token or personal_access_token(args.url, args.email, args.password)
+    token = args.token or label_studio_token(args.url, args.email, args.password)
     process, backend = serve(args.weights, token, args.score_threshold)
     try:
         names = [c["name"] for c in httpx.get(f"{backend}/model", timeout=60).json()["classes"]]
