@@ -33,7 +33,7 @@ browser: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
 
-# Tests marked `slow` (the rule: README, "Tests"): only them, or everything.
+# Tests marked `slow` (the rule and the list: docs/tests.md): only them, or everything.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
