@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 DEMO_MINUTES ?= 8.5
 DEMO_OUT ?= runs/demo
 
-.PHONY: install test test-slow test-all demo clean
+.PHONY: install test test-slow test-all demo docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,deploy]'
+	$(BIN)/pip install -q -e '.[dev,deploy,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,8 +40,13 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
+# The documentation site: docs/ (and the API pages from docstrings, mkdocstrings) into site/, failing on any
+# warning (a broken link or anchor, a missing page or Python name). Preview: .venv/bin/mkdocs serve.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 demo: $(STAMP)
 	$(BIN)/maskrcnn demo --out $(DEMO_OUT) --minutes $(DEMO_MINUTES)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
