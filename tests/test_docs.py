@@ -11,6 +11,9 @@ must be 0; the files named by a `<!-- creates: A B -->` comment above it must ex
 ```console block, the lines after a `$ ` command are output that must appear in order (`...` matches
 anything, runs of spaces match any space). An unmarked block that fails fails the test.
 
+A block over the doc test's budget is marked `<!-- slow: why -->`: `make test` leaves it out, and the `slow`
+test (`make test-slow`, `make test-all`) runs its whole page, every runnable block in order.
+
 `python tests/test_docs.py --list` prints which blocks run and which are marked, with the reasons.
 """
 
@@ -30,15 +33,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHELL_LANGUAGES = {"bash", "sh", "console"}
 BLOCK_TIMEOUT_S = 300
-
-# Pages whose blocks together take over the doc test's budget (about a minute each on 2 cores): `slow`, so
-# `make test` leaves them out and `make test-slow` / `make test-all` run them. Page -> why.
-SLOW_PAGES = {
-    "docs/augmentation.md": "two trainings and an evaluation at 256 px, on 512-px images",
-    "docs/deploy.md": "ONNX export, OpenVINO and ONNX Runtime runs, NNCF int8 quantization, a video",
-    "docs/keypoints.md": "two stick-figure datasets and two keypoint trainings",
-    "docs/training.md": "a fine-tuning run and a 512-px blobs dataset and training",
-}
 
 TINY = "{tiny}"  # replaced by the tiny checkpoint's path
 
@@ -81,6 +75,7 @@ class Block:
     lang: str
     text: str
     not_run: str | None = None  # the reason, for a block marked not runnable here
+    slow: str | None = None  # why, for a block marked <!-- slow: ... --> (run by the `slow` test only)
     creates: list[str] = field(default_factory=list)
 
     @property
@@ -113,6 +108,8 @@ def parse_blocks(path: Path) -> list[Block]:
                 marker = re.match(r"<!--\s*([\w-]+):\s*(.*?)\s*-->", lines[j].strip())
                 if marker and marker.group(1) == "not-run":
                     block.not_run = marker.group(2)
+                elif marker and marker.group(1) == "slow":
+                    block.slow = marker.group(2)
                 elif marker and marker.group(1) == "creates":
                     block.creates += marker.group(2).split()
                 j -= 1
@@ -133,7 +130,7 @@ def logical_lines(text: str) -> list[str]:
 def substitute(line: str, tiny: str) -> str:
     for _, pattern, replacement, _ in SUBSTITUTIONS:
         line = re.sub(pattern, replacement, line)
-    return line.replace(TINY, tiny).replace("{tiny_config}", str(Path(tiny).parents[1] / "config.yaml"))
+    return line.replace(TINY, tiny).replace("{tiny_config}", str(Path(tiny).parent.parent / "config.yaml"))
 
 
 def console_commands(text: str) -> list[tuple[str, list[str]]]:
@@ -259,26 +256,20 @@ def base(tmp_path_factory) -> Path:
     return folder
 
 
-def pages_to_run() -> list:
-    params = []
-    for path in page_paths():
-        page = path.relative_to(ROOT).as_posix()
-        if any(b.not_run is None for b in parse_blocks(path)):
-            marks = [pytest.mark.slow] if page in SLOW_PAGES else []
-            params.append(pytest.param(page, id=page, marks=marks))
-    return params
+def pages_with(select) -> list[str]:
+    return [path.relative_to(ROOT).as_posix() for path in page_paths()
+            if any(b.not_run is None and select(b) for b in parse_blocks(path))]
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("page", pages_to_run())
-def test_page_shell_blocks_run(page, base, tmp_path):
-    """Run the page's runnable shell blocks in order in a copy of the scratch folder; every one must pass."""
+def run_page(page: str, base: Path, tmp_path: Path, with_slow: bool) -> None:
+    """Run the page's runnable shell blocks (the slow ones too if `with_slow`) in order in a copy of the
+    scratch folder; every one must pass."""
     folder = tmp_path / "page"
     shutil.copytree(base, folder, symlinks=True)
     tiny = str(folder / "tiny" / "checkpoints" / "model_final.pth")
     failures = []
     for block in parse_blocks(ROOT / page):
-        if block.not_run is not None:
+        if block.not_run is not None or (block.slow and not with_slow):
             continue
         start = time.monotonic()
         why = run_block(block, folder, tiny, doc_env(folder))
@@ -288,14 +279,30 @@ def test_page_shell_blocks_run(page, base, tmp_path):
     assert not failures, "\n\n".join(failures)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("page", pages_with(lambda b: not b.slow))
+def test_page_shell_blocks_run(page, base, tmp_path):
+    """The blocks not marked slow, in page order."""
+    run_page(page, base, tmp_path, with_slow=False)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("page", pages_with(lambda b: bool(b.slow)))
+def test_page_shell_blocks_run_with_slow(page, base, tmp_path):
+    """Every runnable block of a page that has blocks marked <!-- slow: ... -->, in page order (a slow block
+    may use what an earlier block wrote)."""
+    run_page(page, base, tmp_path, with_slow=True)
+
+
 def test_every_marked_block_says_why():
     """A not-run marker must give its reason; a block no page runs must be a shell block we recognise."""
     blocks = all_blocks()
     assert blocks, "no shell blocks found"
     empty = [b.name for b in blocks if b.not_run is not None and len(b.not_run.strip()) < 10]
     assert not empty, f"not-run markers without a reason: {empty}"
-    for page in SLOW_PAGES:
-        assert (ROOT / page).exists(), f"SLOW_PAGES names {page}, which does not exist"
+    lazy = [b.name for b in blocks if b.slow is not None and len(b.slow.strip()) < 10]
+    assert not lazy, f"slow markers without a reason: {lazy}"
 
 
 def test_runner_fails_an_unmarked_failing_block(tmp_path):
@@ -324,11 +331,11 @@ def test_substitutions_are_what_the_table_says():
 def listing() -> str:
     """The executed and the not-runnable blocks, with the reasons and the substitutions."""
     blocks = all_blocks()
-    out = ["Executed shell blocks (page:line, language, slow or not):"]
+    out = ["Executed shell blocks (page:line (language) [slow: why]: first command):"]
     for b in blocks:
         if b.not_run is None:
             first = next((l for l in b.text.splitlines() if l.strip() and not l.startswith("#")), "")
-            slow = "  [slow: " + SLOW_PAGES[b.page] + "]" if b.page in SLOW_PAGES else ""
+            slow = f"  [slow: {b.slow}]" if b.slow else ""
             out.append(f"  {b.name} ({b.lang}){slow}: {first[:90]}")
     out.append("Not runnable here (page:line: reason):")
     out += [f"  {b.name}: {b.not_run}" for b in blocks if b.not_run is not None]
