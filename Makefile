@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 DEMO_MINUTES ?= 8.5
 DEMO_OUT ?= runs/demo
 
-.PHONY: install test test-slow test-all test-label-studio demo clean
+.PHONY: install test test-slow test-all test-label-studio demo docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,deploy,labeling]'
+	$(BIN)/pip install -q -e '.[dev,deploy,labeling,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -48,7 +48,7 @@ browser: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
 
-# Tests marked `slow` (the rule: README, "Tests"): only them, or everything.
+# Tests marked `slow` (the rule and the list: docs/tests.md): only them, or everything.
 test-slow: $(STAMP) $(LS_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
@@ -59,8 +59,13 @@ test-all: $(STAMP) $(LS_STAMP)
 test-label-studio: $(STAMP) $(LS_STAMP)
 	$(BIN)/python -m pytest -q -m slow tests/test_label_studio.py
 
+# The documentation site: docs/ (and the API pages from docstrings, mkdocstrings) into site/, failing on any
+# warning (a broken link or anchor, a missing page or Python name). Preview: .venv/bin/mkdocs serve.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 demo: $(STAMP)
 	$(BIN)/maskrcnn demo --out $(DEMO_OUT) --minutes $(DEMO_MINUTES)
 
 clean:
-	rm -rf $(VENV) $(LS_VENV) runs
+	rm -rf $(VENV) $(LS_VENV) runs site

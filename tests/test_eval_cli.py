@@ -105,7 +105,7 @@ def test_label_to_category() -> None:
 
 
 def test_eval_runs_a_saved_model_on_a_dataset(checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`maskrcnn eval --weights W --config RUN/config.yaml --data ANN:DIR`, as the README shows it."""
+    """`maskrcnn eval --weights W --config RUN/config.yaml --data ANN:DIR`, as docs/predict-eval.md shows it."""
     from maskrcnn.api import config_from_checkpoint
     from maskrcnn.data.shapes import make_shapes
 
