@@ -16,9 +16,10 @@ import re
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -299,6 +300,23 @@ class GatedModel:
         self.batches.append(len(images) if isinstance(images, list) else 1)
         assert self.gate.wait(timeout=30)
         return self.model.predict(images, *args, **kwargs)
+
+
+@contextmanager
+def gated_server(model, **app_options: Any) -> Iterator[tuple[GatedModel, Running]]:
+    """Serve `model` behind a gate (`GatedModel`) with `create_app(**app_options)`, warmed up and with the
+    warm-up's batch forgotten; on leaving, the gate is opened and the server stopped, whatever the test did."""
+    from maskrcnn.serve import create_app
+
+    gated = GatedModel(model)
+    running = Running(create_app(gated, **app_options))
+    try:
+        ready(running.url)
+        gated.batches.clear()
+        yield gated, running
+    finally:
+        gated.release()
+        running.stop()
 
 
 def wait_for(condition, what: str, seconds: float = 20):

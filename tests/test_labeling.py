@@ -24,7 +24,7 @@ from maskrcnn.serve import create_app
 from maskrcnn.serve.labeling import (LabelingError, LabelStudioAccess, class_names, cvat_mask, fetch_task_image,
                                      instances, parse_label_config, polygon)
 from maskrcnn.structures import detections_to_cpu
-from support import GatedModel, Running, masks_to_test, metric, png_bytes, ready, wait_for
+from support import Running, gated_server, masks_to_test, metric, png_bytes, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,16 +234,12 @@ def test_labeling_routes_share_the_predict_scheduler(model, tmp_path):
     runs, a CVAT and a Label Studio image queue and then go to the model as one batch of two; a third finds the
     queue full and gets /predict's 503 with Retry-After."""
     (tmp_path / "a.png").write_bytes(png_bytes(seed=3))
-    gated = GatedModel(model)
-    running = Running(create_app(gated, score_threshold=0.5, max_batch=2, max_queue=2,
-                                 labeling=LabelStudioAccess(local_root=tmp_path)))
     config = ('<View><Image name="i" value="$image"/><PolygonLabels name="p" toName="i"><Label value="square"/>'
               '<Label value="circle"/><Label value="triangle"/></PolygonLabels></View>')
     cvat_body = {"image": base64.b64encode(png_bytes()).decode(), "threshold": 0.5}
     ls_body = {"tasks": [{"id": 1, "data": {"image": str(tmp_path / "a.png")}}], "label_config": config}
-    try:
-        ready(running.url)
-        gated.batches.clear()
+    with gated_server(model, score_threshold=0.5, max_batch=2, max_queue=2,
+                      labeling=LabelStudioAccess(local_root=tmp_path)) as (gated, running):
         gated.hold()
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(httpx.post, f"{running.url}/predict", timeout=60,
@@ -268,6 +264,3 @@ def test_labeling_routes_share_the_predict_scheduler(model, tmp_path):
         assert metric(running.url, "maskrcnn_batch_size_sum") == 3
         assert metric(running.url, 'maskrcnn_rejected_total{reason="queue_count"}') == 1
         assert httpx.get(f"{running.url}/health").json()["served"] == 3
-    finally:
-        gated.release()
-        running.stop()

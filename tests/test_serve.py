@@ -23,16 +23,7 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.api import load_model
 from maskrcnn.serve import create_app
-from support import GatedModel, Running, metric, png_bytes, ready, wait_for
-
-
-def gated_server(model, **limits) -> tuple[GatedModel, Running]:
-    """A server of the gated tiny model, warmed up (the warm-up went through before the gate is held)."""
-    gated = GatedModel(model)
-    running = Running(create_app(gated, score_threshold=0.0, **limits))
-    ready(running.url)
-    gated.batches.clear()
-    return gated, running
+from support import Running, gated_server, metric, png_bytes, ready, wait_for
 
 
 def post(url: str, data: bytes, timeout: float = 60, **headers):
@@ -116,8 +107,7 @@ def test_oversize_upload_is_413(server):
 
 
 def test_requests_beyond_the_queue_get_503(model):
-    gated, running = gated_server(model, max_concurrent=1, max_queue=2)
-    try:
+    with gated_server(model, score_threshold=0.0, max_concurrent=1, max_queue=2) as (gated, running):
         data = png_bytes()
         gated.hold()
         with ThreadPoolExecutor(3) as pool:
@@ -132,18 +122,14 @@ def test_requests_beyond_the_queue_get_503(model):
         assert httpx.get(f"{running.url}/health").json()["queued"] == 0
         assert metric(running.url, 'maskrcnn_rejected_total{reason="queue_count"}') == 2
         assert metric(running.url, 'maskrcnn_http_requests_total{route="/predict",status="503"}') == 2
-    finally:
-        gated.release()
-        running.stop()
 
 
 def test_queued_requests_run_as_one_batch_and_each_gets_its_own_answer(model):
     """While one image runs, four arrive; they go to the model as one batch of four, and each client gets the
     detections of its own image (different sizes, so a mix-up shows)."""
-    gated, running = gated_server(model, max_batch=4, max_queue=8)
     sizes = [(96, 128), (80, 112), (120, 90), (64, 64), (100, 100)]
     images = [png_bytes(size, seed=i) for i, size in enumerate(sizes)]
-    try:
+    with gated_server(model, score_threshold=0.0, max_batch=4, max_queue=8) as (gated, running):
         gated.hold()
         with ThreadPoolExecutor(5) as pool:
             first = pool.submit(post, running.url, images[0])
@@ -161,14 +147,10 @@ def test_queued_requests_run_as_one_batch_and_each_gets_its_own_answer(model):
             assert [d["score"] for d in body["detections"]] == pytest.approx(expected["scores"].tolist(), abs=1e-4)
         assert metric(running.url, "maskrcnn_batch_size_count") == 2
         assert metric(running.url, "maskrcnn_batch_size_sum") == 5
-    finally:
-        gated.release()
-        running.stop()
 
 
 def test_a_batch_waits_max_delay_for_more_images(model):
-    gated, running = gated_server(model, max_batch=3, max_delay=1.5)
-    try:
+    with gated_server(model, score_threshold=0.0, max_batch=3, max_delay=1.5) as (gated, running):
         with ThreadPoolExecutor(3) as pool:
             answers = []
             for _ in range(3):  # 0.2 s apart: all within the first one's 1.5 s
@@ -176,13 +158,10 @@ def test_a_batch_waits_max_delay_for_more_images(model):
                 time.sleep(0.2)
             assert [a.result().status_code for a in answers] == [200] * 3
         assert gated.batches == [3]
-    finally:
-        running.stop()
 
 
 def test_deadline_drops_queued_requests_and_answers_504(model):
-    gated, running = gated_server(model, max_concurrent=1, timeout=1.0)
-    try:
+    with gated_server(model, score_threshold=0.0, max_concurrent=1, timeout=1.0) as (gated, running):
         gated.hold()
         with ThreadPoolExecutor(2) as pool:
             running_one = pool.submit(post, running.url, png_bytes())
@@ -197,14 +176,10 @@ def test_deadline_drops_queued_requests_and_answers_504(model):
         assert metric(running.url, 'maskrcnn_dropped_total{reason="deadline"}') == 1
         assert metric(running.url, "maskrcnn_expired_while_running_total") == 1
         assert httpx.get(f"{running.url}/health").json()["queued"] == 0
-    finally:
-        gated.release()
-        running.stop()
 
 
 def test_a_client_that_leaves_is_dropped_before_it_runs(model):
-    gated, running = gated_server(model, max_concurrent=1)
-    try:
+    with gated_server(model, score_threshold=0.0, max_concurrent=1) as (gated, running):
         gated.hold()
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(post, running.url, png_bytes())
@@ -217,9 +192,6 @@ def test_a_client_that_leaves_is_dropped_before_it_runs(model):
             gated.release()
             assert first.result().status_code == 200
         assert gated.batches == [1]
-    finally:
-        gated.release()
-        running.stop()
 
 
 def slow_upload(url: str, data: bytes, pause: float, chunks: int = 4) -> tuple[int, bytes]:
@@ -249,8 +221,7 @@ def slow_upload(url: str, data: bytes, pause: float, chunks: int = 4) -> tuple[i
 def test_slow_uploads_hold_no_queue_place_and_time_out(model):
     """Admission comes after the body: three clients trickling uploads do not keep a fourth out of a queue of
     one; an upload slower than --read-timeout gets 408."""
-    gated, running = gated_server(model, max_concurrent=1, max_queue=1, read_timeout=3.0)
-    try:
+    with gated_server(model, score_threshold=0.0, max_concurrent=1, max_queue=1, read_timeout=3.0) as (gated, running):
         with ThreadPoolExecutor(4) as pool:  # uploads of 1.2, 1.8 and 2.4 s: they end one by one
             slow = [pool.submit(slow_upload, running.url, png_bytes(), pause) for pause in (0.3, 0.45, 0.6)]
             time.sleep(0.3)
@@ -258,8 +229,6 @@ def test_slow_uploads_hold_no_queue_place_and_time_out(model):
             assert [f.result()[0] for f in slow] == [200, 200, 200]
             status, body = slow_upload(running.url, png_bytes(), 1.0)  # 4 s, over the 3 s read timeout
         assert status == 408 and b"not complete in time" in body
-    finally:
-        running.stop()
 
 
 def test_uploads_beyond_max_uploads_get_503(model):
